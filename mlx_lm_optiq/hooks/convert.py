@@ -1,0 +1,68 @@
+"""Hooks on `mlx_lm.convert`: `--optiq-*` flags on the console script and the Python API.
+
+Extensions (modules listed in EXTENSIONS) each provide:
+  add_arguments(group)                 add their `--optiq-*` flags (default None)
+  is_requested(options) -> bool        whether their flags ask for any work
+  before_convert(kwargs, options)      may change stock convert's kwargs (e.g. quant_predicate)
+  after_convert(out_dir, kwargs, options)  write sidecars into the staging directory
+`options` holds every optiq_* value with the prefix stripped. When any extension
+is requested, stock convert writes into a staging directory that is renamed to
+`--mlx-path` only after every extension has finished (atomic output).
+"""
+
+import importlib
+import inspect
+import sys
+from pathlib import Path
+
+from .. import _patching
+from ..io_utils import atomic_output_dir
+from . import pop_options
+
+EXTENSIONS = ["mlx_lm_optiq.hooks.convert_weights"]
+
+
+def _extensions():
+    return [importlib.import_module(name) for name in EXTENSIONS]
+
+
+def _configure_parser(wrapped, instance, args, kwargs):
+    parser = wrapped(*args, **kwargs)
+    group = parser.add_argument_group("mlx_lm_optiq", "sensitivity-aware quantization (mlx-lm-optiq)")
+    for ext in _extensions():
+        ext.add_arguments(group)
+    return parser
+
+
+def _convert(wrapped, instance, args, kwargs):
+    kwargs = dict(kwargs)
+    options = pop_options(kwargs)  # stock convert() rejects unknown keywords
+    exts = [e for e in _extensions() if e.is_requested(options)]
+    if not exts:
+        return wrapped(*args, **kwargs)
+    call = dict(inspect.signature(wrapped).bind_partial(*args, **kwargs).arguments)
+    upload_repo = call.pop("upload_repo", None)  # upload the final folder, not the staging one
+    final_path = Path(call.get("mlx_path", "mlx_model"))
+    with atomic_output_dir(final_path) as staging:
+        # stock convert refuses an existing directory: hand it a fresh child path
+        call["mlx_path"] = str(staging / "model")
+        for ext in exts:
+            ext.before_convert(call, options)
+        wrapped(**call)
+        out = staging / "model"
+        for ext in exts:
+            ext.after_convert(out, call, options)
+        for p in out.iterdir():
+            p.rename(staging / p.name)
+        out.rmdir()
+    if upload_repo is not None:
+        sys.modules["mlx_lm.convert"].upload_to_hub(str(final_path), upload_repo)
+    return None
+
+
+def install(module):
+    _patching.wrap(module, "configure_parser", _configure_parser)
+    _patching.wrap(module, "convert", _convert, aliases=[("mlx_lm", "convert")])
+    # mlx_lm/__init__ binds `convert` after this module finishes importing when
+    # the hook fires first; it then picks up the wrapper by itself.
+    assert sys.modules.get("mlx_lm.convert") is module
