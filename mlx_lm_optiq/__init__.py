@@ -13,9 +13,7 @@ __version__ = "0.1.0"
 # mlx-lm module -> "package.module:installer" (imported only when that module is).
 HOOKS = {
     "mlx_lm.convert": "mlx_lm_optiq.hooks.convert:install",
-    "mlx_lm.generate": "mlx_lm_optiq.hooks.generate:install",
     "mlx_lm.server": "mlx_lm_optiq.hooks.server:install",
-    "mlx_lm.lora": "mlx_lm_optiq.hooks.lora:install",
 }
 
 _lock = _thread.RLock()

@@ -6,7 +6,7 @@ import wrapt
 
 # (owner, attribute, handle); newest last.
 _PATCHES = []
-# (owner, attribute, original, handle) for re-exports such as mlx_lm.convert.
+# (module name, attribute, original, handle) for re-exports such as mlx_lm.convert.
 _ALIASES = []
 
 
@@ -14,15 +14,17 @@ class HookPointMissing(RuntimeError):
     pass
 
 
-def _ours(obj):
-    handles = [h for _, _, h in _PATCHES]
+def _ours(obj, wrapper):
+    """Our handle for `wrapper` in obj's wrapper chain (several features may stack on one symbol)."""
+    handles = [h for _, _, h in _PATCHES if h._self_wrapper is wrapper]
     return wrapt.find_wrapper(obj, predicate=lambda w: any(w is h for h in handles))
 
 
 def wrap(owner, attr, wrapper, aliases=()):
     """Wrap `owner.attr` (module or class) with `wrapper(wrapped, instance, args, kwargs)`.
 
-    Idempotent: a second call for the same attribute returns the existing handle.
+    Idempotent: wrapping the same attribute with the same wrapper again returns
+    the existing handle; different wrappers on one attribute stack.
     `aliases` are (module name, attribute) re-exports that still hold the
     original object; they are pointed at the wrapper too and restored on unwrap.
     """
@@ -32,7 +34,7 @@ def wrap(owner, attr, wrapper, aliases=()):
             "this mlx-lm version is not supported by the hook"
         )
     current = vars(owner)[attr]
-    existing = _ours(current)
+    existing = _ours(current, wrapper)
     if existing is not None:
         return existing
     original = getattr(owner, attr)
@@ -42,13 +44,16 @@ def wrap(owner, attr, wrapper, aliases=()):
         mod = sys.modules.get(mod_name)
         if mod is not None and getattr(mod, alias, None) is original:
             setattr(mod, alias, handle)
-            _ALIASES.append((mod, alias, original, handle))
+        # Recorded even when the alias is not bound yet: under the .pth route the
+        # package binds it to the wrapper itself right after this hook runs.
+        _ALIASES.append((mod_name, alias, original, handle))
     return handle
 
 
 def unwrap_all():
-    for mod, alias, original, handle in reversed(_ALIASES):
-        if getattr(mod, alias, None) is handle:
+    for mod_name, alias, original, handle in reversed(_ALIASES):
+        mod = sys.modules.get(mod_name)
+        if mod is not None and getattr(mod, alias, None) is handle:
             setattr(mod, alias, original)
     _ALIASES.clear()
     while _PATCHES:

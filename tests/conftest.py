@@ -1,0 +1,82 @@
+"""Shared fixtures: real models and text from ../shared, float references made once per session."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("OPTIQ_SHARED", REPO.parent / "shared")).resolve()
+
+
+def _require(path):
+    if not path.exists():
+        pytest.fail(f"{path} is missing: tests need ../shared beside the repo (or OPTIQ_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    return _require(SHARED)
+
+
+@pytest.fixture(scope="session")
+def tiny_q4_path(shared_dir):
+    """Real SmolLM2 weights, first 4 blocks, MLX 4-bit g32 (embedding 8-bit)."""
+    return _require(shared_dir / "models" / "smollm2-135m-instruct-4layer-q4-exact")
+
+
+@pytest.fixture(scope="session")
+def full_q4_path(shared_dir):
+    return _require(shared_dir / "models" / "smollm2-135m-instruct-q4-exact")
+
+
+def _dequantize(src, dst, dtype):
+    subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "-d",
+         "--dtype", dtype, "--mlx-path", str(dst)],
+        check=True, capture_output=True, env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"},
+    )
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_float_path(tiny_q4_path, tmp_path_factory):
+    """The 4-layer model dequantized to float32 (CPU matmuls are fastest in fp32)."""
+    return _dequantize(tiny_q4_path, tmp_path_factory.mktemp("tiny") / "float32", "float32")
+
+
+@pytest.fixture(scope="session")
+def full_float_path(full_q4_path, tmp_path_factory):
+    """The full SmolLM2 dequantized to float16: the project's float reference model."""
+    return _dequantize(full_q4_path, tmp_path_factory.mktemp("full") / "float16", "float16")
+
+
+@pytest.fixture(scope="session")
+def austen(shared_dir):
+    """Read one Austen novel: austen('persuasion') -> str."""
+
+    def read(name):
+        return _require(shared_dir / "data" / "text" / f"{name}.txt").read_text()
+
+    return read
+
+
+@pytest.fixture
+def optiq_env():
+    """Environment for console-script subprocesses with the hooks switched on."""
+    env = dict(os.environ)
+    env["MLX_LM_OPTIQ"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def hooks_enabled():
+    import mlx_lm_optiq
+
+    mlx_lm_optiq.enable()
+    yield mlx_lm_optiq
+    mlx_lm_optiq.disable()

@@ -1,0 +1,122 @@
+"""Activation: enable/disable identity, idempotence, version gate, the .pth bootstrap."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mlx_lm_optiq
+from mlx_lm_optiq import _compat
+
+
+def _run(code, env_extra=None, unset=("MLX_LM_OPTIQ",)):
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_enable_disable_restores_identical_objects():
+    import mlx_lm
+    import mlx_lm.server  # noqa: F401
+
+    conv_mod = sys.modules["mlx_lm.convert"]
+    server_mod = sys.modules["mlx_lm.server"]
+    originals = (conv_mod.convert, conv_mod.configure_parser, server_mod.main, mlx_lm.convert)
+    assert originals[0] is originals[3]
+    try:
+        mlx_lm_optiq.enable()
+        mlx_lm_optiq.enable()  # idempotent
+        patched = mlx_lm_optiq.enabled_patches()
+        assert ("mlx_lm.convert", "convert") in patched and ("mlx_lm.server", "main") in patched
+        assert len(patched) == len(set(patched))
+        assert conv_mod.convert is not originals[0]
+        # the package re-export (`from mlx_lm import convert`) sees the hook too
+        from mlx_lm import convert as api_convert
+
+        assert api_convert is conv_mod.convert
+        assert api_convert.__wrapped__ is originals[0]
+    finally:
+        mlx_lm_optiq.disable()
+        mlx_lm_optiq.disable()
+    assert mlx_lm_optiq.enabled_patches() == []
+    now = (conv_mod.convert, conv_mod.configure_parser, server_mod.main, mlx_lm.convert)
+    assert all(a is b for a, b in zip(now, originals))
+
+
+def test_pth_route_binds_package_alias_and_disable_restores_it():
+    out = _run(
+        "import sys, mlx_lm, mlx_lm_optiq\n"
+        "m = sys.modules['mlx_lm.convert']\n"
+        "assert mlx_lm.convert is m.convert and hasattr(m.convert, '__wrapped__')\n"
+        "orig = m.convert.__wrapped__\n"
+        "mlx_lm_optiq.disable()\n"
+        "assert mlx_lm.convert is orig and m.convert is orig\n"
+        "print('ok')",
+        {"MLX_LM_OPTIQ": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_unset_variable_imports_nothing_at_startup():
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "pass"],
+        env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"},
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0
+    imported = out.stderr
+    assert "mlx_lm_optiq" not in imported and "wrapt" not in imported
+    # with the variable set, only our stdlib-only bootstrap is imported before mlx_lm
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "pass"],
+        env={**os.environ, "MLX_LM_OPTIQ": "1"}, capture_output=True, text=True,
+    )
+    assert "mlx_lm_optiq._lazy" in out.stderr and "wrapt" not in out.stderr
+
+
+@pytest.mark.parametrize("argv", [["mlx_lm.convert", "--help"], ["mlx_lm", "convert", "--help"]])
+def test_console_scripts_show_flags_only_when_enabled(argv):
+    bindir = os.path.dirname(sys.executable)
+    cmd = [os.path.join(bindir, argv[0])] + argv[1:]
+    on = subprocess.run(cmd, env={**os.environ, "MLX_LM_OPTIQ": "1"}, capture_output=True, text=True)
+    off = subprocess.run(cmd, env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"},
+                         capture_output=True, text=True)
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert "--optiq-" in on.stdout
+    assert "optiq" not in off.stdout
+
+
+def test_version_range():
+    assert _compat.is_supported("0.31.3") and _compat.is_supported("0.32.9")
+    assert not _compat.is_supported("0.31.2") and not _compat.is_supported("0.33.0")
+    with pytest.raises(_compat.OptiqVersionError) as e:
+        _compat.check_mlx_lm_version("0.30.0")
+    msg = str(e.value)
+    assert "0.30.0" in msg and _compat.SUPPORTED_MLX_LM in msg and _compat.FORCE_VARIABLE in msg
+
+
+def test_version_gate_blocks_enable_and_force_overrides():
+    code = (
+        "import mlx_lm_optiq, mlx_lm_optiq._compat as c\n"
+        "c.installed_mlx_lm_version = lambda: '0.30.0'\n"
+        "try:\n    mlx_lm_optiq.enable()\nexcept c.OptiqVersionError as e:\n    print('refused:', e)\n"
+        "else:\n    print('enabled', mlx_lm_optiq.is_enabled())\n"
+    )
+    refused = _run(code)
+    assert "refused:" in refused.stdout and "0.30.0" in refused.stdout, refused.stderr
+    forced = _run(code, {"MLX_LM_OPTIQ_FORCE": "1"})
+    assert "enabled True" in forced.stdout, forced.stderr
+
+
+def test_env_route_version_gate_fails_at_import():
+    # Patch the installed-version lookup through sitecustomize-like code before mlx_lm is imported.
+    code = (
+        "import mlx_lm_optiq._compat as c\n"
+        "c.installed_mlx_lm_version = lambda: '0.28.0'\n"
+        "import mlx_lm_optiq._lazy as l; l.install()\n"
+        "try:\n    import mlx_lm.convert\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+    )
+    out = _run(code)
+    assert "OptiqVersionError" in out.stdout and "0.28.0" in out.stdout, out.stdout + out.stderr
