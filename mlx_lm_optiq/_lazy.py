@@ -25,7 +25,20 @@ class _OptiqTrigger:
         return None  # let the normal finders load mlx_lm
 
 
+def _warn_runpy_server():
+    # `python -m mlx_lm.server` runs server.py as __main__ and never imports
+    # mlx_lm.server, so its hooks cannot fire: say so instead of ignoring flags.
+    argv = getattr(sys, "orig_argv", [])
+    if "-m" in argv and argv[argv.index("-m") + 1 : argv.index("-m") + 2] == ["mlx_lm.server"]:
+        print(
+            "mlx_lm_optiq: `python -m mlx_lm.server` bypasses the hooks; "
+            "use `mlx_lm.server` or `mlx_lm server` instead",
+            file=sys.stderr,
+        )
+
+
 def install():
+    _warn_runpy_server()
     if any(isinstance(f, _OptiqTrigger) for f in sys.meta_path):
         return
     if "mlx_lm" in sys.modules:
