@@ -1,0 +1,231 @@
+"""Per-layer quantized KV caches that batch, and attention that runs on every MLX backend.
+
+`PerLayerKVCache` stores one layer's keys and values quantized at their own bit
+widths (e.g. K8/V4) with mx.quantize's affine groups; `BatchPerLayerKVCache` is
+its continuous-batching counterpart, so a server with a per-layer plan keeps
+batching (stock `--kv-bits` turns it off).
+
+Two design choices, both about reusing mlx-lm rather than re-implementing it:
+
+* Storage layout. A quantized tensor is mx.quantize's triple (packed uint32
+  codes, scales, biases), all with the sequence on axis 2. We byte-view the three
+  and concatenate them on the last axis into ONE uint8 array per tensor
+  ([codes | scales | biases]). Every batch operation mlx-lm's BatchKVCache does
+  (merge, filter, extend, extract, trim, left/right padding, roll) only moves
+  whole rows along the batch and sequence axes, so the stock KVCache and
+  BatchKVCache code runs unchanged on the packed bytes; we subclass them and only
+  convert at the boundary (quantize on the way in, dequantize on the way out).
+
+* Attention. `update_and_fetch` returns the *dequantized* keys/values of the
+  used prefix, so mlx-lm's `scaled_dot_product_attention` takes its ordinary
+  `mx.fast.scaled_dot_product_attention` branch (our caches deliberately have no
+  `bits` attribute, which is what routes stock caches to quantized SDPA). This
+  never calls `mx.quantized_matmul`, whose CUDA build rejects the shapes
+  quantized attention produces (unaligned cache lengths, chunked prefill), and
+  the dequantized copy lives only while its layer's attention runs: memory held
+  between steps is the quantized cache. `benchmarks/kv.py` measures this path
+  against stock quantized SDPA on the GPU (docs/kv.md).
+
+`quantized_kv_start` follows mlx-lm's meaning: the cache stays in float until
+it holds that many tokens, then converts what it has and stores everything
+after quantized.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+
+
+def check_kv_quantization(k_bits, v_bits, group_size, head_dim=None, where="kv cache"):
+    """Raise ValueError naming `where` unless mx.quantize can hold this cache."""
+    for name, bits in (("k_bits", k_bits), ("v_bits", v_bits)):
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"{where}: {name}={bits!r} is not supported; expected one of {list(SUPPORTED_BITS)}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(
+            f"{where}: group_size={group_size!r} is not supported; expected one of {list(SUPPORTED_GROUP_SIZES)}"
+        )
+    if head_dim is not None and head_dim % group_size != 0:
+        raise ValueError(f"{where}: head_dim {head_dim} is not divisible by group_size {group_size}")
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Byte layout of one quantized tensor (keys or values) along its last axis."""
+
+    bits: int
+    group_size: int
+    dim: int  # head_dim of the float tensor
+    dtype: mx.Dtype  # dtype of the float tensor (and of scales/biases)
+
+    def __deepcopy__(self, memo):
+        # Immutable, and mx.Dtype cannot be pickled: mlx-lm's prompt cache deep-copies caches.
+        return self
+
+    @property
+    def code_bytes(self):
+        return self.dim * self.bits // 8
+
+    @property
+    def scale_bytes(self):
+        return self.dim // self.group_size * self.dtype.size
+
+    @property
+    def width(self):
+        return self.code_bytes + 2 * self.scale_bytes
+
+    def pack(self, x):
+        codes, scales, biases = mx.quantize(x, group_size=self.group_size, bits=self.bits)
+        return mx.concatenate([codes.view(mx.uint8), scales.view(mx.uint8), biases.view(mx.uint8)], axis=-1)
+
+    def unpack(self, packed):
+        c, s = self.code_bytes, self.scale_bytes
+        return mx.dequantize(
+            packed[..., :c].view(mx.uint32),
+            packed[..., c : c + s].view(self.dtype),
+            packed[..., c + s :].view(self.dtype),
+            group_size=self.group_size,
+            bits=self.bits,
+        )
+
+
+class _PerLayerQuantization:
+    """What the single and batched caches share: the bit plan and the float→packed switch."""
+
+    def _init_plan(self, k_bits, v_bits, group_size, quantized_kv_start):
+        check_kv_quantization(k_bits, v_bits, group_size)
+        if quantized_kv_start < 0:
+            raise ValueError(f"kv cache: quantized_kv_start={quantized_kv_start} must be >= 0")
+        self.k_bits = k_bits
+        self.v_bits = v_bits
+        self.group_size = group_size
+        self.quantized_kv_start = quantized_kv_start
+        self.packing = None  # (keys Packing, values Packing) once quantized
+
+    def plan_args(self):
+        return dict(k_bits=self.k_bits, v_bits=self.v_bits, group_size=self.group_size,
+                    quantized_kv_start=self.quantized_kv_start)
+
+    @property
+    def quantized(self):
+        return self.packing is not None
+
+    def _start_quantizing(self, dtype, k_dim, v_dim):
+        check_kv_quantization(self.k_bits, self.v_bits, self.group_size, k_dim, where="kv cache keys")
+        check_kv_quantization(self.k_bits, self.v_bits, self.group_size, v_dim, where="kv cache values")
+        self.packing = (
+            Packing(self.k_bits, self.group_size, k_dim, dtype),
+            Packing(self.v_bits, self.group_size, v_dim, dtype),
+        )
+        if self.keys is not None:  # the float tokens held so far become quantized too
+            self.keys = self.packing[0].pack(self.keys)
+            self.values = self.packing[1].pack(self.values)
+
+    def _quantize_like(self, other):
+        """Switch this (float) cache to `other`'s packing, converting what it holds."""
+        if not self.quantized and other.quantized:
+            pk, pv = other.packing
+            self._start_quantizing(pk.dtype, pk.dim, pv.dim)
+
+    def _filled(self):
+        raise NotImplementedError
+
+    def update_and_fetch(self, keys, values):
+        if not self.quantized and self._filled() >= self.quantized_kv_start:
+            self._start_quantizing(keys.dtype, keys.shape[-1], values.shape[-1])
+        if not self.quantized:
+            return super().update_and_fetch(keys, values)
+        pk, pv = self.packing
+        keys, values = super().update_and_fetch(pk.pack(keys), pv.pack(values))
+        return pk.unpack(keys), pv.unpack(values)
+
+    @property
+    def to_quantized(self):
+        # mlx-lm's maybe_quantize_kv_cache converts every cache with a `to_quantized`
+        # (hasattr check) to a uniform QuantizedKVCache; this cache is already
+        # quantized per its plan, so it must not look convertible.
+        raise AttributeError("per-layer KV caches are quantized by their plan")
+
+
+class PerLayerKVCache(_PerLayerQuantization, KVCache):
+    """One layer's KV cache with keys at `k_bits` and values at `v_bits` (affine, `group_size`)."""
+
+    def __init__(self, k_bits=8, v_bits=4, group_size=64, quantized_kv_start=0):
+        KVCache.__init__(self)
+        self._init_plan(k_bits, v_bits, group_size, quantized_kv_start)
+
+    def _filled(self):
+        return self.offset
+
+    @classmethod
+    def merge(cls, caches):
+        return BatchPerLayerKVCache.merge(caches)
+
+    def __repr__(self):
+        return (f"PerLayerKVCache(k_bits={self.k_bits}, v_bits={self.v_bits}, group_size={self.group_size}, "
+                f"offset={self.offset}, quantized={self.quantized})")
+
+
+class BatchPerLayerKVCache(_PerLayerQuantization, BatchKVCache):
+    """Left-padded batch of PerLayerKVCaches, as mlx-lm's BatchGenerator drives them."""
+
+    def __init__(self, left_padding, k_bits=8, v_bits=4, group_size=64, quantized_kv_start=0):
+        BatchKVCache.__init__(self, left_padding)
+        self._init_plan(k_bits, v_bits, group_size, quantized_kv_start)
+
+    def _filled(self):
+        # One switch for the whole batch (rows share buffers): when the longest row
+        # reaches the start. Equals the single-request switch point when rows are
+        # aligned, and always when quantized_kv_start is 0.
+        return self._idx
+
+    @classmethod
+    def merge(cls, caches):
+        first = caches[0]
+        for c in caches[1:]:
+            if c.plan_args() != first.plan_args():
+                raise ValueError(f"cannot batch KV caches with different plans: {first!r} vs {c!r}")
+        reference = next((c for c in caches if c.quantized), None)
+        if reference is not None:
+            # Rows share one buffer, so all must hold the same representation;
+            # convert copies so the caller's (prompt-cache) entries stay untouched.
+            caches = [_quantized_copy(c, reference) for c in caches]
+        merged = BatchKVCache.merge(caches)
+        batch = cls([0] * len(caches), **first.plan_args())
+        batch.keys, batch.values = merged.keys, merged.values
+        batch.offset, batch.left_padding, batch._idx = merged.offset, merged.left_padding, merged._idx
+        batch.packing = reference.packing if reference is not None else None
+        return batch
+
+    def extend(self, other):
+        if other.plan_args() != self.plan_args():
+            raise ValueError(f"cannot batch KV caches with different plans: {self!r} vs {other!r}")
+        if self.quantized and not other.quantized:
+            other._quantize_like(self)
+        elif other.quantized and not self.quantized:
+            self._quantize_like(other)
+        super().extend(other)
+
+    def extract(self, idx):
+        row = super().extract(idx)
+        cache = PerLayerKVCache(**self.plan_args())
+        cache.keys, cache.values, cache.offset = row.keys, row.values, row.offset
+        cache.packing = self.packing
+        return cache
+
+    def __repr__(self):
+        return (f"BatchPerLayerKVCache(k_bits={self.k_bits}, v_bits={self.v_bits}, group_size={self.group_size}, "
+                f"size={self._idx}, quantized={self.quantized})")
+
+
+def _quantized_copy(cache, reference):
+    if cache.quantized:
+        return cache
+    copy = PerLayerKVCache(**cache.plan_args())
+    copy.keys, copy.values, copy.offset = cache.keys, cache.values, cache.offset
+    copy._quantize_like(reference)
+    return copy
