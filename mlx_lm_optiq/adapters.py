@@ -310,6 +310,8 @@ class MultiLoRALinear(nn.Module):
         b_stack = mx.zeros((n_slots + 1, r, self.output_dims), dtype=dtype)
         scales = [0.0] * (n_slots + 1)
         for slot, (a, b, scale) in entries.items():
+            if slot >= n_slots:  # mounted after this batch step's rows were resolved
+                continue
             a_stack[slot, :, : a.shape[1]] = a.astype(dtype)
             b_stack[slot, : b.shape[0], :] = b.astype(dtype)
             scales[slot] = scale
@@ -494,10 +496,18 @@ def adapter_cache_key(model, name):
 
 
 @contextlib.contextmanager
-def use_adapter(name):
-    """Run the block with adapter `name` active on every mounted model (None: the base)."""
+def use_adapter(name, model=None):
+    """Run the block with adapter `name` active (None: the base).
+
+    With `model`, an adapter that is not mounted on it raises UnknownAdapterError
+    here rather than at the first forward pass.
+    """
     if name is not None:
         _check_name(name)
+        if model is not None:
+            registry = _registry(model)
+            if registry is None or name not in registry.adapters:
+                raise UnknownAdapterError(name, registry.adapters if registry else {})
     token = ACTIVE_ADAPTER.set(name)
     try:
         yield
