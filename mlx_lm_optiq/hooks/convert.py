@@ -19,7 +19,7 @@ from .. import _patching
 from ..io_utils import atomic_output_dir
 from . import pop_options
 
-EXTENSIONS = []
+EXTENSIONS = ["mlx_lm_optiq.hooks.convert_weights"]
 
 
 def _extensions():

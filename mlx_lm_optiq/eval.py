@@ -1,0 +1,218 @@
+"""Quality of quantized models against their float reference on held-out text.
+
+    python -m mlx_lm_optiq.eval --model Q [--model Q2 ...] --reference F --text FILE
+
+prints, per model: perplexity, ΔPPL vs the reference, mean KL(reference || model)
+per token, top-1 agreement and bits per weight (as mlx-lm counts it).
+`--compute quantized` runs the real quantized kernels; `--compute simulated`
+dequantizes every quantized layer into an fp32 model first (the same numbers up
+to float rounding, and fast with BLAS on CPU); `auto` uses real kernels on a GPU
+or for small inputs and says which it used.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from .io_utils import write_json
+
+EVAL_KIND = "optiq-eval"
+# Above this many tokens, CPU evaluation with real quantized kernels is too slow
+# (no BLAS for quantized matmuls): `auto` switches to simulated quantization.
+AUTO_QUANTIZED_MAX_TOKENS = 1024
+
+
+class EvalError(ValueError):
+    pass
+
+
+def text_tokens(tokenizer, text_path, num_tokens, sequence_length, skip_tokens=0):
+    """(num_sequences, sequence_length) token array from a text file; errors name the file."""
+    import mlx.core as mx
+
+    path = Path(text_path)
+    if not path.is_file():
+        raise EvalError(f"--text {path}: file not found")
+    text = path.read_text()
+    ids = tokenizer.encode(text)
+    need = skip_tokens + num_tokens
+    if num_tokens < sequence_length or num_tokens % sequence_length:
+        raise EvalError(f"--num-tokens {num_tokens} must be a positive multiple of --sequence-length {sequence_length}")
+    if len(ids) < need:
+        raise EvalError(f"--text {path}: has {len(ids)} tokens, need {need} (--skip-tokens + --num-tokens)")
+    ids = ids[skip_tokens:need]
+    return mx.array(ids).reshape(-1, sequence_length)
+
+
+def float32_model(model):
+    """Dequantize every quantized layer and cast to fp32 in place (simulated quantization)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm.utils import dequantize_model
+
+    model = dequantize_model(model)
+    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
+                          model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def is_quantized(model):
+    return any(hasattr(m, "bits") for _, m in model.named_modules())
+
+
+def _log_softmax(logits):
+    import mlx.core as mx
+
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def evaluate(reference, models, tokens, progress=True):
+    """Compare `models` ({name: model}) with `reference` on `tokens` (N, L).
+
+    Returns {name: {"ppl", "kl", "top1", "nll", "num_tokens"}} plus "reference": {"ppl", "nll"}.
+    KL and top-1 are over every position; PPL over the next-token targets.
+    """
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    sums = {name: {"nll": 0.0, "kl": 0.0, "top1": 0.0} for name in models}
+    ref_nll = 0.0
+    n_pred = n_pos = 0
+    for row in tqdm(range(tokens.shape[0]), desc="evaluating", disable=not progress, file=sys.stderr):
+        seq = tokens[row : row + 1]
+        targets = seq[:, 1:]
+        ref_lp = _log_softmax(reference(seq))
+        ref_p = mx.exp(ref_lp)
+        ref_top = mx.argmax(ref_lp, axis=-1)
+        nll = -mx.take_along_axis(ref_lp[:, :-1], targets[..., None], axis=-1).sum()
+        ref_nll += nll.item()
+        for name, model in models.items():
+            lp = _log_softmax(model(seq))
+            kl = (ref_p * (ref_lp - lp)).sum()
+            top1 = (mx.argmax(lp, axis=-1) == ref_top).sum()
+            nll = -mx.take_along_axis(lp[:, :-1], targets[..., None], axis=-1).sum()
+            mx.eval(kl, top1, nll)
+            s = sums[name]
+            s["nll"] += nll.item()
+            s["kl"] += kl.item()
+            s["top1"] += top1.item()
+        n_pred += targets.size
+        n_pos += seq.size
+    out = {"reference": {"nll": ref_nll / n_pred, "ppl": math.exp(ref_nll / n_pred)}}
+    for name, s in sums.items():
+        out[name] = {
+            "nll": s["nll"] / n_pred,
+            "ppl": math.exp(s["nll"] / n_pred),
+            "kl": s["kl"] / n_pos,
+            "top1": s["top1"] / n_pos,
+            "num_tokens": n_pos,
+        }
+    return out
+
+
+def load_reference(path):
+    """The float reference as fp32; a quantized checkpoint is dequantized (and reported)."""
+    from mlx_lm.utils import load
+
+    model, tokenizer = load(str(path))
+    was_quantized = is_quantized(model)
+    return float32_model(model), tokenizer, was_quantized
+
+
+def load_for_eval(path, compute):
+    """(model to run, bits per weight of the checkpoint, compute actually used)."""
+    from mlx_lm.utils import compute_bits_per_weight, load
+
+    model, _ = load(str(path))
+    bpw = compute_bits_per_weight(model)
+    if compute == "simulated" or not is_quantized(model):
+        return float32_model(model), bpw, "simulated" if is_quantized(model) else "float"
+    return model, bpw, "quantized"
+
+
+def resolve_compute(compute, num_tokens):
+    if compute != "auto":
+        return compute
+    import mlx.core as mx
+
+    if mx.default_device() == mx.gpu or num_tokens <= AUTO_QUANTIZED_MAX_TOKENS:
+        return "quantized"
+    return "simulated"
+
+
+def check_not_calibration_text(model_path, text_path):
+    """Refuse to evaluate on the text a model was calibrated on (its sidecar says which)."""
+    sidecar = Path(model_path) / "optiq_metadata.json"
+    if not sidecar.is_file():
+        return
+    from .io_utils import read_json
+
+    calib = read_json(sidecar).get("sensitivity", {}).get("calibration") or {}
+    used = calib.get("path") or calib.get("file")
+    if used and Path(used).resolve() == Path(text_path).resolve():
+        raise EvalError(f"--text {text_path} is the calibration text of {model_path} "
+                        f"({sidecar}: sensitivity.calibration); evaluate on held-out text")
+
+
+def format_table(results, info):
+    ref = results["reference"]
+    lines = [f"{'model':<40} {'bpw':>7} {'PPL':>9} {'ΔPPL':>8} {'KL':>9} {'top-1':>7}  compute",
+             f"{'reference (float)':<40} {info['reference']['bpw']:>7.3f} {ref['ppl']:>9.3f} {0:>8.3f} "
+             f"{0:>9.5f} {1:>7.4f}  fp32"]
+    for name, r in results.items():
+        if name == "reference":
+            continue
+        lines.append(f"{name:<40} {info[name]['bpw']:>7.3f} {r['ppl']:>9.3f} {r['ppl'] - ref['ppl']:>8.3f} "
+                     f"{r['kl']:>9.5f} {r['top1']:>7.4f}  {info[name]['compute']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True,
+                        help="Quantized model directory (repeat to compare several).")
+    parser.add_argument("--reference", required=True, help="Float reference model (a quantized one is dequantized).")
+    parser.add_argument("--text", required=True, help="Held-out text file (not the calibration text).")
+    parser.add_argument("--num-tokens", type=int, default=2048)
+    parser.add_argument("--sequence-length", type=int, default=512)
+    parser.add_argument("--skip-tokens", type=int, default=0, help="Start this many tokens into the text.")
+    parser.add_argument("--compute", choices=["auto", "quantized", "simulated"], default="auto")
+    parser.add_argument("--output", help="Also write the results as JSON here.")
+    args = parser.parse_args(argv)
+
+    for m in args.model:
+        check_not_calibration_text(m, args.text)
+    compute = resolve_compute(args.compute, args.num_tokens)
+    reference, tokenizer, ref_was_quantized = load_reference(args.reference)
+    from mlx_lm.utils import compute_bits_per_weight
+
+    info = {"reference": {"bpw": compute_bits_per_weight(reference), "compute": "fp32"}}
+    tokens = text_tokens(tokenizer, args.text, args.num_tokens, args.sequence_length, args.skip_tokens)
+    models = {}
+    for path in args.model:
+        name = str(path)
+        if name in models:
+            raise EvalError(f"--model {name} given twice")
+        models[name], bpw, used = load_for_eval(path, compute)
+        info[name] = {"bpw": bpw, "compute": used}
+    results = evaluate(reference, models, tokens)
+    print(format_table(results, info))
+    note = ("reference dequantized from a quantized checkpoint to fp32" if ref_was_quantized
+            else "reference run in fp32")
+    print(f"[{tokens.size} tokens of {args.text}; {note}; compute: "
+          + ", ".join(f"{k}={v['compute']}" for k, v in info.items() if k != "reference") + "]")
+    if args.output:
+        write_json(args.output, {"text": str(args.text), "num_tokens": int(tokens.size),
+                                 "sequence_length": args.sequence_length, "skip_tokens": args.skip_tokens,
+                                 "reference": str(args.reference), "reference_dequantized": ref_was_quantized,
+                                 "results": {k: dict(v, **info.get(k, {})) for k, v in results.items()}},
+                   kind=EVAL_KIND)
+    return results
+
+
+if __name__ == "__main__":
+    main()
