@@ -1,0 +1,80 @@
+"""Hooks on `mlx_lm.generate` / `mlx_lm.load`: per-layer KV plans in scripts and `mlx_lm.generate`.
+
+- `load` (mlx_lm.utils, re-exported as mlx_lm.load and bound in mlx_lm.generate):
+  a model folder holding kv_config.json gets that plan attached to the model,
+  validated at load time (a mismatched config fails here, not mid-generation).
+- `generate_step` / `speculative_generate_step`: when a plan is active for the model
+  (`kv_config.use_kv_config(...)`, else the attached one), the prompt cache is built
+  from the plan, or a passed-in cache is converted in place; `kv_bits` with a plan
+  is an error. Draft-model caches are left alone.
+- `maybe_quantize_kv_cache`: turns pending (quantized_kv_start) turbo slots into their
+  planned caches at the same points where stock converts to --kv-bits.
+Each wrapper passes straight through when no plan is active.
+"""
+
+import sys
+
+from .. import _patching, kv_config
+
+
+def _arg(args, kwargs, index, name):
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
+
+
+def _generate_step(wrapped, instance, args, kwargs):
+    model = _arg(args, kwargs, 1, "model")
+    plan = kv_config.active_plan(model)
+    if plan is None:
+        return wrapped(*args, **kwargs)
+    kv_config.check_no_kv_bits(kwargs.get("kv_bits"), plan)
+    kwargs = dict(kwargs)
+    if kwargs.get("prompt_cache") is None:
+        kwargs["prompt_cache"] = kv_config.make_plan_cache(model, plan, max_kv_size=kwargs.get("max_kv_size"))
+    else:
+        kv_config.apply_plan(kwargs["prompt_cache"], plan, model)
+    return wrapped(*args, **kwargs)
+
+
+def _speculative_generate_step(wrapped, instance, args, kwargs):
+    model = _arg(args, kwargs, 1, "model")
+    plan = kv_config.active_plan(model)
+    if plan is None:
+        return wrapped(*args, **kwargs)
+    kv_config.check_no_kv_bits(kwargs.get("kv_bits"), plan)
+    kwargs = dict(kwargs)
+    if kwargs.get("prompt_cache") is None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        draft_model = _arg(args, kwargs, 2, "draft_model")
+        kwargs["prompt_cache"] = kv_config.make_plan_cache(model, plan) + make_prompt_cache(draft_model)
+    else:
+        # stock splits the list as model caches first, then the draft model's
+        kv_config.apply_plan(kwargs["prompt_cache"], plan, model)
+    return wrapped(*args, **kwargs)
+
+
+def _maybe_quantize_kv_cache(wrapped, instance, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    kv_config.promote_pending(_arg(args, kwargs, 0, "prompt_cache"))
+    return result
+
+
+def _load(wrapped, instance, args, kwargs):
+    result = wrapped(*args, **kwargs)
+    path = _arg(args, kwargs, 0, "path_or_hf_repo")
+    found = kv_config.find_kv_config(path) if path is not None else None
+    if found is not None:
+        # validating builds the model graph once; a lazy load defers that to first use
+        kv_config.attach_plan(result[0], kv_config.read_kv_config(found), validate=not kwargs.get("lazy"))
+    return result
+
+
+def install(module):
+    assert sys.modules.get("mlx_lm.generate") is module
+    _patching.wrap(module, "generate_step", _generate_step)
+    _patching.wrap(module, "speculative_generate_step", _speculative_generate_step)
+    _patching.wrap(module, "maybe_quantize_kv_cache", _maybe_quantize_kv_cache)
+    _patching.wrap(sys.modules["mlx_lm.utils"], "load", _load,
+                   aliases=[("mlx_lm", "load"), ("mlx_lm.generate", "load")])

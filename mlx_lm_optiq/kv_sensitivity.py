@@ -1,0 +1,307 @@
+"""Per-layer KV-cache sensitivity and its allocation into a KV plan.
+
+Measure: for every full-attention cache slot and every candidate (k_bits, v_bits,
+group_size), the KL divergence of the next-token distributions over `scored`
+continuation tokens when only that slot's cache is quantized, against the model
+with every cache in float. The quantized cache is *simulated* in the model's float
+dtype: keys and values are quantized and dequantized as they enter the cache, which
+is exactly what quantized SDPA computes (q . dequant(K)), and fast on CPU in fp32.
+
+Reuse: the long prefix is prefilled once in float. A slot's keys/values depend only
+on the layers below it, so its quantized prefix is exactly the quantized float prefix;
+each probe then runs only the scored tokens. (Layers above the probed one keep the
+prefix K/V computed from its float outputs: the probe measures this layer's cache
+error as seen by the continuation.)
+
+Allocate: one option per slot (float or a measured candidate) minimising summed KL
+under an average-bits budget, weighted by the bytes each slot really holds (KV heads x
+head_dim, window-capped for sliding layers), with the exact knapsack of allocate.py.
+"""
+
+import copy
+import math
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from tqdm import tqdm
+
+from . import allocate
+from .io_utils import read_json, write_json
+from .kv_config import (
+    AFFINE_BITS, FLOAT_BITS, GROUP_SIZES, KVPlan, SlotGeometry, SlotPlan, average_bits, bits_per_token,
+    cache_geometry, elements_per_token, token_weight,
+)
+
+TABLE_KIND = "optiq-kv-sensitivity"
+DEFAULT_CANDIDATES = [(k, v, g) for g in (64, 32) for k in (8, 4) for v in (8, 4, 2)]
+
+
+def candidate_key(k_bits, v_bits, group_size):
+    return f"{k_bits}/{v_bits}:{group_size}"
+
+
+def parse_candidate(text, where="candidate"):
+    """'8/4:64' -> (8, 4, 64); errors name `where` and what is expected."""
+    try:
+        bits, group = text.strip().split(":")
+        k, v = bits.split("/")
+        cand = (int(k), int(v), int(group))
+    except ValueError:
+        raise ValueError(f"{where}: {text!r} is not of the form K_BITS/V_BITS:GROUP, e.g. 8/4:64") from None
+    if cand[0] not in AFFINE_BITS or cand[1] not in AFFINE_BITS:
+        raise ValueError(f"{where}: {text!r} has bits outside {list(AFFINE_BITS)}")
+    if cand[2] not in GROUP_SIZES:
+        raise ValueError(f"{where}: {text!r} has group size outside {list(GROUP_SIZES)}")
+    return cand
+
+
+def parse_candidates(text, where="candidates"):
+    cands = [parse_candidate(t, where) for t in text.split(",") if t.strip()]
+    if not cands:
+        raise ValueError(f"{where}: no candidates in {text!r}")
+    return cands
+
+
+def fake_quantize(x, bits, group_size):
+    """Quantize then dequantize along the last axis (affine, mlx's own kernels)."""
+    return mx.dequantize(*mx.quantize(x, group_size=group_size, bits=bits), group_size=group_size, bits=bits)
+
+
+class SimulatedQuantizedKVCache(KVCache):
+    """A float KVCache whose entries went through affine quantization (keys and values
+    at separate widths): same attention result as a real quantized cache, float speed."""
+
+    def __init__(self, k_bits, v_bits, group_size):
+        super().__init__()
+        self.k_bits, self.v_bits, self.group_size = k_bits, v_bits, group_size
+
+    def update_and_fetch(self, keys, values):
+        return super().update_and_fetch(
+            fake_quantize(keys, self.k_bits, self.group_size),
+            fake_quantize(values, self.v_bits, self.group_size),
+        )
+
+    @classmethod
+    def from_float(cls, cache, k_bits, v_bits, group_size):
+        sim = cls(k_bits, v_bits, group_size)
+        if cache.keys is not None and cache.offset:
+            sim.update_and_fetch(cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :])
+        return sim
+
+
+def simulated_plan_cache(model, plan):
+    """Float caches that simulate `plan` (affine slots only), for quality measurements on CPU."""
+    caches = make_prompt_cache(model)
+    for s in plan.slots:
+        if s.scheme == "affine":
+            caches[s.slot] = SimulatedQuantizedKVCache(s.k_bits, s.v_bits, s.group_size)
+        elif s.scheme != "none":
+            raise ValueError(f"slot {s.slot}: scheme {s.scheme!r} cannot be simulated here")
+    return caches
+
+
+def _copy_caches(caches):
+    """Fresh caches holding the prefix. KVCache only appends past `offset`, so sharing its
+    arrays is safe and free; other caches (rotating, recurrent state) are deep-copied."""
+    out = []
+    for c in caches:
+        if type(c) is KVCache:
+            n = KVCache()
+            n.keys, n.values, n.offset = c.keys, c.values, c.offset
+            out.append(n)
+        else:
+            out.append(copy.deepcopy(c))
+    return out
+
+
+def _prefill(model, tokens, caches, step=512):
+    for i in range(0, tokens.size, step):
+        model(tokens[None, i : i + step], cache=caches)
+        mx.eval([c.state for c in caches])
+
+
+def _log_probs(model, tokens, caches):
+    logits = model(tokens[None], cache=caches)[0].astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+class _Recorder:
+    """Wraps a layer and keeps its last output; models read layer attributes
+    (e.g. `use_sliding`, `is_linear`), so those pass through."""
+
+    def __init__(self, layer, output=None):
+        self.layer, self.output = layer, output
+
+    def __getattr__(self, name):
+        return getattr(self.layer, name)
+
+    def __call__(self, *args, **kwargs):
+        self.output = self.layer(*args, **kwargs)
+        return self.output
+
+
+class _Replay(_Recorder):
+    """Stands in for a layer below the probed one: returns that layer's recorded
+    reference output (its input and cache are untouched by the probe)."""
+
+    def __call__(self, *args, **kwargs):
+        return self.output
+
+
+def _layer_list(model, geometry):
+    """model.layers when it is one stable list indexed like the cache slots, else None."""
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, list) or getattr(model, "layers", None) is not layers:
+        return None
+    if len(layers) != len(geometry) or any(g.layer != g.slot for g in geometry):
+        return None
+    return layers
+
+
+def _kl(ref_logp, logp):
+    """Mean over positions of KL(ref || probe)."""
+    return mx.mean(mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1))
+
+
+def measure_kv_sensitivity(model, windows, prefix_tokens, candidates=DEFAULT_CANDIDATES, progress=True,
+                           model_name=None, geometry=None, reuse_layers=True):
+    """The sensitivity table for `model` (use a float model, ideally fp32 on CPU).
+
+    windows: list of 1-D token arrays, each `prefix_tokens` + scored tokens long.
+    candidates: (k_bits, v_bits, group_size) triples; a candidate whose group size
+    does not divide a slot's head_dim is recorded as not applicable (absent key).
+    reuse_layers: replay the reference outputs of the layers below the probed slot
+    instead of recomputing them (exact; off = a plain full forward per probe).
+    """
+    if not windows:
+        raise ValueError("measure_kv_sensitivity: no token windows given")
+    lengths = {int(w.size) for w in windows}
+    if len(lengths) != 1 or min(lengths) <= prefix_tokens:
+        raise ValueError(f"every window needs the same length > prefix_tokens={prefix_tokens}, got {sorted(lengths)}")
+    geometry = geometry or cache_geometry(model)
+    probes = [
+        (g, c) for g in geometry if g.quantizable for c in candidates
+        if g.k_head_dim % c[2] == 0 and g.v_head_dim % c[2] == 0
+    ]
+    sums = {}
+    bar = tqdm(total=len(probes) * len(windows), desc="KV sensitivity", unit="probe", disable=not progress)
+    for w in windows:
+        prefix, scored = w[:prefix_tokens], w[prefix_tokens:]
+        caches = make_prompt_cache(model)
+        _prefill(model, prefix, caches)
+        layers = _layer_list(model, geometry) if reuse_layers else None
+        originals = list(layers) if layers is not None else None
+        try:
+            if layers is not None:
+                layers[:] = [_Recorder(m) for m in originals]
+            ref = _log_probs(model, scored, _copy_caches(caches))
+            mx.eval(ref)
+            recorded = [r.output for r in layers] if layers is not None else None
+        finally:
+            if layers is not None:
+                layers[:] = originals
+        for g, (kb, vb, gs) in probes:
+            run = _copy_caches(caches)
+            run[g.slot] = SimulatedQuantizedKVCache.from_float(caches[g.slot], kb, vb, gs)
+            try:
+                if layers is not None:  # layers below the probed slot cannot see its cache
+                    layers[: g.slot] = [_Replay(m, o) for m, o in zip(originals, recorded[: g.slot])]
+                kl = _kl(ref, _log_probs(model, scored, run)).item()
+            finally:
+                if layers is not None:
+                    layers[:] = originals
+            key = (g.slot, candidate_key(kb, vb, gs))
+            sums[key] = sums.get(key, 0.0) + kl
+            bar.update(1)
+    bar.close()
+    slots = []
+    for g in geometry:
+        entry = _geometry_dict(g)
+        entry["kl"] = {
+            k: max(0.0, v / len(windows)) for (slot, k), v in sums.items() if slot == g.slot
+        }
+        slots.append(entry)
+    return {
+        "model": model_name, "prefix_tokens": int(prefix_tokens),
+        "scored_tokens": int(next(iter(lengths)) - prefix_tokens), "num_windows": len(windows),
+        "candidates": [candidate_key(*c) for c in candidates], "slots": slots,
+    }
+
+
+def _geometry_dict(g):
+    return {"slot": g.slot, "layer": g.layer, "cache": g.kind, "n_kv_heads": g.n_kv_heads,
+            "k_head_dim": g.k_head_dim, "v_head_dim": g.v_head_dim, "window": g.window}
+
+
+def _geometry_from_dict(e):
+    return SlotGeometry(slot=e["slot"], layer=e.get("layer"), kind=e["cache"], n_kv_heads=e.get("n_kv_heads"),
+                        k_head_dim=e.get("k_head_dim"), v_head_dim=e.get("v_head_dim"), window=e.get("window"))
+
+
+def save_table(table, path):
+    return write_json(path, table, kind=TABLE_KIND)
+
+
+def load_table(path):
+    data = read_json(path, kind=TABLE_KIND, required=["slots", "candidates"])
+    for i, e in enumerate(data["slots"]):
+        for f in ("slot", "cache", "kl"):
+            if f not in e:
+                raise ValueError(f"{path}: slots[{i}] is missing field {f!r}")
+    return data
+
+
+def allocate_kv(table, target_bits, context_length=8192, quantized_kv_start=0, model_name=None):
+    """The KVPlan minimising summed KL with average bits <= target_bits.
+
+    Every KV-holding slot counts in the average with its real size (heads x head_dim x
+    tokens it holds at `context_length`); slots that cannot be quantized (sliding,
+    recurrent) stay float and are charged as such.
+    """
+    if not (0 < target_bits <= FLOAT_BITS):
+        raise ValueError(f"target_bits is {target_bits}, expected a number in (0, {FLOAT_BITS}]")
+    geometry = [_geometry_from_dict(e) for e in table["slots"]]
+    items, fixed_cost, total_elems = [], 0, 0
+    for e, g in zip(table["slots"], geometry):
+        if not g.holds_kv:
+            continue
+        w = token_weight(g, context_length)
+        total_elems += elements_per_token(g) * w
+        if not g.quantizable or not e["kl"]:
+            fixed_cost += bits_per_token(g, "none") * w
+            continue
+        options = [("none", None, None, None, 0.0)]
+        for key, kl in e["kl"].items():
+            kb, vb, gs = parse_candidate(key, where=f"slot {g.slot} kl key")
+            options.append(("affine", kb, vb, gs, kl))
+        costs = [bits_per_token(g, o[0], o[1], o[2], o[3]) * w for o in options]
+        items.append((g, options, costs))
+    capacity = math.floor(target_bits * total_elems) - fixed_cost
+    try:
+        picks = allocate.solve([[o[4] for o in opts] for _, opts, _ in items], [c for _, _, c in items], capacity)
+    except allocate.InfeasibleBudget:
+        cheapest = fixed_cost + sum(min(c) for _, _, c in items)
+        raise allocate.InfeasibleBudget(
+            f"target_bits {target_bits} is below the cheapest plan the candidates allow "
+            f"({cheapest / total_elems:.3f} average bits); add lower-bit candidates or raise the target"
+        ) from None
+    chosen = {g.slot: opts[j] for (g, opts, _), j in zip(items, picks)}
+    slots = []
+    for e, g in zip(table["slots"], geometry):
+        scheme, kb, vb, gs, _ = chosen.get(g.slot, ("none", None, None, None, 0.0))
+        slots.append(SlotPlan(slot=g.slot, layer=g.layer, scheme=scheme, k_bits=kb, v_bits=vb, group_size=gs,
+                              kl=dict(e["kl"]), geometry=g))
+    plan = KVPlan(slots=slots, quantized_kv_start=quantized_kv_start, model=model_name or table.get("model"),
+                  target_bits=target_bits, context_length=context_length)
+    plan.achieved_bits = round(average_bits(slots, geometry, context_length), 4)
+    plan.extra["sensitivity"] = {k: table.get(k) for k in ("prefix_tokens", "scored_tokens", "num_windows")}
+    return plan
+
+
+def plan_kl(plan):
+    """Summed measured KL of a plan's choices (the knapsack objective)."""
+    total = 0.0
+    for s in plan.slots:
+        if s.scheme == "affine":
+            total += s.kl[candidate_key(s.k_bits, s.v_bits, s.group_size)]
+    return total
