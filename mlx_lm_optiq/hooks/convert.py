@@ -19,7 +19,7 @@ from .. import _patching
 from ..io_utils import atomic_output_dir
 from . import pop_options
 
-EXTENSIONS = ["mlx_lm_optiq.hooks.convert_weights"]
+EXTENSIONS = ["mlx_lm_optiq.hooks.convert_weights", "mlx_lm_optiq.hooks.convert_kv"]
 
 
 def _extensions():
