@@ -151,8 +151,8 @@ def check_not_calibration_text(model_path, text_path):
     from .io_utils import read_json
 
     calib = read_json(sidecar).get("sensitivity", {}).get("calibration") or {}
-    used = calib.get("path") or calib.get("file")
-    if used and Path(used).resolve() == Path(text_path).resolve():
+    used = calib.get("source")
+    if used and used != "bundled" and Path(used).resolve() == Path(text_path).resolve():
         raise EvalError(f"--text {text_path} is the calibration text of {model_path} "
                         f"({sidecar}: sensitivity.calibration); evaluate on held-out text")
 

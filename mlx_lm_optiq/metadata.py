@@ -100,8 +100,9 @@ def load_sensitivity(path):
     if kind == METADATA_KIND:
         return read_metadata(path)["sensitivity"]
     if kind == SENSITIVITY_KIND:
-        read_json(path, kind=SENSITIVITY_KIND)  # format_version check
-        return validate_table(data, str(path))
+        from .sensitivity import load_table
+
+        return load_table(path)
     raise OptiqFileError(
         f"{path}: field 'kind' is {kind!r}, expected {SENSITIVITY_KIND!r} (a saved sensitivity table) "
         f"or {METADATA_KIND!r} (an optiq_metadata.json of a converted model)"

@@ -31,7 +31,7 @@ def add_arguments(group):
     group.add_argument("--optiq-group-sizes", default=None,
                        help="Comma-separated group sizes to choose from (default: --q-group-size or 64).")
     group.add_argument("--optiq-calibration", default=None,
-                       help="Calibration text: .txt or .jsonl ({'text'} or {'prompt','completion'}).")
+                       help="Calibration JSONL, one {'text': ...} or {'messages': [...]} per line (default: the bundled set).")
     group.add_argument("--optiq-num-samples", type=int, default=None, help="Calibration sequences (default 16).")
     group.add_argument("--optiq-sequence-length", type=int, default=None, help="Tokens per sequence (default 512).")
     group.add_argument("--optiq-sensitivity", default=None,
@@ -75,6 +75,10 @@ def before_convert(call, options):
     protect = plan.parse_protect(options.get("protect"))
 
     base_model = call["hf_path"]
+    table = None
+    if options.get("sensitivity") is not None:  # read first: a bad file fails before any work
+        source = str(options["sensitivity"])
+        table = metadata.load_sensitivity(source)
     model_path = plan.resolve_model_path(base_model, call.get("revision"))
     float_path = model_path
     from mlx_lm.utils import load_config
@@ -85,10 +89,7 @@ def before_convert(call, options):
         call["hf_path"] = str(float_path)
     model, config = plan.load_float_model(float_path)
 
-    if options.get("sensitivity") is not None:
-        source = str(options["sensitivity"])
-        table = metadata.load_sensitivity(source)
-    else:
+    if table is None:
         source = "measured sensitivity"
         table = _measure(model_path, candidates, options)
     plan.check_table_matches(table, model, source)
@@ -116,12 +117,14 @@ def _measure(model_path, candidates, options):
         num_samples=options.get("num_samples") or 16,
         sequence_length=options.get("sequence_length") or 512,
     )
-    return sensitivity.measure_sensitivity(
+    table = sensitivity.measure_sensitivity(
         str(model_path), tokens, candidates,
         method=options.get("sensitivity_method") or "exact",
         reference=options.get("reference") or "auto",
         checkpoint_path=options.get("checkpoint"),
     )
+    table["calibration"]["source"] = str(options.get("calibration") or "bundled")
+    return table
 
 
 def after_convert(out_dir, call, options):

@@ -1,0 +1,93 @@
+"""PNG of per-layer sensitivity and the chosen bits of a mixed-precision model.
+
+    python -m mlx_lm_optiq.plot MODEL_DIR_OR_optiq_metadata.json --output plot.png
+
+Needs matplotlib (`pip install 'mlx-lm-optiq[plot]'`).
+"""
+
+import argparse
+import re
+from pathlib import Path
+
+from .metadata import read_metadata
+from .plan import candidate_key
+
+_BLOCK = re.compile(r"layers\.(\d+)\.")
+
+
+def _import_pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            "mlx_lm_optiq.plot needs matplotlib, which is not installed: "
+            "pip install 'mlx-lm-optiq[plot]' (or pip install matplotlib)"
+        ) from None
+    return plt
+
+
+def _order(path):
+    m = _BLOCK.search(path)
+    # embeddings first, then blocks in order, then the head
+    return (0 if "embed" in path else (1 if m else 2), int(m.group(1)) if m else 0, path)
+
+
+def plot_metadata(meta, output):
+    """Write a two-panel PNG: KL of each module at the cheapest candidate, and the chosen bits."""
+    plt = _import_pyplot()
+    layers = meta["layers"]
+    paths = sorted(layers, key=_order)
+    cands = meta["candidates"]
+    cheapest = min(cands, key=lambda c: (c["bits"], -c["group_size"]))
+    key = candidate_key(cheapest["bits"], cheapest["group_size"], cheapest.get("mode", "affine"))
+    kl = [layers[p].get("kl", {}).get(key, float("nan")) for p in paths]
+    bits = [layers[p]["bits"] for p in paths]
+    groups = [layers[p].get("group_size") for p in paths]
+    palette = {b: c for b, c in zip(sorted(set(bits)), ["tab:red", "tab:orange", "tab:green", "tab:blue",
+                                                         "tab:purple", "tab:gray", "black"])}
+    colors = [palette[b] for b in bits]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(paths) * 0.09), 7), sharex=True)
+    x = range(len(paths))
+    ax1.bar(x, kl, color=colors)
+    ax1.set_yscale("log")
+    ax1.set_ylabel(f"KL at {key} (nats/token)")
+    ax1.set_title(f"{meta.get('base_model', '')}: target {meta['target_bpw']} bpw, "
+                  f"achieved {meta['achieved_bpw']:.3f} ({meta.get('method')} sensitivity)")
+    ax2.bar(x, bits, color=colors)
+    for i, g in enumerate(groups):
+        if g and len(paths) <= 80:
+            ax2.text(i, bits[i] + 0.1, str(g), ha="center", fontsize=6, rotation=90)
+    ax2.set_ylabel("chosen bits (group size above)")
+    ax2.set_ylim(0, max(bits) + 1.5)
+    ticks = [i for i, p in enumerate(paths) if i == 0 or _order(p)[:2] != _order(paths[i - 1])[:2]]
+    ax2.set_xticks(ticks)
+    ax2.set_xticklabels([_short(paths[i]) for i in ticks], rotation=90, fontsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
+    ax1.legend(handles, [f"{b}-bit" for b in palette], loc="upper right", fontsize=8)
+    fig.tight_layout()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+def _short(path):
+    m = _BLOCK.search(path)
+    return f"block {m.group(1)}" if m else path.rsplit(".", 1)[-1]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Plot per-layer sensitivity and chosen bits.")
+    parser.add_argument("metadata", help="Converted model directory or its optiq_metadata.json.")
+    parser.add_argument("--output", required=True, help="PNG file to write.")
+    args = parser.parse_args(argv)
+    out = plot_metadata(read_metadata(args.metadata), args.output)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
