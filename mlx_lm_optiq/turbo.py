@@ -1,0 +1,516 @@
+"""TurboQuant KV cache: random rotation + Lloyd-Max scalar codes, attention in rotated space.
+
+TurboQuant (Zandieh et al., arXiv 2504.19874) stores a vector x as its norm and
+the codes of the rotated unit vector Pi x/|x|. After a random rotation each
+coordinate of a unit vector in d dimensions follows the density
+    f(t) = (1 - t^2)^((d-3)/2) / B(1/2, (d-1)/2)   on [-1, 1]   (~ N(0, 1/d)),
+whatever x was, so one scalar codebook that is Lloyd-Max-optimal for f serves
+every coordinate of every vector (no per-group scales). Two quantizers:
+  * "mse":  b-bit codes; E|x - x_hat|^2 <= (sqrt(3)*pi/2) * 4^-b * |x|^2.
+  * "prod": (b-1)-bit mse codes + a 1-bit QJL sketch sign(S r) of the residual
+            r, which makes <y, x_hat> an unbiased estimate of <y, x>.
+
+Attention never rotates keys back: with q' = Pi q,
+    <q, k_j> = |k_j| <q', c[code_j]>      (+ the QJL term for "prod" keys)
+    sum_j p_j v_j = Pi^T sum_j (p_j |v_j|) c[code_j]
+so the query is rotated once, scores and the value sum are computed against
+unit-norm centroid vectors, and the output is rotated back once. Pure MLX ops,
+so it runs on every MLX backend.
+
+This module is hook-free: models reach `turbo_scaled_dot_product_attention`
+through `mlx_lm_optiq.hooks.turbo` (patch_attention() or mlx_lm_optiq.enable()).
+"""
+
+import functools
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .io_utils import OptiqFileError, read_json, write_json
+
+SUPPORTED_BITS = tuple(range(1, 7))  # 1..6; above that affine 8-bit is already near lossless
+KEY_MODES = ("mse", "prod")
+CODEBOOK_FILE = Path(__file__).parent / "data" / "turbo_codebooks.json"
+CODEBOOK_KIND = "optiq-turbo-codebooks"
+# Head dims whose codebooks ship in CODEBOOK_FILE (others are computed on first use).
+SHIPPED_DIMS = (32, 64, 80, 96, 128, 192, 256)
+# Storage of the per-vector norms; counted in bits_per_channel.
+NORM_DTYPE = mx.float16
+
+
+# ---------------------------------------------------------------- codebooks
+def _coordinate_mass_and_moment(dim, lo, hi):
+    """P(lo < t < hi) and E[t; lo < t < hi] for a rotated unit-vector coordinate (closed forms)."""
+    from scipy.special import betainc, betaln
+
+    a = (dim - 1) / 2.0  # (t+1)/2 ~ Beta(a, a)
+    mass = betainc(a, a, (hi + 1) / 2) - betainc(a, a, (lo + 1) / 2)
+    # int t (1-t^2)^k dt = -(1-t^2)^(k+1) / (2(k+1)),  k = (d-3)/2, normaliser B(1/2, a)
+    log_norm = betaln(0.5, a)
+    moment = (np.power(1 - lo**2, a) - np.power(1 - hi**2, a)) / (2 * a) / np.exp(log_norm)
+    return mass, moment
+
+
+def compute_codebook(dim, bits, tol=1e-9, max_iter=100000):
+    """Lloyd-Max centroids (sorted, float64) for one coordinate of a rotated unit vector in `dim` dims."""
+    from scipy.special import betaincinv
+
+    if dim < 3:
+        raise ValueError(f"TurboQuant needs head_dim >= 3, got {dim}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"TurboQuant bits must be one of {list(SUPPORTED_BITS)}, got {bits}")
+    n = 2**bits
+    a = (dim - 1) / 2.0
+    # Start from the centres of equal-mass cells; f is log-concave, so Lloyd's
+    # iteration converges to the unique optimum from any start.
+    centroids = 2 * betaincinv(a, a, (np.arange(n) + 0.5) / n) - 1
+    for _ in range(max_iter):
+        edges = np.concatenate([[-1.0], (centroids[1:] + centroids[:-1]) / 2, [1.0]])
+        mass, moment = _coordinate_mass_and_moment(dim, edges[:-1], edges[1:])
+        new = moment / mass
+        new = (new - new[::-1]) / 2  # f is symmetric: keep the codebook exactly symmetric
+        done = np.max(np.abs(new - centroids)) < tol / math.sqrt(dim)
+        centroids = new
+        if done:
+            return centroids
+    raise RuntimeError(f"Lloyd-Max did not converge for dim={dim}, bits={bits}")
+
+
+def codebook_mse(dim, centroids):
+    """E[(t - Q(t))^2] of one coordinate (times dim = the unit-vector MSE of TurboQuant_mse)."""
+    c = np.asarray(centroids, dtype=np.float64)
+    edges = np.concatenate([[-1.0], (c[1:] + c[:-1]) / 2, [1.0]])
+    mass, moment = _coordinate_mass_and_moment(dim, edges[:-1], edges[1:])
+    # E[t^2] over the whole line is 1/dim; E[(t-c)^2; cell] = E[t^2; cell] - 2c E[t; cell] + c^2 P(cell)
+    return float(1.0 / dim - np.sum(2 * c * moment - c**2 * mass))
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_codebooks():
+    if not CODEBOOK_FILE.exists():
+        return {}
+    data = read_json(CODEBOOK_FILE, kind=CODEBOOK_KIND, required=["codebooks"])
+    books = data["codebooks"]
+    if not isinstance(books, dict):
+        raise OptiqFileError(f"{CODEBOOK_FILE}: field 'codebooks' must be an object of 'dim:bits' -> list")
+    return books
+
+
+@functools.lru_cache(maxsize=None)
+def codebook(dim, bits):
+    """Lloyd-Max codebook for (dim, bits) as a read-only float64 array: shipped file first, else computed."""
+    shipped = _shipped_codebooks().get(f"{dim}:{bits}")
+    if shipped is not None:
+        c = np.asarray(shipped, dtype=np.float64)
+        if c.shape != (2**bits,) or np.any(np.diff(c) <= 0):
+            raise OptiqFileError(f"{CODEBOOK_FILE}: codebook '{dim}:{bits}' must be {2**bits} increasing numbers")
+    else:
+        c = compute_codebook(dim, bits)
+    c.setflags(write=False)
+    return c
+
+
+def write_codebook_file(path=CODEBOOK_FILE, dims=SHIPPED_DIMS, bits=SUPPORTED_BITS):
+    books = {f"{d}:{b}": compute_codebook(d, b).tolist() for d in dims for b in bits}
+    return write_json(path, {"distribution": "rotated unit-vector coordinate, (1-t^2)^((d-3)/2)",
+                             "codebooks": books}, kind=CODEBOOK_KIND)
+
+
+# ---------------------------------------------------------------- rotations
+def _is_power_of_two(n):
+    return n > 0 and n & (n - 1) == 0
+
+
+@functools.lru_cache(maxsize=None)
+def rotation_matrix(dim, seed):
+    """Orthogonal dim x dim matrix R (float32 numpy); vectors rotate as x @ R.T.
+
+    Power-of-two dims: two rounds of randomized Hadamard, H D2 H D1 / dim. One
+    round maps a basis vector (an outlier channel) to a flat +-1/sqrt(d) vector,
+    whose coordinates are far from the Beta law the codebook is built for; the
+    second round spreads those too. Other dims: a seeded Haar-random orthogonal
+    matrix (QR of a Gaussian with the sign fix).
+    """
+    rng = np.random.default_rng(seed)
+    if _is_power_of_two(dim):
+        from scipy.linalg import hadamard
+
+        h = hadamard(dim).astype(np.float64)
+        d1 = rng.choice([-1.0, 1.0], size=dim)
+        d2 = rng.choice([-1.0, 1.0], size=dim)
+        r = (h * d2) @ (h * d1) / dim
+    else:
+        q, rr = np.linalg.qr(rng.standard_normal((dim, dim)))
+        r = q * np.sign(np.diag(rr))
+    return r.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def qjl_matrix(dim, seed):
+    """Gaussian sketch S (dim x dim, float32) for the 1-bit QJL residual of "prod" keys."""
+    rng = np.random.default_rng([seed, 0x51A])
+    return rng.standard_normal((dim, dim)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- bit packing
+def _planes(bits):
+    """Bit widths of the planes a code is split into (each packs evenly into bytes)."""
+    return [w for w in (4, 2, 1) if bits & w]
+
+
+def pack_codes(codes, bits):
+    """uint8 codes (..., dim) -> list of uint8 planes (..., dim*w/8); exactly `bits` bits per code."""
+    planes, shift = [], 0
+    dim = codes.shape[-1]
+    for w in _planes(bits):
+        per = 8 // w
+        if dim % per:
+            raise ValueError(f"head_dim {dim} must be a multiple of {per} for {bits}-bit TurboQuant codes")
+        part = (codes.astype(mx.uint32) >> shift) & (2**w - 1)
+        part = part.reshape(*codes.shape[:-1], dim // per, per)
+        shifts = mx.arange(0, 8, w, dtype=mx.uint32)
+        planes.append((part << shifts).sum(axis=-1).astype(mx.uint8))
+        shift += w
+    return planes
+
+
+def unpack_codes(planes, bits):
+    """Inverse of pack_codes: list of uint8 planes -> uint32 codes (..., dim)."""
+    codes, shift = None, 0
+    for plane, w in zip(planes, _planes(bits)):
+        shifts = mx.arange(0, 8, w, dtype=mx.uint32)
+        part = (plane.astype(mx.uint32)[..., None] >> shifts) & (2**w - 1)
+        part = part.reshape(*plane.shape[:-1], -1) << shift
+        codes = part if codes is None else codes | part
+        shift += w
+    return codes
+
+
+# ---------------------------------------------------------------- quantizers
+class TurboQuantizer:
+    """TurboQuant for vectors of one dimension: quantize() -> dict of arrays, dequantize() back.
+
+    mode "mse": `bits`-bit Lloyd-Max codes of the rotated unit vector + its norm.
+    mode "prod": (bits-1)-bit mse codes + sign(S r) for the residual r + |r|
+    (unbiased inner products; needs bits >= 2).
+    """
+
+    def __init__(self, dim, bits, seed=0, mode="mse"):
+        if mode not in KEY_MODES:
+            raise ValueError(f"TurboQuant mode must be one of {list(KEY_MODES)}, got {mode!r}")
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"TurboQuant bits must be one of {list(SUPPORTED_BITS)}, got {bits}")
+        if mode == "prod" and bits < 2:
+            raise ValueError("TurboQuant mode 'prod' needs bits >= 2 (bits-1 for codes, 1 for the QJL sign)")
+        self.dim, self.bits, self.seed, self.mode = dim, bits, seed, mode
+        self.code_bits = bits - 1 if mode == "prod" else bits
+        c = codebook(dim, self.code_bits)
+        self.centroids = mx.array(c.astype(np.float32))
+        self.boundaries = mx.array(((c[1:] + c[:-1]) / 2).astype(np.float32))
+        self.rotation = mx.array(rotation_matrix(dim, seed))
+        self.sketch = mx.array(qjl_matrix(dim, seed)) if mode == "prod" else None
+
+    def bits_per_channel(self):
+        """Stored bits per vector coordinate, norms included (fp16 each)."""
+        norms = 2 if self.mode == "prod" else 1
+        return self.bits + norms * 16 / self.dim
+
+    def rotate(self, x):
+        return x @ self.rotation.astype(x.dtype).T
+
+    def unrotate(self, y):
+        return y @ self.rotation.astype(y.dtype)
+
+    def _codes(self, y):
+        """Index of the nearest centroid (binary search over the sorted boundaries: code_bits steps)."""
+        idx = mx.zeros(y.shape, dtype=mx.uint32)
+        for s in reversed(range(self.code_bits)):
+            cand = idx + (1 << s)
+            idx = mx.where(y > self.boundaries[cand - 1], cand, idx)
+        return idx
+
+    def quantize(self, x):
+        xf = x.astype(mx.float32)
+        norm = mx.linalg.norm(xf, axis=-1, keepdims=True)
+        unit = xf / mx.maximum(norm, 1e-30)
+        codes = self._codes(self.rotate(unit))
+        out = {"codes": pack_codes(codes, self.code_bits), "norm": norm.astype(NORM_DTYPE)}
+        if self.mode == "prod":
+            residual = unit - self.unrotate(self.centroids[codes])
+            signs = (residual @ self.sketch.T) >= 0
+            out["qjl"] = pack_codes(signs.astype(mx.uint8), 1)
+            out["residual_norm"] = mx.linalg.norm(residual, axis=-1, keepdims=True).astype(NORM_DTYPE)
+        return out
+
+    def rotated_unit(self, q, dtype=mx.float32):
+        """Centroid vectors in rotated space, unit-norm scale (..., dim): what attention multiplies against."""
+        return self.centroids.astype(dtype)[unpack_codes(q["codes"], self.code_bits)]
+
+    def qjl_signs(self, q, dtype=mx.float32):
+        """+-1 sketch signs (..., dim) of "prod" codes."""
+        return unpack_codes(q["qjl"], 1).astype(dtype) * 2 - 1
+
+    def dequantize(self, q, dtype=mx.float32):
+        unit = self.unrotate(self.rotated_unit(q))
+        if self.mode == "prod":
+            scale = math.sqrt(math.pi / 2) / self.dim * q["residual_norm"].astype(mx.float32)
+            unit = unit + scale * (self.qjl_signs(q) @ self.sketch)
+        return (unit * q["norm"].astype(mx.float32)).astype(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def get_quantizer(dim, bits, seed=0, mode="mse"):
+    """Shared quantizer (rotation/codebook arrays built once per (dim, bits, seed, mode))."""
+    return TurboQuantizer(dim, bits, seed=seed, mode=mode)
+
+
+# ---------------------------------------------------------------- the cache
+class TurboQuantKVCache:
+    """Drop-in for mlx-lm's KVCache storing TurboQuant codes.
+
+    `update_and_fetch` returns a TurboKV view (as keys and values) that the patched
+    `scaled_dot_product_attention` (mlx_lm_optiq.hooks.turbo) recognises.
+    Keys use `key_bits` (default `bits`) and `key_mode` ("mse" or "prod");
+    values always use the mse quantizer with `value_bits` (default `bits`).
+    head_dim=None takes the dims from the first update (key and value dims may differ).
+    """
+
+    step = 256
+
+    def __init__(self, head_dim=None, bits=4, seed=0, key_bits=None, value_bits=None, key_mode="mse",
+                 value_head_dim=None):
+        self.head_dim = head_dim
+        for name, v in (("head_dim", head_dim), ("value_head_dim", value_head_dim), ("seed", seed)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ValueError(f"TurboQuantKVCache {name} must be an int, got {v!r}")
+        if seed is None:
+            raise ValueError("TurboQuantKVCache seed must be an int, got None")
+        self.key_bits = bits if key_bits is None else key_bits
+        self.value_bits = bits if value_bits is None else value_bits
+        for name, b in (("key_bits", self.key_bits), ("value_bits", self.value_bits)):
+            if b not in SUPPORTED_BITS:
+                raise ValueError(f"TurboQuantKVCache {name} must be one of {list(SUPPORTED_BITS)}, got {b!r}")
+        if key_mode not in KEY_MODES:
+            raise ValueError(f"TurboQuantKVCache key_mode must be one of {list(KEY_MODES)}, got {key_mode!r}")
+        if key_mode == "prod" and self.key_bits < 2:
+            raise ValueError("TurboQuantKVCache key_mode='prod' needs key_bits >= 2")
+        self.seed = seed
+        self.key_mode = key_mode
+        self.offset = 0
+        self.keys = None  # dict of arrays, sequence axis 2, capacity >= offset
+        self.values = None
+        self.key_quantizer = self.value_quantizer = None
+        if head_dim is not None:
+            self._make_quantizers(head_dim, value_head_dim or head_dim)
+
+    def _make_quantizers(self, k_dim, v_dim):
+        self.key_quantizer = get_quantizer(k_dim, self.key_bits, self.seed, self.key_mode)
+        self.value_quantizer = get_quantizer(v_dim, self.value_bits, self.seed + 1, "mse")
+
+    def update_and_fetch(self, keys, values):
+        if not attention_patched():
+            raise RuntimeError(
+                "TurboQuantKVCache needs mlx-lm's attention to know it: call "
+                "mlx_lm_optiq.hooks.turbo.patch_attention() or mlx_lm_optiq.enable() first"
+            )
+        k_dim, v_dim = keys.shape[-1], values.shape[-1]
+        if self.key_quantizer is None:
+            self._make_quantizers(k_dim, v_dim)
+        elif (k_dim, v_dim) != (self.key_quantizer.dim, self.value_quantizer.dim):
+            raise ValueError(
+                f"TurboQuantKVCache was built for key/value head_dim "
+                f"{self.key_quantizer.dim}/{self.value_quantizer.dim}, got {k_dim}/{v_dim}"
+            )
+        qk = self.key_quantizer.quantize(keys)
+        qv = self.value_quantizer.quantize(values)
+        prev, n = self.offset, keys.shape[2]
+        if self.keys is None or prev + n > _capacity(self.keys):
+            new_cap = (self.step + n - 1) // self.step * self.step
+            self.keys = _grow(self.keys, qk, prev, new_cap)
+            self.values = _grow(self.values, qv, prev, new_cap)
+        self.offset += n
+        _assign(self.keys, qk, prev, self.offset)
+        _assign(self.values, qv, prev, self.offset)
+        # Models unpack `keys, values = cache.update_and_fetch(...)`; both names get the one view.
+        view = TurboKV(self, _slice(self.keys, self.offset), _slice(self.values, self.offset))
+        return view, view
+
+    # --- the _BaseCache protocol of mlx-lm
+    def size(self):
+        return self.offset
+
+    def empty(self):
+        return self.keys is None
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def make_mask(self, *args, **kwargs):
+        from mlx_lm.models.cache import create_attention_mask
+
+        return create_attention_mask(*args, offset=self.offset, **kwargs)
+
+    @property
+    def nbytes(self):
+        if self.keys is None:
+            return 0
+        return sum(a.nbytes for part in (self.keys, self.values) for a in _leaves(part))
+
+    def bits_per_channel(self):
+        """Stored bits per K/V coordinate, norms included (mean of keys and values)."""
+        if self.key_quantizer is None:
+            raise ValueError("TurboQuantKVCache: head_dim unknown until the first update")
+        return (self.key_quantizer.bits_per_channel() + self.value_quantizer.bits_per_channel()) / 2
+
+    @property
+    def state(self):
+        return self.keys, self.values, self.offset
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.offset = v
+
+    def __repr__(self):
+        return (f"TurboQuantKVCache(key_bits={self.key_bits}, value_bits={self.value_bits}, "
+                f"key_mode={self.key_mode!r}, seed={self.seed}, offset={self.offset})")
+
+
+class TurboKV:
+    """What TurboQuantKVCache.update_and_fetch returns, twice (as the keys and as the values)."""
+
+    def __init__(self, cache, keys, values):
+        self.cache, self.keys, self.values = cache, keys, values
+
+
+def _leaves(part):
+    for v in part.values():
+        yield from (v if isinstance(v, list) else [v])
+
+
+def _map(part, fn):
+    return {k: [fn(a) for a in v] if isinstance(v, list) else fn(v) for k, v in part.items()}
+
+
+def _capacity(part):
+    return part["norm"].shape[2]
+
+
+def _grow(old, new, prev, cap):
+    def grown(a_new, a_old=None):
+        shape = list(a_new.shape)
+        shape[2] = cap
+        zeros = mx.zeros(shape, a_new.dtype)
+        return zeros if a_old is None else mx.concatenate([a_old[:, :, :prev], zeros], axis=2)
+
+    if old is None:
+        return _map(new, grown)
+    return {k: [grown(n, o) for n, o in zip(new[k], old[k])] if isinstance(new[k], list) else grown(new[k], old[k])
+            for k in new}
+
+
+def _assign(dst, src, start, stop):
+    for k, v in src.items():
+        if isinstance(v, list):
+            for d, s in zip(dst[k], v):
+                d[:, :, start:stop] = s
+        else:
+            dst[k][:, :, start:stop] = v
+
+
+def _slice(part, n):
+    if _capacity(part) == n:
+        return part
+    return _map(part, lambda a: a[:, :, :n])
+
+
+# ---------------------------------------------------------------- attention
+_ATTENTION_PATCH = {"active": False}
+
+
+def attention_patched():
+    return _ATTENTION_PATCH["active"]
+
+
+def set_attention_patched(active):
+    """Called by mlx_lm_optiq.hooks.turbo when it (un)installs the attention dispatch."""
+    _ATTENTION_PATCH["active"] = bool(active)
+
+
+def turbo_scaled_dot_product_attention(queries, kv, scale, mask, sinks=None):
+    """Attention of `queries` (B, n_heads, L, D) against a TurboKV, in rotated space."""
+    if sinks is not None:
+        raise ValueError("TurboQuantKVCache does not support attention sinks; keep such layers unquantized")
+    kq, vq = kv.cache.key_quantizer, kv.cache.value_quantizer
+    B, n_q_heads, L, D = queries.shape
+    n_kv_heads = kv.keys["norm"].shape[1]
+    n_rep = n_q_heads // n_kv_heads
+    dtype = queries.dtype
+    q = (queries * scale).reshape(B, n_kv_heads, n_rep, L, D)
+
+    # scores: rotate the query once, multiply against unit centroid vectors, scale by |k|
+    k_unit = kq.rotated_unit(kv.keys, dtype)[:, :, None]  # (B, Hkv, 1, N, D)
+    scores = kq.rotate(q) @ k_unit.swapaxes(-1, -2)
+    if kq.mode == "prod":
+        signs = kq.qjl_signs(kv.keys, dtype)[:, :, None]
+        qjl = (q @ kq.sketch.astype(dtype).T) @ signs.swapaxes(-1, -2)
+        res = kv.keys["residual_norm"].astype(dtype).swapaxes(-1, -2)[:, :, None]
+        scores = scores + (math.sqrt(math.pi / 2) / kq.dim) * res * qjl
+    scores = scores * kv.keys["norm"].astype(dtype).swapaxes(-1, -2)[:, :, None]
+
+    n_keys = scores.shape[-1]
+    if mask is not None:
+        if isinstance(mask, str):
+            if mask != "causal":
+                raise ValueError(f"unsupported attention mask {mask!r}")
+            from mlx_lm.models.base import create_causal_mask
+
+            mask = create_causal_mask(L, offset=n_keys - L)
+        if mask.ndim == 4:  # (B or 1, n_heads or 1, L, N): split heads like the queries
+            mask = mask.reshape(mask.shape[0], -1, 1 if mask.shape[1] == 1 else n_rep, *mask.shape[-2:])
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    probs = mx.softmax(scores, axis=-1, precise=True)
+
+    # values: weight by |v|, sum unit centroid vectors in rotated space, rotate back once
+    weights = probs * kv.values["norm"].astype(dtype).swapaxes(-1, -2)[:, :, None]
+    out = weights @ vq.rotated_unit(kv.values, dtype)[:, :, None]
+    return vq.unrotate(out).reshape(B, n_q_heads, L, D)
+
+
+# ---------------------------------------------------------------- helpers
+def make_turbo_prompt_cache(model, bits=4, seed=0, key_mode="mse", key_bits=None, value_bits=None):
+    """mlx-lm's prompt cache for `model` with every plain KVCache replaced by a TurboQuantKVCache.
+
+    Other cache types (rotating, arrays, ...) are left as they are.
+    """
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    caches = make_prompt_cache(model)
+    return [
+        TurboQuantKVCache(bits=bits, seed=seed + 2 * i, key_mode=key_mode, key_bits=key_bits, value_bits=value_bits)
+        if type(c) is KVCache else c
+        for i, c in enumerate(caches)
+    ]
+
+
+def affine_bits_per_channel(bits, group_size):
+    """mlx-lm's QuantizedKVCache cost: codes + one fp16 scale and one fp16 bias per group."""
+    return bits + 32 / group_size
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Regenerate the shipped TurboQuant codebooks.")
+    p.add_argument("--write-codebooks", action="store_true", help=f"write {CODEBOOK_FILE}")
+    if p.parse_args().write_codebooks:
+        print(write_codebook_file())
