@@ -1,0 +1,157 @@
+"""Planning: exact optimum, BPW counted exactly as mlx-lm counts it, protections, bad tables."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mlx_lm_optiq import metadata, plan
+from mlx_lm_optiq.allocate import InfeasibleBudget, quantized_bits
+from mlx_lm_optiq.io_utils import OptiqFileError
+
+
+def _table(shapes, candidates, seed=0):
+    """A table over real module shapes; KL values drawn so cheaper candidates lose more."""
+    rng = np.random.default_rng(seed)
+    mods = {}
+    for path, shape in shapes.items():
+        base = float(rng.uniform(1e-4, 1e-1))
+        kl = {}
+        for c in candidates:
+            if shape[-1] % c["group_size"] == 0:
+                kl[plan.candidate_key(**c)] = base * 2.0 ** (-2 * c["bits"]) * (c["group_size"] / 64)
+        mods[path] = {"num_params": math.prod(shape), "shape": list(shape), "kl": kl}
+    return {"model": "test", "method": "exact", "reference": "float",
+            "calibration": {"num_samples": 1, "sequence_length": 2, "tokens": 2, "sha256": "0"},
+            "candidates": candidates, "modules": mods}
+
+
+@pytest.fixture(scope="module")
+def tiny_float_model(tiny_q4_path):
+    """The 4-layer SmolLM2 dequantized in memory (as convert's float source would be)."""
+    from mlx_lm.utils import dequantize_model, load_model
+
+    model, config = load_model(tiny_q4_path, lazy=True)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    return dequantize_model(model), config
+
+
+def _shapes(model):
+    from mlx_lm_optiq.sensitivity import quantizable_modules
+
+    return {p: list(m.weight.shape) for p, m in quantizable_modules(model).items()}
+
+
+def test_plan_is_the_exact_optimum_under_the_budget():
+    cands = plan.make_candidates([2, 4, 8], [64])
+    shapes = {f"model.layers.{i}.mlp.up_proj": [64 * (i + 1), 128] for i in range(6)}
+    table = _table(shapes, cands, seed=3)
+    float_bits = {p: math.prod(s) * 16 for p, s in shapes.items()}
+    total = sum(math.prod(s) for s in shapes.values()) + 1000
+    fixed = 1000 * 16
+    for target in (3.0, 4.2, 5.5, 7.0):
+        result = plan.plan(table, cands, target, total, fixed, float_bits, 16)
+        best = None
+        for combo in itertools.product(range(3), repeat=len(shapes)):
+            bits = fixed + sum(quantized_bits(math.prod(s), cands[j]["bits"], 64) for s, j in zip(shapes.values(), combo))
+            if bits > target * total:
+                continue
+            val = sum(table["modules"][p]["kl"][plan.candidate_key(**cands[j])] for p, j in zip(shapes, combo))
+            best = val if best is None else min(best, val)
+        got = sum(table["modules"][p]["kl"][plan.candidate_key(**c)] for p, c in result["layers"].items())
+        assert got == pytest.approx(best, rel=1e-12)
+        assert result["predicted_bits"] <= target * total
+
+
+def test_predicted_bits_equal_mlx_lm_count_after_quantizing(tiny_float_model, tiny_q4_path):
+    """The plan's bit count is what compute_bits_per_weight reports on the quantized model."""
+    import copy
+
+    from mlx_lm.utils import compute_bits_per_weight, dequantize_model, get_total_parameters, load_model, quantize_model
+
+    model, config = tiny_float_model
+    cands = plan.make_candidates([3, 4, 8], [32, 64])
+    table = _table(_shapes(model), cands)
+    for dtype_arg, target in ((None, 4.7), ("float32", 5.3)):
+        result = plan.make_plan(model, config, table, cands, target, dtype_arg=dtype_arg, protect=["first-block"])
+        # a fresh copy, cast like stock convert does, quantized by stock quantize_model
+        fresh = dequantize_model(load_model(tiny_q4_path, lazy=True)[0])
+        if dtype_arg:
+            import mlx.core as mx
+
+            fresh.set_dtype(getattr(mx, dtype_arg))
+        qmodel, qcfg = quantize_model(fresh, copy.deepcopy(config), 32, 3, quant_predicate=plan.quant_predicate(result["layers"]))
+        plan.check_quantized(qmodel, result["layers"])
+        bits = compute_bits_per_weight(qmodel) * get_total_parameters(qmodel)
+        assert round(bits) == result["predicted_bits"]
+        assert compute_bits_per_weight(qmodel) <= target
+        assert result["predicted_bits"] > 0.99 * result["capacity_bits"], "budget left unused"
+        for path, choice in result["layers"].items():
+            assert qcfg["quantization"][path] == choice
+        assert result["layers"]["model.layers.0.mlp.up_proj"]["bits"] == 8  # protected: its lowest-KL candidate
+
+
+def test_infeasible_target_names_the_minimum(tiny_float_model):
+    model, config = tiny_float_model
+    cands = plan.make_candidates([4, 8], [64])
+    table = _table(_shapes(model), cands)
+    with pytest.raises(InfeasibleBudget, match=r"--optiq-target-bpw 4.0 is infeasible.*4\.50\d* bits per weight"):
+        plan.make_plan(model, config, table, cands, 4.0)
+    # protections raise the floor and are named in the message
+    with pytest.raises(InfeasibleBudget, match="protections"):
+        plan.make_plan(model, config, table, cands, 6.0, protect=["embeddings"])
+
+
+def test_protections_match_modules_and_reject_unknown(tiny_float_model):
+    model, _ = tiny_float_model
+    paths = list(_shapes(model))
+    got = plan.protected_modules(paths, ["first-block", "last-block"])
+    assert sorted({p.split(".")[2] for p in got}) == ["0", "3"] and len(got) == 14
+    # SmolLM2 ties lm_head to the embedding: lm-head protects the embedding
+    assert plan.protected_modules(paths, ["lm-head"], tied_embeddings=True) == {"model.embed_tokens": "lm-head"}
+    with pytest.raises(plan.PlanError, match="--optiq-protect lm-head: no quantizable module"):
+        plan.protected_modules(paths, ["lm-head"], tied_embeddings=False)
+    with pytest.raises(plan.PlanError, match="unknown protection"):
+        plan.protected_modules(paths, ["attention"])
+
+
+def test_missing_candidate_in_table_is_named(tiny_float_model):
+    model, config = tiny_float_model
+    table = _table(_shapes(model), plan.make_candidates([4, 8], [64]))
+    with pytest.raises(plan.PlanError, match=r"module 'model\.embed_tokens' has no measurement for candidate\(s\) \['4:32'"):
+        plan.make_plan(model, config, table, plan.make_candidates([4, 8], [32, 64]), 5.0, source="t.json")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"format_version": 1, "kind": "optiq-kv-config"}), "field 'kind' is 'optiq-kv-config'"),
+    (json.dumps({"format_version": 1, "kind": "optiq-metadata", "layers": {}, "target_bpw": 4,
+                 "achieved_bpw": 4}), "missing required field 'sensitivity'"),
+])
+def test_corrupt_sensitivity_files_are_clear_errors(tmp_path, bad, message):
+    f = tmp_path / "s.json"
+    f.write_text(bad)
+    with pytest.raises(OptiqFileError, match=message) as e:
+        metadata.load_sensitivity(f)
+    assert str(f) in str(e.value)
+
+
+def test_non_finite_kl_in_sidecar_names_the_field(tmp_path):
+    table = _table({"model.layers.0.mlp.up_proj": [8, 64]}, plan.make_candidates([4], [64]))
+    table["modules"]["model.layers.0.mlp.up_proj"]["kl"]["4:64"] = "NaN"
+    f = tmp_path / "optiq_metadata.json"
+    f.write_text(json.dumps({"format_version": 1, "kind": "optiq-metadata", "layers": {}, "target_bpw": 4,
+                             "achieved_bpw": 4, "sensitivity": table}))
+    with pytest.raises(OptiqFileError, match=r"modules\.model\.layers\.0\.mlp\.up_proj\.kl\.4:64' must be a finite"):
+        metadata.load_sensitivity(f)
+
+
+def test_parse_lists_name_the_flag():
+    assert plan.parse_int_list("4, 8", "--optiq-candidate-bits") == [4, 8]
+    assert plan.parse_int_list([4, 8], "--optiq-candidate-bits") == [4, 8]
+    with pytest.raises(plan.PlanError, match="--optiq-group-sizes: expected comma-separated integers"):
+        plan.parse_int_list("64,abc", "--optiq-group-sizes")
+    with pytest.raises(plan.PlanError, match="candidate bits must be among"):
+        plan.make_candidates([7], [64])
