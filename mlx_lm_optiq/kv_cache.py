@@ -1,7 +1,7 @@
 """Per-layer quantized KV caches that batch, and attention that runs on every MLX backend.
 
-`PerLayerKVCache` stores one layer's keys and values quantized at their own bit
-widths (e.g. K8/V4) with mx.quantize's affine groups; `BatchPerLayerKVCache` is
+`MixedQuantizedKVCache` stores one layer's keys and values quantized at their own bit
+widths (e.g. K8/V4) with mx.quantize's affine groups; `BatchMixedQuantizedKVCache` is
 its continuous-batching counterpart, so a server with a per-layer plan keeps
 batching (stock `--kv-bits` turns it off).
 
@@ -151,7 +151,7 @@ class _PerLayerQuantization:
         raise AttributeError("per-layer KV caches are quantized by their plan")
 
 
-class PerLayerKVCache(_PerLayerQuantization, KVCache):
+class MixedQuantizedKVCache(_PerLayerQuantization, KVCache):
     """One layer's KV cache with keys at `k_bits` and values at `v_bits` (affine, `group_size`)."""
 
     def __init__(self, k_bits=8, v_bits=4, group_size=64, quantized_kv_start=0):
@@ -163,15 +163,15 @@ class PerLayerKVCache(_PerLayerQuantization, KVCache):
 
     @classmethod
     def merge(cls, caches):
-        return BatchPerLayerKVCache.merge(caches)
+        return BatchMixedQuantizedKVCache.merge(caches)
 
     def __repr__(self):
-        return (f"PerLayerKVCache(k_bits={self.k_bits}, v_bits={self.v_bits}, group_size={self.group_size}, "
+        return (f"MixedQuantizedKVCache(k_bits={self.k_bits}, v_bits={self.v_bits}, group_size={self.group_size}, "
                 f"offset={self.offset}, quantized={self.quantized})")
 
 
-class BatchPerLayerKVCache(_PerLayerQuantization, BatchKVCache):
-    """Left-padded batch of PerLayerKVCaches, as mlx-lm's BatchGenerator drives them."""
+class BatchMixedQuantizedKVCache(_PerLayerQuantization, BatchKVCache):
+    """Left-padded batch of MixedQuantizedKVCaches, as mlx-lm's BatchGenerator drives them."""
 
     def __init__(self, left_padding, k_bits=8, v_bits=4, group_size=64, quantized_kv_start=0):
         BatchKVCache.__init__(self, left_padding)
@@ -212,20 +212,20 @@ class BatchPerLayerKVCache(_PerLayerQuantization, BatchKVCache):
 
     def extract(self, idx):
         row = super().extract(idx)
-        cache = PerLayerKVCache(**self.plan_args())
+        cache = MixedQuantizedKVCache(**self.plan_args())
         cache.keys, cache.values, cache.offset = row.keys, row.values, row.offset
         cache.packing = self.packing
         return cache
 
     def __repr__(self):
-        return (f"BatchPerLayerKVCache(k_bits={self.k_bits}, v_bits={self.v_bits}, group_size={self.group_size}, "
+        return (f"BatchMixedQuantizedKVCache(k_bits={self.k_bits}, v_bits={self.v_bits}, group_size={self.group_size}, "
                 f"size={self._idx}, quantized={self.quantized})")
 
 
 def _quantized_copy(cache, reference):
     if cache.quantized:
         return cache
-    copy = PerLayerKVCache(**cache.plan_args())
+    copy = MixedQuantizedKVCache(**cache.plan_args())
     copy.keys, copy.values, copy.offset = cache.keys, cache.values, cache.offset
     copy._quantize_like(reference)
     return copy

@@ -1,4 +1,4 @@
-"""PerLayerKVCache / BatchPerLayerKVCache: storage, batch operations, and batched == single decoding."""
+"""MixedQuantizedKVCache / BatchMixedQuantizedKVCache: storage, batch operations, and batched == single decoding."""
 
 import copy
 import sys
@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from mlx_lm_optiq.kv_cache import BatchPerLayerKVCache, PerLayerKVCache, check_kv_quantization
+from mlx_lm_optiq.kv_cache import BatchMixedQuantizedKVCache, MixedQuantizedKVCache, check_kv_quantization
 
 H, D = 3, 64
 
@@ -18,7 +18,7 @@ def _kv(n, seed):
 
 
 def _filled(n, seed, **plan):
-    cache = PerLayerKVCache(**plan)
+    cache = MixedQuantizedKVCache(**plan)
     k, v = _kv(n, seed)
     cache.update_and_fetch(k, v)
     return cache, k, v
@@ -35,7 +35,7 @@ def cache_batch(cache):
 
 
 def test_keys_and_values_keep_their_own_bits_and_memory_shrinks():
-    cache = PerLayerKVCache(k_bits=8, v_bits=4, group_size=64)
+    cache = MixedQuantizedKVCache(k_bits=8, v_bits=4, group_size=64)
     k, v = _kv(300, 0)
     k_out, v_out = cache.update_and_fetch(k, v)
     k_err = mx.abs(k_out - k).max().item()
@@ -52,7 +52,7 @@ def test_keys_and_values_keep_their_own_bits_and_memory_shrinks():
 
 
 def test_quantized_kv_start_keeps_float_until_reached():
-    cache = PerLayerKVCache(k_bits=4, v_bits=4, group_size=64, quantized_kv_start=8)
+    cache = MixedQuantizedKVCache(k_bits=4, v_bits=4, group_size=64, quantized_kv_start=8)
     k, v = _kv(5, 1)
     k_out, _ = cache.update_and_fetch(k, v)
     assert not cache.quantized and mx.array_equal(k_out, k)
@@ -69,12 +69,12 @@ def test_quantized_kv_start_keeps_float_until_reached():
 
 def test_bad_plans_are_rejected_with_the_field_named():
     with pytest.raises(ValueError, match="v_bits=7"):
-        PerLayerKVCache(k_bits=8, v_bits=7)
+        MixedQuantizedKVCache(k_bits=8, v_bits=7)
     with pytest.raises(ValueError, match="group_size=48"):
-        PerLayerKVCache(k_bits=8, v_bits=4, group_size=48)
+        MixedQuantizedKVCache(k_bits=8, v_bits=4, group_size=48)
     with pytest.raises(ValueError, match="head_dim 96 is not divisible by group_size 64"):
         check_kv_quantization(4, 4, 64, head_dim=96)
-    cache = PerLayerKVCache(k_bits=4, v_bits=4, group_size=128)
+    cache = MixedQuantizedKVCache(k_bits=4, v_bits=4, group_size=128)
     with pytest.raises(ValueError, match="head_dim 64 is not divisible by group_size 128"):
         cache.update_and_fetch(*_kv(2, 0))
 
@@ -93,18 +93,18 @@ def test_merge_extract_filter_extend_trim_round_trip():
     plan = dict(k_bits=8, v_bits=4, group_size=64)
     singles = [_filled(n, s, **plan)[0] for n, s in ((7, 0), (3, 1), (12, 2))]
     expected = [_fetch_all(copy.deepcopy(c)) for c in singles]
-    batch = PerLayerKVCache.merge(singles)
-    assert isinstance(batch, BatchPerLayerKVCache) and batch.quantized
+    batch = MixedQuantizedKVCache.merge(singles)
+    assert isinstance(batch, BatchMixedQuantizedKVCache) and batch.quantized
     assert batch.left_padding.tolist() == [5, 9, 0]
     for i, (k, v) in enumerate(expected):
         row = batch.extract(i)
-        assert isinstance(row, PerLayerKVCache) and row.offset == k.shape[2]
+        assert isinstance(row, MixedQuantizedKVCache) and row.offset == k.shape[2]
         rk, rv = _fetch_all(row)
         assert mx.array_equal(rk, k) and mx.array_equal(rv, v)
     batch.filter([0, 2])
     assert batch.left_padding.tolist() == [5, 0]
     assert mx.array_equal(_fetch_all(batch.extract(1))[0], expected[2][0])
-    other = PerLayerKVCache.merge([_filled(20, 3, **plan)[0]])
+    other = MixedQuantizedKVCache.merge([_filled(20, 3, **plan)[0]])
     batch.extend(other)
     assert batch.left_padding.tolist() == [13, 8, 0]
     assert mx.array_equal(_fetch_all(batch.extract(0))[1], expected[0][1])
@@ -117,12 +117,12 @@ def test_merge_of_float_and_quantized_rows_quantizes_a_copy():
     long_, _, _ = _filled(9, 1, **plan)
     long_.update_and_fetch(*_kv(1, 2))  # offset 9 >= 6 at this update: quantized
     assert not short.quantized and long_.quantized
-    batch = PerLayerKVCache.merge([short, long_])
+    batch = MixedQuantizedKVCache.merge([short, long_])
     assert batch.quantized and not short.quantized  # the prompt-cache entry is left as it was
     ref = mx.dequantize(*mx.quantize(k_short, group_size=64, bits=4), group_size=64, bits=4)
     assert mx.array_equal(_fetch_all(batch.extract(0))[0], ref)
     with pytest.raises(ValueError, match="different plans"):
-        PerLayerKVCache.merge([long_, PerLayerKVCache(k_bits=8, v_bits=4)])
+        MixedQuantizedKVCache.merge([long_, MixedQuantizedKVCache(k_bits=8, v_bits=4)])
 
 
 @pytest.mark.parametrize("quantized_kv_start", [0, 6])
@@ -136,7 +136,7 @@ def test_batch_generator_matches_single_requests(tiny_float_path, quantized_kv_s
     bits = [(8, 4), (4, 4), (8, 8), (4, 2)]
 
     def plan_cache(*_):
-        return [PerLayerKVCache(k, v, 64, quantized_kv_start) for k, v in bits]
+        return [MixedQuantizedKVCache(k, v, 64, quantized_kv_start) for k, v in bits]
 
     prompts = [tok.encode(t) for t in ("The capital of France is",
                                        "Once upon a time, in a small village by the sea, there lived",
@@ -155,7 +155,7 @@ def test_batch_generator_matches_single_requests(tiny_float_path, quantized_kv_s
             for r in responses:
                 got[r.uid].append(r.token)
                 if r.finish_reason is not None:
-                    assert all(isinstance(c, PerLayerKVCache) and c.quantized for c in r.prompt_cache)
+                    assert all(isinstance(c, MixedQuantizedKVCache) and c.quantized for c in r.prompt_cache)
         batch.close()
     finally:
         gen.make_prompt_cache = original

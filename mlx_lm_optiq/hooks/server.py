@@ -17,7 +17,7 @@ import wrapt
 
 from .. import _patching
 
-EXTENSIONS = ["mlx_lm_optiq.hooks.server_adapters"]
+EXTENSIONS = ["mlx_lm_optiq.hooks.server_kv", "mlx_lm_optiq.hooks.server_adapters"]
 
 
 def _extensions():

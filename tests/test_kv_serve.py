@@ -1,0 +1,236 @@
+"""`mlx_lm.server --optiq-kv-config`: a real server on 127.0.0.1 with a per-layer KV plan.
+
+Checks that concurrent requests are served by the continuous-batching path with the
+plan applied (same tokens as the single-request path and as an in-process run with
+the plan, different from the float cache), that prompt-cache hits give a cold run's
+tokens, and that bad configs / --kv-bits stop the server at start-up.
+"""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import pytest
+
+from mlx_lm_optiq.io_utils import write_json
+
+PLAN_BITS = [(8, 4), (4, 4), (8, 8), (4, 2)]  # the 2-bit values on slot 3 visibly change tokens
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea, there lived",
+    "Anne Elliot walked along the shore at Lyme, thinking of",
+]
+MAX_TOKENS = 8
+
+
+def _write_plan(path, bits=PLAN_BITS, group_size=64, **extra):
+    layers = [{"layer": i, "cache_slot": i, "scheme": "affine", "k_bits": k, "v_bits": v, "group_size": group_size}
+              for i, (k, v) in enumerate(bits)]
+    payload = {"model": "smollm2-135m-instruct-4layer", "quantized_kv_start": 0,
+               "num_cache_slots": len(layers), "layers": layers}
+    payload.update(extra)
+    return write_json(path, payload, kind="optiq-kv-config")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_cmd(model, port, *flags):
+    return [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--host", "127.0.0.1",
+            "--port", str(port), *flags]
+
+
+class Server:
+    def __init__(self, model, env, log_path, *flags):
+        self.port = _free_port()
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(_server_cmd(model, self.port, *flags), env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{log_path.read_text()}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"server did not come up:\n{log_path.read_text()}")
+
+    def complete(self, prompt, **body):
+        body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, "logprobs": True, **body}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            out = json.loads(r.read())
+        if "error" in out:
+            raise AssertionError(out)
+        tokens = [c["id"] for c in out["choices"][0]["logprobs"]["content"]]
+        return tokens, out["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def planned_model(tiny_float_path, tmp_path_factory):
+    """The 4-layer model in a folder with its kv_config.json beside the weights."""
+    folder = tmp_path_factory.mktemp("kvplan") / "model"
+    shutil.copytree(tiny_float_path, folder)
+    _write_plan(folder / "kv_config.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plan_path(planned_model):
+    return planned_model / "kv_config.json"
+
+
+def _serve(model, tmp_path_factory, *flags):
+    import os
+
+    env = {**os.environ, "MLX_LM_OPTIQ": "1", "PYTHONUNBUFFERED": "1"}
+    return Server(model, env, tmp_path_factory.mktemp("kvserver") / "server.log", *flags)
+
+
+@pytest.fixture(scope="module")
+def plan_server(planned_model, tmp_path_factory):
+    server = _serve(planned_model, tmp_path_factory)  # no flag: the plan in the folder is picked up
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_float_path, plan_path):
+    """Greedy tokens computed in this process, with the plan's caches and with float caches."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    from mlx_lm_optiq.kv_config import load_kv_config, make_plan_cache
+
+    model, tok = load(str(tiny_float_path))
+    plan = load_kv_config(plan_path, model)
+
+    def run(prompt, planned):
+        cache = make_plan_cache(model, plan) if planned else None
+        ids = tok.encode(prompt)
+        return [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=MAX_TOKENS, prompt_cache=cache)]
+
+    run.tokenizer = tok
+    return run
+
+
+def test_concurrent_requests_batch_with_the_plan(plan_server, reference):
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        batched = [t for t, _ in pool.map(plan_server.complete, PROMPTS)]
+    # a request with a seed is not batchable: stock serves it through _serve_single
+    single = [plan_server.complete(p, seed=0)[0] for p in PROMPTS]
+    assert batched == single
+    planned = [reference(p, planned=True) for p in PROMPTS]
+    assert batched == planned
+    # the plan is really in effect on both paths (a silently float cache would match this)
+    assert planned != [reference(p, planned=False) for p in PROMPTS]
+
+
+def test_prompt_cache_hits_match_a_cold_run(plan_server, reference):
+    prompt = "Captain Wentworth had no fortune. He had been lucky in his profession, but"
+    cold, cached = plan_server.complete(prompt)
+    assert cached == 0
+    again, cached = plan_server.complete(prompt)  # the stored entry is trimmed back to the prompt
+    assert cached > 0 and again == cold
+    longer = prompt + " spending freely what had come freely, had realized"
+    extended, cached = plan_server.complete(longer)  # hit on the prefix, prefill the rest
+    assert cached >= len(reference.tokenizer.encode(prompt)) - 1
+    assert extended == reference(longer, planned=True)
+    assert again == reference(prompt, planned=True)
+    # the same through the single-request path
+    single, cached = plan_server.complete(longer, seed=0)
+    assert cached > 0 and single == extended
+
+
+def test_plan_is_reported_at_startup(plan_server, plan_path):
+    assert f"per-layer KV plan {plan_path}" in plan_server.log_path.read_text()
+
+
+def test_no_kv_config_flag_serves_float_on_both_paths(planned_model, reference, tmp_path_factory):
+    server = _serve(planned_model, tmp_path_factory, "--optiq-no-kv-config")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            batched = [t for t, _ in pool.map(server.complete, PROMPTS[:2])]
+        single = [server.complete(p, seed=0)[0] for p in PROMPTS[:2]]
+    finally:
+        server.stop()
+    floats = [reference(p, planned=False) for p in PROMPTS[:2]]
+    assert batched == floats and single == floats
+    assert "per-layer KV plan" not in server.log_path.read_text()
+
+
+def test_kv_bits_with_a_plan_is_refused(tiny_float_path, plan_path):
+    import os
+
+    out = subprocess.run(_server_cmd(tiny_float_path, _free_port(), "--optiq-kv-config", str(plan_path),
+                                     "--kv-bits", "4"),
+                         env={**os.environ, "MLX_LM_OPTIQ": "1"}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--kv-bits 4 cannot be combined with the per-layer KV plan" in out.stderr
+
+
+def _after_parse(argv):
+    """Run the extension's start-up step on a parser with the stock flags it reads."""
+    import argparse
+
+    from mlx_lm_optiq.hooks import server_kv
+
+    parser = argparse.ArgumentParser(prog="mlx_lm.server")
+    parser.add_argument("--model")
+    parser.add_argument("--kv-bits", type=int)
+    server_kv.add_arguments(parser.add_argument_group("mlx_lm_optiq"))
+    args = parser.parse_args(argv)
+    try:
+        server_kv.after_parse(args, parser)
+    finally:
+        server_kv._clear()
+
+
+@pytest.mark.parametrize("bits, group_size, expected", [
+    (PLAN_BITS[:3], 64, "has 3 cache slots but the model builds 4"),
+    (PLAN_BITS, 128, "'group_size' is 128, which does not divide the model's k_head_dim 64"),
+    ([(8, 4), (4, 7), (8, 8), (4, 2)], 64, "field 'v_bits' is 7"),
+])
+def test_bad_config_stops_the_server_at_startup(tiny_float_path, tmp_path, capsys, bits, group_size, expected):
+    bad = _write_plan(tmp_path / "kv_config.json", bits=bits, group_size=group_size)
+    with pytest.raises(SystemExit) as exit_info:
+        _after_parse(["--model", str(tiny_float_path), "--optiq-kv-config", str(bad)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--optiq-kv-config: {bad}" in err and expected in err
+
+
+def test_bad_config_in_the_model_folder_is_found(tiny_float_path, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_float_path, model)
+    _write_plan(model / "kv_config.json", bits=PLAN_BITS[:2])
+    with pytest.raises(SystemExit):
+        _after_parse(["--model", str(model)])
+    assert f"{model / 'kv_config.json'}: has 2 cache slots" in capsys.readouterr().err
+    _after_parse(["--model", str(model), "--optiq-no-kv-config"])  # switched off: nothing is read
+    with pytest.raises(SystemExit):
+        _after_parse(["--model", str(model), "--optiq-no-kv-config", "--optiq-kv-config", str(model)])
+    assert "contradict" in capsys.readouterr().err
