@@ -1,0 +1,356 @@
+"""Many adapters on one base (issue 6): library mounting and the multi-adapter server.
+
+Adapters: three random-but-deterministic mlx-lm adapters (made with mlx-lm's own
+`linear_to_lora_layers`, different seeds/ranks/target layers) and one trained for
+a few steps with the real `mlx_lm.lora` on ../shared/data/gsm_symbolic.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm import load  # noqa: E402
+
+from mlx_lm_optiq import adapters as A  # noqa: E402
+
+PROMPT = "Hello, my name is"
+PROMPTS = ["Hello, my name is", "The weather today", "Once upon a time"]
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("adapters")
+
+
+@pytest.fixture(scope="session")
+def random_adapters(tiny_float_path, adapter_dir):
+    """name -> path of three different real mlx-lm adapters (seeded random weights)."""
+    specs = {
+        "alpha": dict(seed=1, rank=4),
+        "beta": dict(seed=2, rank=8, scale=10.0),
+        "gamma": dict(seed=3, rank=6, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]),
+    }
+    return {
+        name: A.write_random_adapter(tiny_float_path, adapter_dir / name, b_std=0.1, **kw)
+        for name, kw in specs.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_float_path, adapter_dir, shared_dir):
+    """A LoRA adapter trained for a few steps with the real `mlx_lm.lora`."""
+    out = adapter_dir / "trained"
+    cmd = [
+        sys.executable, "-m", "mlx_lm", "lora", "--model", str(tiny_float_path), "--train",
+        "--data", str(shared_dir / "data" / "gsm_symbolic"), "--iters", "4", "--batch-size", "1",
+        "--num-layers", "2", "--learning-rate", "1e-2", "--max-seq-length", "48", "--val-batches", "1",
+        "--steps-per-eval", "1000", "--save-every", "1000", "--adapter-path", str(out), "--seed", "3",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_float_path):
+    return load(str(tiny_float_path))
+
+
+def _greedy_tokens(model, tokenizer, prompt, n=8):
+    from mlx_lm.generate import generate_step
+
+    tokens = mx.array(tokenizer.encode(prompt))
+    return [int(t) for t, _ in zip((t for t, _ in generate_step(tokens, model, max_tokens=n)), range(n))]
+
+
+def _fresh(path, adapter_path=None):
+    model, tok = load(str(path), adapter_path=str(adapter_path) if adapter_path else None)
+    return model, tok
+
+
+# ---------------------------------------------------------------------------
+# Library
+
+
+def test_mount_matches_stock_lora_and_unmount_restores_modules(tiny_float_path, random_adapters, trained_adapter):
+    model, tok = _fresh(tiny_float_path)
+    x = mx.array([tok.encode(PROMPT)])
+    base = model(x)
+    modules_before = dict(model.named_modules())
+    params_before = {k: v for k, v in tree_flatten(model.parameters())}
+    named = dict(random_adapters, trained=trained_adapter)
+    for name, path in named.items():
+        info = A.mount_adapter(model, name, path)
+        assert info.format == "mlx-lm" and info.nbytes > 0
+    assert sorted(A.mounted_adapters(model)) == sorted(named)
+    # adapter tensors are not parameters: nothing named lora appears in the tree
+    assert not [k for k, _ in tree_flatten(model.parameters()) if "lora" in k]
+
+    # no adapter selected: exactly the base model
+    assert mx.array_equal(model(x), base)
+    for name, path in named.items():
+        stock, _ = _fresh(tiny_float_path, path)
+        want = stock(x)
+        with A.use_adapter(name, model=model):
+            got = model(x)
+        assert mx.array_equal(got, want), name  # same arithmetic as mlx-lm's LoRALinear
+        assert not mx.allclose(got, base, atol=1e-3), f"adapter {name} does not change the outputs"
+
+    for name in named:
+        A.unmount_adapter(model, name)
+    modules_after = dict(model.named_modules())
+    assert modules_after.keys() == modules_before.keys()
+    assert all(modules_after[k] is modules_before[k] for k in modules_before)
+    assert all(v is params_before[k] for k, v in tree_flatten(model.parameters()))
+    assert A.mounted_adapters(model) == {}
+    assert not hasattr(model, A._REGISTRY_ATTR)
+    assert mx.array_equal(model(x), base)
+
+
+def test_adapters_change_generation_like_stock(tiny_float_path, trained_adapter, random_adapters):
+    model, tok = _fresh(tiny_float_path)
+    x = mx.array([tok.encode(PROMPTS[1])])
+    base_logits = model(x)
+    A.mount_adapter(model, "trained", trained_adapter)
+    with A.use_adapter("trained"):
+        mounted_tokens = _greedy_tokens(model, tok, PROMPTS[1])
+        trained_logits = model(x)
+    stock, _ = _fresh(tiny_float_path, trained_adapter)
+    assert mounted_tokens == _greedy_tokens(stock, tok, PROMPTS[1])
+    assert mx.abs(trained_logits - base_logits).max().item() > 0.1, "training left the adapter at zero"
+    # the random adapters must visibly change greedy generation (the server tests rely on it)
+    for name, path in random_adapters.items():
+        A.mount_adapter(model, name, path)
+    outs = set()
+    for name in [None, *random_adapters]:
+        with A.use_adapter(name):
+            outs.add(tuple(_greedy_tokens(model, tok, PROMPTS[0])))
+    assert len(outs) == 4, "base and the three adapters should give four different continuations"
+
+
+def test_mixed_rows_in_one_forward_match_solo(tiny_float_path, random_adapters):
+    model, tok = _fresh(tiny_float_path)
+    for name, path in random_adapters.items():
+        A.mount_adapter(model, name, path)
+    names = ["beta", None, "alpha", "gamma", "beta"]
+    ids = [tok.encode(p) for p in (PROMPTS * 2)[: len(names)]]
+    length = min(len(i) for i in ids)
+    x = mx.array([i[:length] for i in ids])
+    with A.adapter_rows(model, names):
+        mixed = model(x)
+    for row, name in enumerate(names):
+        with A.use_adapter(name):
+            solo = model(x[row : row + 1])
+        assert mx.allclose(mixed[row], solo[0], atol=1e-4), (row, name)
+        assert mx.array_equal(mixed[row].argmax(-1), solo[0].argmax(-1))
+    with pytest.raises(A.UnknownAdapterError, match="mounted adapters: \\['alpha', 'beta', 'gamma'\\]"):
+        with A.adapter_rows(model, ["alpha", "nope"]):
+            pass
+
+
+def _quantized(path, bits, mode, group_size):
+    from mlx_lm.utils import quantize_model
+
+    model, tok, config = load(str(path), return_config=True, lazy=True)
+    model, _ = quantize_model(model, config, group_size, bits, mode=mode)
+    return model, tok
+
+
+@pytest.mark.parametrize(
+    "bits,mode,group_size",
+    [(2, "affine", 64), (3, "affine", 64), (4, "affine", 64), (5, "affine", 64), (6, "affine", 32),
+     (8, "affine", 64), (4, "mxfp4", 32)],
+    ids=["2bit", "3bit", "4bit", "5bit", "6bit", "8bit", "mxfp4"],
+)
+def test_quantized_bases_every_bit_width(tiny_float_path, random_adapters, bits, mode, group_size):
+    from mlx_lm.tuner.utils import load_adapters
+
+    model, tok = _quantized(tiny_float_path, bits, mode, group_size)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, nn.QuantizedLinear) and q.bits == bits and q.mode == mode
+    x = mx.array([tok.encode(PROMPT)[:3]])
+    base = model(x)
+    before = dict(model.named_modules())
+    A.mount_adapter(model, "alpha", random_adapters["alpha"])
+    A.mount_adapter(model, "gamma", random_adapters["gamma"])
+    with A.use_adapter("alpha"):
+        got = model(x)
+    assert got.dtype == base.dtype
+    with A.adapter_rows(model, ["gamma", None]):
+        mixed = model(mx.concatenate([x, x]))
+    with A.use_adapter("gamma"):
+        solo = model(x)
+    assert mx.allclose(mixed[0], solo[0], atol=1e-4) and mx.allclose(mixed[1], base[0], atol=1e-4)
+    A.unmount_adapter(model, "alpha")
+    A.unmount_adapter(model, "gamma")
+    assert all(dict(model.named_modules())[k] is v for k, v in before.items())
+    assert mx.array_equal(model(x), base)
+    # stock mlx-lm LoRA on the very same quantized layers computes the same thing
+    load_adapters(model, str(random_adapters["alpha"]))
+    assert mx.array_equal(got, model(x))
+    assert not mx.allclose(got, base, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_adapters_keep_the_activation_dtype(tiny_float_path, random_adapters, dtype):
+    model, tok = _fresh(tiny_float_path)
+    model.set_dtype(getattr(mx, dtype))
+    x = mx.array([tok.encode(PROMPT)[:4]] * 2)
+    base = model(x)
+    A.mount_adapter(model, "alpha", random_adapters["alpha"])  # adapter tensors are float32
+    A.mount_adapter(model, "beta", random_adapters["beta"])
+    with A.use_adapter("alpha"):
+        single = model(x)
+    with A.adapter_rows(model, ["alpha", "beta"]):
+        mixed = model(x)
+    hidden = []
+    layer = model.model.layers[0].self_attn.q_proj
+    with A.use_adapter("beta"):
+        hidden.append(layer(mx.zeros((1, 2, 576), dtype=getattr(mx, dtype))))
+    assert base.dtype == single.dtype == mixed.dtype == hidden[0].dtype == getattr(mx, dtype)
+
+
+def _write_peft_copy(src, dst, rank):
+    """The same LoRA as an mlx-lm adapter, in PEFT's on-disk layout (torch-style transposed)."""
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    scale = cfg["lora_parameters"]["scale"]
+    tensors = mx.load(str(src / "adapters.safetensors"))
+    peft = {}
+    for key, value in tensors.items():
+        path, leaf = key.rsplit(".", 1)
+        peft[f"base_model.model.{path}.lora_{'A' if leaf == 'lora_a' else 'B'}.weight"] = value.T
+    dst.mkdir()
+    mx.save_safetensors(str(dst / "adapter_model.safetensors"), peft)
+    (dst / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": scale * rank, "target_modules": ["q_proj", "v_proj"]}))
+
+
+def test_peft_and_zero_padded_per_layer_rank_adapters(tiny_float_path, random_adapters, tmp_path):
+    model, tok = _fresh(tiny_float_path)
+    x = mx.array([tok.encode(PROMPT)])
+    A.mount_adapter(model, "alpha", random_adapters["alpha"])
+    with A.use_adapter("alpha"):
+        want = model(x)
+
+    _write_peft_copy(random_adapters["alpha"], tmp_path / "peft", rank=4)
+    info = A.mount_adapter(model, "alpha-peft", tmp_path / "peft")
+    assert info.format == "peft"
+    with A.use_adapter("alpha-peft"):
+        assert mx.allclose(model(x), want, atol=1e-4)
+
+    # per-layer ranks stored zero-padded to the largest rank (how optiq LoRA saves
+    # them for stock mlx-lm): mounted at the true ranks, same outputs as stock
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    tensors = mx.load(str(random_adapters["beta"] / "adapters.safetensors"))
+    for i, key in enumerate(sorted(k for k in tensors if k.endswith(".lora_a"))):
+        keep = 2 + (i % 3) * 2  # ranks 2, 4, 6 (padded to 8)
+        a, b = tensors[key], tensors[key[:-1] + "b"]
+        tensors[key] = mx.concatenate([a[:, :keep], mx.zeros((a.shape[0], 8 - keep))], axis=1)
+        tensors[key[:-1] + "b"] = mx.concatenate([b[:keep], mx.zeros((8 - keep, b.shape[1]))], axis=0)
+    mx.save_safetensors(str(padded / "adapters.safetensors"), tensors)
+    (padded / "adapter_config.json").write_text((random_adapters["beta"] / "adapter_config.json").read_text())
+    info = A.mount_adapter(model, "ranks", padded)
+    assert sorted(set(info.ranks.values())) == [2, 4, 6] and info.format == "optiq"
+    stock, _ = _fresh(tiny_float_path, padded)
+    with A.use_adapter("ranks"):
+        assert mx.allclose(model(x), stock(x), atol=1e-4)
+
+
+def test_bad_adapters_are_refused_and_leave_mounted_ones_alone(tiny_float_path, random_adapters, tmp_path):
+    model, tok = _fresh(tiny_float_path)
+    x = mx.array([tok.encode(PROMPT)])
+    A.mount_adapter(model, "alpha", random_adapters["alpha"])
+    with A.use_adapter("alpha"):
+        want = model(x)
+    modules = dict(model.named_modules())
+
+    with pytest.raises(A.AdapterError, match="no such directory"):
+        A.mount_adapter(model, "x", tmp_path / "missing")
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "adapter_config.json").write_text("{not json")
+    with pytest.raises(A.AdapterError, match="adapter_config.json: not valid JSON"):
+        A.mount_adapter(model, "x", bad_json)
+    # a tensor of the wrong width: every mismatch is listed, nothing is mounted
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "adapter_config.json").write_text((random_adapters["alpha"] / "adapter_config.json").read_text())
+    t = mx.load(str(random_adapters["alpha"] / "adapters.safetensors"))
+    key = "model.layers.3.self_attn.q_proj.lora_a"
+    t[key] = mx.zeros((100, t[key].shape[1]))
+    mx.save_safetensors(str(wrong / "adapters.safetensors"), t)
+    with pytest.raises(A.AdapterError, match="model.layers.3.self_attn.q_proj: adapter maps 100 -> 576"):
+        A.mount_adapter(model, "x", wrong)
+    # half a pair
+    del t[key]
+    mx.save_safetensors(str(wrong / "adapters.safetensors"), t)
+    with pytest.raises(A.AdapterError, match="has no '.lora_a' tensor"):
+        A.mount_adapter(model, "x", wrong)
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    (dora / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "dora", "lora_parameters": {"scale": 1}}))
+    with pytest.raises(A.AdapterError, match="fine_tune_type' is 'dora'"):
+        A.mount_adapter(model, "x", dora)
+    with pytest.raises(A.AdapterError, match="already mounted"):
+        A.mount_adapter(model, "alpha", random_adapters["beta"])
+    with pytest.raises(A.UnknownAdapterError, match="mounted adapters: \\['alpha'\\]"):
+        with A.use_adapter("beta", model=model):
+            pass
+    with pytest.raises(A.UnknownAdapterError):
+        A.unmount_adapter(model, "beta")
+
+    assert list(A.mounted_adapters(model)) == ["alpha"]
+    assert all(dict(model.named_modules())[k] is v for k, v in modules.items())
+    with A.use_adapter("alpha"):
+        assert mx.array_equal(model(x), want)
+
+
+def test_batch_generator_mixes_adapters_in_one_batch(tiny_float_path, random_adapters, hooks_enabled):
+    """mlx-lm's own BatchGenerator: rows of different adapters decode together, no cross-talk."""
+    import mlx_lm.server  # noqa: F401  (installs the batch-engine hooks)
+    from mlx_lm.generate import BatchGenerator
+
+    model, tok = _fresh(tiny_float_path)
+    for name, path in random_adapters.items():
+        A.mount_adapter(model, name, path)
+    jobs = [("alpha", PROMPTS[0]), (None, PROMPTS[1]), ("beta", PROMPTS[2]), ("gamma", PROMPTS[0]),
+            ("beta", PROMPTS[0])]
+    solo = []
+    for name, prompt in jobs:
+        with A.use_adapter(name):
+            solo.append(_greedy_tokens(model, tok, prompt, n=6))
+
+    gen = BatchGenerator(model, max_tokens=6, completion_batch_size=8, prefill_batch_size=8)
+    uid_job = {}
+    for i, (name, prompt) in enumerate(jobs):
+        with A.use_adapter(name):
+            (uid,) = gen.insert([tok.encode(prompt)])
+        uid_job[uid] = i
+    got = {i: [] for i in range(len(jobs))}
+    steps, widest = 0, 0
+    while any(len(v) < 6 for v in got.values()):
+        widest = max(widest, len(gen._generation_batch))
+        for r in gen.next_generated():
+            got[uid_job[r.uid]].append(r.token)
+        steps += 1
+        assert steps < 50
+    gen.close()
+    assert widest == len(jobs), "all five requests should decode in one batch"
+    assert [got[i] for i in range(len(jobs))] == solo
