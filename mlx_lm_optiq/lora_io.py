@@ -1,0 +1,251 @@
+"""LoRA adapters with per-module ranks: building, padding for stock mlx-lm, compact loading.
+
+On disk an adapter directory keeps mlx-lm's own files, so stock
+`mlx_lm.load(..., adapter_path=...)` loads it:
+  adapters.safetensors   every module zero-padded to the largest rank r_max
+                         (lora_a columns, lora_b rows); x @ [A, 0] @ [B; 0] == x @ A @ B,
+                         so the padded adapter computes exactly what the compact one does
+  adapter_config.json    stock; lora_parameters.rank == r_max
+plus our record of the true ranks, which lets an optiq-enabled load build every
+module at its own rank and slice the padding off (no padding cost):
+  optiq_lora_config.json {"format_version": 1, "kind": "optiq-lora-config",
+                          "base_model", "fine_tune_type": "lora|dora", "rank_scaling",
+                          "base_rank", "padded_rank", "scale", "dropout", "metadata",
+                          "budget_params", "trainable_params",
+                          "modules": {path: {"rank", "input_dims", "output_dims", "bits"?, "kl"?}}}
+
+Plain functions other features call (e.g. multi-adapter mounting):
+  build_lora_modules(model, ranks, scale, dropout, use_dora)
+  fit_adapter_weights(weights, ranks, source)  -> compact weights (zero-checked)
+  load_compact_adapters(model, adapter_path)   -> model with compact LoRA layers loaded
+"""
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .io_utils import OptiqFileError, read_json, write_json
+
+RECORD_FILE = "optiq_lora_config.json"
+RECORD_KIND = "optiq-lora-config"
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+
+
+def _lora_classes():
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.lora import LoRALinear
+
+    return LoRALinear, DoRALinear
+
+
+def lora_modules(model):
+    """{module path: module} for every LoRA/DoRA layer in `model`.
+
+    Only linear LoRA layers have a per-module rank here; switch/embedding
+    adapters get a clear error instead of a silently wrong budget.
+    """
+    LoRALinear, DoRALinear = _lora_classes()
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, (LoRALinear, DoRALinear)):
+            found[path] = module
+        elif "lora_a" in module and "lora_b" in module:
+            raise ValueError(
+                f"{path}: per-module LoRA ranks support linear layers only, not {type(module).__name__}"
+            )
+    return found
+
+
+def module_dims(module):
+    """(input_dims, output_dims) of a LoRA layer, from its adapter matrices."""
+    return int(module.lora_a.shape[0]), int(module.lora_b.shape[1])
+
+
+def module_rank(module):
+    return int(module.lora_a.shape[1])
+
+
+def _base_layer(module):
+    LoRALinear, DoRALinear = _lora_classes()
+    return module.linear if isinstance(module, (LoRALinear, DoRALinear)) else module
+
+
+def build_lora_modules(model, ranks, scale, dropout=0.0, use_dora=False):
+    """Put a LoRA (or DoRA) layer of rank `ranks[path]` on each module path.
+
+    A path that already holds a LoRA layer is rebuilt on its base layer, so this
+    also re-ranks a model stock `linear_to_lora_layers` converted. New lora_a is
+    drawn like stock's (uniform, +-1/sqrt(input_dims)); lora_b is zero.
+    """
+    LoRALinear, DoRALinear = _lora_classes()
+    cls = DoRALinear if use_dora else LoRALinear
+    modules = dict(model.named_modules())
+    rebuilt = []
+    for path, rank in ranks.items():
+        if path not in modules:
+            raise ValueError(f"LoRA module {path!r} does not exist in the model")
+        base = _base_layer(modules[path])
+        if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
+            raise ValueError(f"{path}: cannot put a LoRA layer on {type(base).__name__}")
+        rebuilt.append((path, cls.from_base(base, r=int(rank), scale=scale, dropout=dropout)))
+    if rebuilt:
+        model.update_modules(tree_unflatten(rebuilt))
+    return model
+
+
+def remove_lora_modules(model, paths):
+    """Put the base layer back on each path (a LoRA layer with nothing to load)."""
+    modules = dict(model.named_modules())
+    restored = [(p, _base_layer(modules[p])) for p in paths]
+    if restored:
+        model.update_modules(tree_unflatten(restored))
+    return model
+
+
+def _split_key(key):
+    path, _, leaf = key.rpartition(".")
+    return path, leaf
+
+
+def fit_adapter_weights(weights, ranks, source="adapter weights"):
+    """Cut padded adapter tensors down to `ranks` (or pass compact ones through).
+
+    weights: {"<path>.lora_a": (in, r'), "<path>.lora_b": (r', out), "<path>.m": ...}
+    Columns/rows beyond a module's rank must be exactly zero; anything else
+    would drop trained capacity, so it is an error naming the tensor.
+    """
+    fitted = {}
+    for key, w in weights.items():
+        path, leaf = _split_key(key)
+        if leaf not in ADAPTER_LEAVES:
+            fitted[key] = w
+            continue
+        if path not in ranks:
+            raise ValueError(f"{source}: tensor {key} belongs to no module of the rank record")
+        r = ranks[path]
+        have = w.shape[1] if leaf == "lora_a" else w.shape[0]
+        if have < r:
+            raise ValueError(
+                f"{source}: tensor {key} has rank {have}, smaller than the recorded rank {r} of {path}"
+            )
+        if have > r:
+            extra = w[:, r:] if leaf == "lora_a" else w[r:, :]
+            if mx.any(extra != 0).item():
+                raise ValueError(
+                    f"{source}: tensor {key} has non-zero values beyond the recorded rank {r} of {path}; "
+                    "it is not a zero-padded adapter of these ranks"
+                )
+            w = w[:, :r] if leaf == "lora_a" else w[:r, :]
+        fitted[key] = w
+    return fitted
+
+
+def pad_adapter_weights(weights, padded_rank):
+    """Zero-pad every lora_a (columns) and lora_b (rows) to `padded_rank`."""
+    padded = {}
+    for key, w in weights.items():
+        _, leaf = _split_key(key)
+        if leaf == "lora_a" and w.shape[1] < padded_rank:
+            w = mx.concatenate([w, mx.zeros((w.shape[0], padded_rank - w.shape[1]), w.dtype)], axis=1)
+        elif leaf == "lora_b" and w.shape[0] < padded_rank:
+            w = mx.concatenate([w, mx.zeros((padded_rank - w.shape[0], w.shape[1]), w.dtype)], axis=0)
+        padded[key] = w
+    return padded
+
+
+def save_safetensors_atomic(path, weights, metadata=None):
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.optiq-tmp.safetensors")
+    mx.save_safetensors(str(tmp), weights, metadata=metadata or {"format": "mlx"})
+    os.replace(tmp, path)
+
+
+def read_record(adapter_path):
+    """The optiq_lora_config.json of an adapter directory, validated."""
+    path = Path(adapter_path) / RECORD_FILE
+    data = read_json(path, kind=RECORD_KIND, required=["modules", "scale", "fine_tune_type"])
+    modules = data["modules"]
+    if not isinstance(modules, dict) or not modules:
+        raise OptiqFileError(f"{path}: field 'modules' must be a non-empty object of module path -> entry")
+    for name, entry in modules.items():
+        rank = entry.get("rank") if isinstance(entry, dict) else None
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise OptiqFileError(f"{path}: field 'modules.{name}.rank' must be a positive integer, got {rank!r}")
+    if data["fine_tune_type"] not in ("lora", "dora"):
+        raise OptiqFileError(f"{path}: field 'fine_tune_type' must be 'lora' or 'dora', got {data['fine_tune_type']!r}")
+    return data
+
+
+def record_ranks(record):
+    return {name: entry["rank"] for name, entry in record["modules"].items()}
+
+
+def write_record(adapter_path, record):
+    return write_json(Path(adapter_path) / RECORD_FILE, record, kind=RECORD_KIND)
+
+
+def has_record(adapter_path):
+    return adapter_path is not None and (Path(adapter_path) / RECORD_FILE).is_file()
+
+
+def finalize_adapter_dir(adapter_path):
+    """Make an adapter directory trained at compact ranks loadable by stock mlx-lm.
+
+    Zero-pads adapters.safetensors and every checkpoint `*_adapters.safetensors`
+    to the largest recorded rank and sets `lora_parameters.rank` in the stock
+    adapter_config.json to it. Idempotent.
+    """
+    from mlx_lm.utils import save_config
+
+    adapter_path = Path(adapter_path)
+    record = read_record(adapter_path)
+    ranks = record_ranks(record)
+    padded_rank = max(ranks.values())
+    for f in sorted(adapter_path.glob("*adapters.safetensors")):
+        weights = mx.load(str(f))
+        # Validates the file against the record before rewriting it.
+        compact = fit_adapter_weights(weights, ranks, source=str(f))
+        save_safetensors_atomic(f, pad_adapter_weights(compact, padded_rank))
+    config_path = adapter_path / "adapter_config.json"
+    with open(config_path) as fid:
+        config = json.load(fid)
+    lora_parameters = dict(config.get("lora_parameters") or {})
+    lora_parameters["rank"] = padded_rank
+    config["lora_parameters"] = lora_parameters
+    save_config(config, config_path)
+    record["padded_rank"] = padded_rank
+    write_record(adapter_path, record)
+    return padded_rank
+
+
+def load_compact_adapters(model, adapter_path):
+    """Mount an adapter directory that has an optiq_lora_config.json at its true per-module ranks.
+
+    Equivalent to stock `load_adapters` on the padded files (same outputs) but
+    without the padding's compute and memory. Returns the model.
+    """
+    adapter_path = Path(adapter_path)
+    record = read_record(adapter_path)
+    ranks = record_ranks(record)
+    build_lora_modules(
+        model, ranks, scale=record["scale"], dropout=record.get("dropout", 0.0),
+        use_dora=record["fine_tune_type"] == "dora",
+    )
+    weights_file = adapter_path / "adapters.safetensors"
+    if not weights_file.is_file():
+        raise OptiqFileError(f"{weights_file}: file not found")
+    weights = fit_adapter_weights(mx.load(str(weights_file)), ranks, source=str(weights_file))
+    params = dict(tree_flatten(model.parameters()))
+    errors = [
+        f"  {k}: shape {tuple(w.shape)} vs model {tuple(params[k].shape) if k in params else 'missing'}"
+        for k, w in weights.items()
+        if k not in params or params[k].shape != w.shape
+    ]
+    if errors:
+        raise ValueError(f"Adapter at {adapter_path} does not fit the model:\n" + "\n".join(errors))
+    model.load_weights(list(weights.items()), strict=False)
+    return model
