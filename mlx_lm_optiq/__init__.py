@@ -15,6 +15,8 @@ HOOKS = {
     "mlx_lm.convert": "mlx_lm_optiq.hooks.convert:install",
     "mlx_lm.server": "mlx_lm_optiq.hooks.server:install",
     "mlx_lm.models.base": "mlx_lm_optiq.hooks.turbo:install",
+    "mlx_lm.lora": "mlx_lm_optiq.hooks.lora:install",
+    "mlx_lm.tuner.utils": "mlx_lm_optiq.hooks.lora:install_loader",
 }
 
 _lock = _thread.RLock()
