@@ -354,3 +354,185 @@ def test_batch_generator_mixes_adapters_in_one_batch(tiny_float_path, random_ada
     gen.close()
     assert widest == len(jobs), "all five requests should decode in one batch"
     assert [got[i] for i in range(len(jobs))] == solo
+
+
+def test_disable_restores_the_batch_engine_and_handler(hooks_enabled):
+    import mlx_lm.server  # noqa: F401
+
+    gen_mod, srv = sys.modules["mlx_lm.generate"], sys.modules["mlx_lm.server"]
+
+    originals = {
+        (gen_mod.BatchGenerator, "insert_segments"): gen_mod.BatchGenerator.__dict__["insert_segments"],
+        (gen_mod.GenerationBatch, "_step"): gen_mod.GenerationBatch.__dict__["_step"],
+        (srv.ModelProvider, "load"): srv.ModelProvider.__dict__["load"],
+    }
+    assert all(hasattr(v, "__wrapped__") for v in originals.values())
+    assert "do_DELETE" in srv.APIHandler.__dict__
+    hooks_enabled.disable()
+    for (owner, attr), wrapped in originals.items():
+        assert owner.__dict__[attr] is wrapped.__wrapped__
+    assert "do_DELETE" not in srv.APIHandler.__dict__
+
+
+# ---------------------------------------------------------------------------
+# Server (a real `mlx_lm.server` subprocess with MLX_LM_OPTIQ=1)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(port, method, path, body=None, timeout=120):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def _complete(port, model, prompt, n=6, **extra):
+    status, out = _http(port, "POST", "/v1/completions",
+                        {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, **extra})
+    assert status == 200, out
+    return out["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_float_path, random_adapters, trained_adapter, adapter_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = dict(os.environ, MLX_LM_OPTIQ="1", PYTHONUNBUFFERED="1")
+    exe = os.path.join(os.path.dirname(sys.executable), "mlx_lm.server")
+    cmd = [exe, "--model", str(tiny_float_path), "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "DEBUG", "--optiq-adapter", f"alpha={random_adapters['alpha']}",
+           "--optiq-adapter", f"beta={random_adapters['beta']}", "--optiq-adapter", f"trained={trained_adapter}",
+           "--optiq-adapter-root", str(adapter_dir)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if _http(port, "GET", "/health", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"port": port, "log": log, "base": str(tiny_float_path.resolve())}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def expected_text(tiny_float_path, random_adapters, trained_adapter):
+    """Greedy continuations from stock mlx-lm with each adapter loaded the stock way."""
+    from mlx_lm import generate
+
+    paths = {None: None, "trained": trained_adapter, **random_adapters}
+    cache = {}
+
+    def get(name, prompt, n=6):
+        if (name, prompt, n) not in cache:
+            model, tok = _fresh(tiny_float_path, paths[name])
+            cache[(name, prompt, n)] = generate(model, tok, prompt, max_tokens=n)
+        return cache[(name, prompt, n)]
+
+    return get
+
+
+def test_server_openai_client_selects_adapters_by_model(server, expected_text):
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key="unused")
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == server["base"] and set(ids[1:]) >= {"alpha", "beta", "trained"}
+    for name in ["alpha", "trained", None, "beta"]:
+        out = client.completions.create(model=name or server["base"], prompt=PROMPTS[0], max_tokens=6, temperature=0)
+        assert out.choices[0].text == expected_text(name, PROMPTS[0]), name
+        assert out.model == (name or server["base"])
+    # the mlx-lm `adapters` field selects too
+    out = client.completions.create(model=server["base"], prompt=PROMPTS[1], max_tokens=6, temperature=0,
+                                    extra_body={"adapters": "beta"})
+    assert out.choices[0].text == expected_text("beta", PROMPTS[1])
+    chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0)
+    assert chat.model == "alpha" and chat.choices[0].message.content is not None
+
+    with pytest.raises(openai.NotFoundError, match=r"unknown model or adapter 'nope'; mounted adapters: \[.*'alpha'"):
+        client.completions.create(model="nope", prompt=PROMPTS[0], max_tokens=2)
+    status, body = _http(server["port"], "POST", "/v1/completions",
+                         {"model": server["base"], "adapters": "nope", "prompt": "x", "max_tokens": 2})
+    assert status == 404 and "alpha" in body["error"]["mounted_adapters"]
+
+
+def test_server_mixed_adapters_share_a_batch_without_cross_talk(server, expected_text):
+    port = server["port"]
+    jobs = [("alpha", PROMPTS[0]), ("beta", PROMPTS[0]), ("trained", PROMPTS[0]), (None, PROMPTS[0]),
+            ("alpha", PROMPTS[1]), ("beta", PROMPTS[2]), ("trained", PROMPTS[1]), (None, PROMPTS[2])]
+    # solo, one at a time; the same prompt for every adapter also checks that
+    # prompt-cache entries are never reused across adapters
+    solo = [_complete(port, name or server["base"], prompt, n=8) for name, prompt in jobs]
+    for (name, prompt), text in zip(jobs[:4], solo[:4]):
+        assert text == expected_text(name, prompt, 8), name
+    assert len(set(solo[:4])) == 4
+
+    log_start = server["log"].stat().st_size
+    results = [None] * len(jobs)
+
+    def run(i):
+        name, prompt = jobs[i]
+        results[i] = _complete(port, name or server["base"], prompt, n=8)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert results == solo
+    with open(server["log"]) as f:
+        f.seek(log_start)
+        log = f.read()
+    mixed = [line for line in log.splitlines() if "GenerationBatch step" in line]
+    assert mixed, "requests for different adapters were not decoded in one batch"
+    assert max(line.count("'") for line in mixed) >= 6  # at least three distinct names in one step
+
+
+def test_server_runtime_mount_is_confined_to_the_root(server, expected_text, adapter_dir, tmp_path_factory):
+    port = server["port"]
+    outside = tmp_path_factory.mktemp("outside")
+    (adapter_dir / "escape").symlink_to(outside, target_is_directory=True)
+    for bad in ["../" + outside.name, str(outside), "escape"]:
+        status, body = _http(port, "POST", "/v1/adapters", {"name": "x", "path": bad})
+        assert status == 403, (bad, body)
+    broken = adapter_dir / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text(json.dumps({"lora_parameters": {"rank": 4, "scale": 2.0}}))
+    (broken / "adapters.safetensors").write_bytes(b"not a safetensors file")
+
+    # a request in flight on "alpha" while the malformed adapter is refused
+    in_flight = {}
+    t = threading.Thread(target=lambda: in_flight.update(text=_complete(port, "alpha", PROMPTS[2], n=24)))
+    t.start()
+    status, body = _http(port, "POST", "/v1/adapters", {"name": "broken", "path": "broken"})
+    assert status == 400 and "adapters.safetensors" in body["error"]["message"]
+    t.join(timeout=300)
+    assert in_flight["text"] == expected_text("alpha", PROMPTS[2], 24)
+    assert "broken" not in [m["id"] for m in _http(port, "GET", "/v1/models")[1]["data"]]
+
+    status, body = _http(port, "POST", "/v1/adapters", {"name": "gamma", "path": "gamma"})
+    assert status == 200, body
+    assert _complete(port, "gamma", PROMPTS[0]) == expected_text("gamma", PROMPTS[0])
+    assert _complete(port, "alpha", PROMPTS[0]) == expected_text("alpha", PROMPTS[0])
+    assert _http(port, "POST", "/v1/adapters", {"name": "gamma", "path": "gamma"})[0] == 409
+    assert _http(port, "DELETE", "/v1/adapters/gamma")[0] == 200
+    status, body = _http(port, "POST", "/v1/completions", {"model": "gamma", "prompt": "x", "max_tokens": 2})
+    assert status == 404 and "gamma" not in body["error"]["mounted_adapters"]
+    assert _http(port, "DELETE", "/v1/adapters/gamma")[0] == 404
