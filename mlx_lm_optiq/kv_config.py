@@ -81,7 +81,9 @@ class SlotPlan:
         if self.scheme == "affine":
             return f"K{self.k_bits}/V{self.v_bits} g{self.group_size}"
         if self.scheme == "turbo":
-            return f"turbo{self.k_bits}"
+            return f"turbo K{self.k_bits}/V{self.v_bits}"
+        if self.geometry is not None and not self.geometry.holds_kv:
+            return f"no KV ({self.geometry.kind})"
         return "float"
 
 

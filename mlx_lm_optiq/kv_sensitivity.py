@@ -298,6 +298,30 @@ def allocate_kv(table, target_bits, context_length=8192, quantized_kv_start=0, m
     return plan
 
 
+def evaluate_plan_kl(model, windows, prefix_tokens, plan):
+    """Measured KL (mean over the scored tokens of every window) of the model with the
+    whole plan simulated from the first token on, against all-float caches: the joint
+    effect the per-layer allocation only approximates by summing."""
+    total = 0.0
+    for w in windows:
+        prefix, scored = w[:prefix_tokens], w[prefix_tokens:]
+        ref_caches, caches = make_prompt_cache(model), simulated_plan_cache(model, plan)
+        _prefill(model, prefix, ref_caches)
+        _prefill(model, prefix, caches)
+        total += _kl(_log_probs(model, scored, ref_caches), _log_probs(model, scored, caches)).item()
+    return total / len(windows)
+
+
+def uniform_plan(geometry, k_bits, v_bits, group_size):
+    """Every quantizable slot at one candidate (what stock --kv-bits does, for comparisons)."""
+    return KVPlan(slots=[
+        SlotPlan(slot=g.slot, layer=g.layer, scheme="affine" if g.quantizable else "none",
+                 k_bits=k_bits if g.quantizable else None, v_bits=v_bits if g.quantizable else None,
+                 group_size=group_size if g.quantizable else None, geometry=g)
+        for g in geometry
+    ])
+
+
 def plan_kl(plan):
     """Summed measured KL of a plan's choices (the knapsack objective)."""
     total = 0.0

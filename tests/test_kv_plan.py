@@ -1,0 +1,338 @@
+"""Per-layer KV plans: measurement, allocation, kv_config.json, scripts path, convert flag, bad configs.
+
+Real model: the 4-layer SmolLM2 from ../shared (dequantized to fp32 in-process for
+measurement); tiny random qwen3_next (linear attention + attention) and gemma3
+(sliding window + global) built with mlx-lm's classes for the cache layouts.
+"""
+
+import itertools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import tiny_hybrid, tiny_sliding  # noqa: E402
+
+from mlx_lm_optiq import kv, kv_config, kv_sensitivity  # noqa: E402
+from mlx_lm_optiq.io_utils import write_json  # noqa: E402
+from mlx_lm_optiq.kv_cache import MixedQuantizedKVCache  # noqa: E402
+
+PREFIX, SCORED = 128, 32
+CANDIDATES = kv_sensitivity.parse_candidates("8/8:64,8/4:64,4/4:64,4/2:32,2/2:64")
+
+
+@pytest.fixture(scope="module")
+def tiny_float(tiny_q4_path):
+    return kv.load_float_model(tiny_q4_path)
+
+
+@pytest.fixture(scope="module")
+def persuasion_windows(tiny_float, shared_dir):
+    _, tokenizer = tiny_float
+    return kv.token_windows(tokenizer, str(shared_dir / "data/text/persuasion.txt"), 1, PREFIX + SCORED)
+
+
+@pytest.fixture(scope="module")
+def table(tiny_float, persuasion_windows):
+    model, _ = tiny_float
+    return kv_sensitivity.measure_kv_sensitivity(model, persuasion_windows, PREFIX, CANDIDATES, progress=False)
+
+
+def _kl(e, key):
+    return e["kl"][key]
+
+
+def test_sensitivity_table_is_ordered_by_precision(table):
+    assert [e["slot"] for e in table["slots"]] == [0, 1, 2, 3]
+    for e in table["slots"]:
+        assert e["cache"] == "KVCache" and e["n_kv_heads"] == 3 and e["k_head_dim"] == 64
+        assert set(e["kl"]) == {kv_sensitivity.candidate_key(*c) for c in CANDIDATES}
+        assert all(v >= 0 for v in e["kl"].values())
+        assert _kl(e, "8/8:64") < _kl(e, "8/4:64") < _kl(e, "4/4:64") < _kl(e, "2/2:64")
+        assert _kl(e, "2/2:64") > 1e-3  # 2-bit KV visibly hurts: the probe is not a no-op
+
+
+def test_layer_replay_equals_full_forward(tiny_float, persuasion_windows):
+    model, _ = tiny_float
+    cands = [(4, 2, 32)]
+    fast = kv_sensitivity.measure_kv_sensitivity(model, persuasion_windows, PREFIX, cands, progress=False)
+    slow = kv_sensitivity.measure_kv_sensitivity(model, persuasion_windows, PREFIX, cands, progress=False,
+                                                 reuse_layers=False)
+    for a, b in zip(fast["slots"], slow["slots"]):
+        assert a["kl"]["4/2:32"] == pytest.approx(b["kl"]["4/2:32"], rel=1e-4, abs=1e-7)
+
+
+def test_allocation_is_exact_and_within_budget(table):
+    geometry = [kv_sensitivity._geometry_from_dict(e) for e in table["slots"]]
+    options = [[None] + [kv_sensitivity.parse_candidate(k) for k in e["kl"]] for e in table["slots"]]
+    for target in (3.0, 4.5, 6.0):
+        plan = kv_sensitivity.allocate_kv(table, target)
+        assert plan.achieved_bits <= target + 1e-9
+        best = None
+        for combo in itertools.product(*options):  # brute force over every per-slot choice
+            slots = [kv_config.SlotPlan(slot=i, layer=i, scheme="none" if c is None else "affine",
+                                        k_bits=c and c[0], v_bits=c and c[1], group_size=c and c[2])
+                     for i, c in enumerate(combo)]
+            if kv_config.average_bits(slots, geometry) <= target:
+                kl = sum(0 if c is None else table["slots"][i]["kl"][kv_sensitivity.candidate_key(*c)]
+                         for i, c in enumerate(combo))
+                best = kl if best is None else min(best, kl)
+        assert kv_sensitivity.plan_kl(plan) == pytest.approx(best, rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError, match="below the cheapest plan"):
+        kv_sensitivity.allocate_kv(table, 2.0)
+
+
+def test_mixed_plan_beats_uniform_4bit_and_runtime_matches_simulation(tiny_float, persuasion_windows, table):
+    model, _ = tiny_float
+    geometry = kv_config.cache_geometry(model)
+    uniform = kv_sensitivity.uniform_plan(geometry, 4, 4, 64)  # 4.5 bits, like stock --kv-bits 4
+    bits = kv_config.average_bits(uniform.slots, geometry)
+    plan = kv_sensitivity.allocate_kv(table, bits)
+    assert plan.achieved_bits <= bits
+    planned = kv_sensitivity.evaluate_plan_kl(model, persuasion_windows, PREFIX, plan)
+    flat = kv_sensitivity.evaluate_plan_kl(model, persuasion_windows, PREFIX, uniform)
+    assert planned <= flat * (1 + 1e-6)  # the whole plan, simulated from token 0, not just the sum
+
+    # between grid points the optimum must mix (upgrading some layers beats any uniform fit)
+    plan = kv_sensitivity.allocate_kv(table, 5.5)
+    assert len({s.describe() for s in plan.slots}) > 1 and plan.achieved_bits <= 5.5
+    mixed = kv_sensitivity.evaluate_plan_kl(model, persuasion_windows, PREFIX, plan)
+    assert mixed < flat
+
+    # the real per-layer caches compute what the measurement simulated
+    tokens = persuasion_windows[0][None, :48]
+    real = model(tokens, cache=kv_config.make_plan_cache(model, plan))
+    sim = model(tokens, cache=kv_sensitivity.simulated_plan_cache(model, plan))
+    assert mx.max(mx.abs(real - sim)).item() < 1e-3
+
+
+def test_kv_config_round_trip_and_cli(tiny_q4_path, tmp_path, shared_dir, capsys):
+    out = tmp_path / "kv_config.json"
+    sens = tmp_path / "kv_sensitivity.json"
+    rc = kv.main([str(tiny_q4_path), "--target-bits", "5", "-o", str(out), "--sensitivity-out", str(sens),
+                  "--data", str(shared_dir / "data/text/persuasion.txt"), "--prefix-tokens", "96",
+                  "--scored-tokens", "16", "--candidates", "8/8:64,4/4:64,2/2:64"])
+    assert rc == 0 and "average" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["format_version"] == 1 and data["kind"] == "optiq-kv-config"
+    assert data["num_cache_slots"] == 4 and data["achieved_bits"] <= 5
+    assert [(e["layer"], e["cache_slot"]) for e in data["layers"]] == [(i, i) for i in range(4)]
+    assert all(set(e["kl"]) == {"8/8:64", "4/4:64", "2/2:64"} for e in data["layers"])
+    with pytest.raises(SystemExit):  # refuses to overwrite
+        kv.main([str(tiny_q4_path), "--target-bits", "5", "-o", str(out), "--sensitivity", str(sens)])
+    rc = kv.main([str(tiny_q4_path), "--target-bits", "3", "-o", str(out), "--force", "--sensitivity", str(sens)])
+    plan = kv_config.read_kv_config(out)
+    assert plan.target_bits == 3 and plan.achieved_bits <= 3
+    assert all(s.scheme == "affine" for s in plan.slots) and min(s.k_bits for s in plan.slots) == 2
+
+
+def _write_plan(path, rows, **extra):
+    layers = [dict(layer=i, cache_slot=i, **r) for i, r in enumerate(rows)]
+    payload = {"model": "test", "quantized_kv_start": 0, "num_cache_slots": len(layers), "layers": layers}
+    payload.update(extra)
+    write_json(path, payload, kind=kv_config.KIND)
+    return path
+
+
+A84 = {"scheme": "affine", "k_bits": 8, "v_bits": 4, "group_size": 64}
+NONE = {"scheme": "none"}
+
+
+@pytest.fixture
+def model_dir(tiny_q4_path, tmp_path):
+    """A copy of the 4-layer model folder (its kv_config.json is ours to write)."""
+    d = tmp_path / "model"
+    shutil.copytree(tiny_q4_path, d)
+    return d
+
+
+def test_generate_picks_up_plan_from_model_folder(model_dir, hooks_enabled):
+    import mlx_lm
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    rows = [NONE, A84, {"scheme": "affine", "k_bits": 4, "v_bits": 2, "group_size": 32}, A84]
+    _write_plan(model_dir / "kv_config.json", rows)
+    model, tok = mlx_lm.load(str(model_dir))
+    assert kv_config.attached_plan(model) is not None
+    cache = make_prompt_cache(model)
+    text = mlx_lm.generate(model, tok, "The capital of France is", max_tokens=6, prompt_cache=cache)
+    assert type(cache[0]) is KVCache
+    assert [(c.k_bits, c.v_bits, c.group_size) for c in cache[1:]] == [(8, 4, 64), (4, 2, 32), (8, 4, 64)]
+    assert all(isinstance(c, MixedQuantizedKVCache) and c.quantized for c in cache[1:])
+
+    # same tokens as the plan's caches handed to stock generate with the hooks off
+    hooks_enabled.disable()
+    stock = mlx_lm.generate(model, tok, "The capital of France is", max_tokens=6,
+                            prompt_cache=kv_config.make_plan_cache(model, kv_config.attached_plan(model)))
+    float_text = mlx_lm.generate(model, tok, "The capital of France is", max_tokens=6)
+    hooks_enabled.enable()
+    assert text == stock
+
+    # switched off for a block: float caches; kv_bits together with a plan is refused
+    cache = make_prompt_cache(model)
+    with kv_config.use_kv_config(None):
+        assert mlx_lm.generate(model, tok, "The capital of France is", max_tokens=6, prompt_cache=cache) == float_text
+    assert all(type(c) is KVCache for c in cache)
+    with pytest.raises(ValueError, match="kv_bits=4 cannot be combined"):
+        mlx_lm.generate(model, tok, "Hello", max_tokens=2, kv_bits=4)
+
+
+def test_use_kv_config_and_quantized_kv_start(tiny_float, tmp_path, hooks_enabled):
+    from mlx_lm import stream_generate
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tok = tiny_float
+    path = _write_plan(tmp_path / "kv_config.json", [A84, NONE, NONE, A84], quantized_kv_start=12)
+    prompt = tok.encode("It was a truth universally")  # fewer than 12 tokens
+    assert len(prompt) < 12
+    cache = make_prompt_cache(model)
+    states = []
+    with kv_config.use_kv_config(path, model=model):
+        for _ in stream_generate(model, tok, prompt, max_tokens=10, prompt_cache=cache):
+            states.append((cache[0].offset, cache[0].quantized))
+    assert isinstance(cache[0], MixedQuantizedKVCache) and isinstance(cache[3], MixedQuantizedKVCache)
+    assert states[0][1] is False  # short context stays float ...
+    assert states[-1][1] is True  # ... and is quantized once the cache reaches quantized_kv_start
+    assert all(q == (off > 12) for off, q in states)
+
+
+BAD = [
+    (lambda rows: rows[:3], None, "has 3 cache slots but the model builds 4"),
+    (lambda rows: [rows[0], {**A84, "group_size": 128}, *rows[2:]], None, "does not divide"),
+    (lambda rows: [rows[0], {**A84, "k_bits": 7}, *rows[2:]], None, "field 'k_bits' is 7"),
+    (lambda rows: [rows[0], {**A84, "group_size": 48}, *rows[2:]], None, "field 'group_size' is 48"),
+    (lambda rows: [{"scheme": "fp8"}, *rows[1:]], None, "field 'scheme' is 'fp8'"),
+    (lambda rows: [rows[0], {"scheme": "affine", "k_bits": 8}, *rows[2:]], None, "field 'v_bits' is None"),
+    (lambda rows: rows, {"quantized_kv_start": -1}, "quantized_kv_start"),
+    (lambda rows: rows, {"kind": "optiq-sensitivity"}, "field 'kind'"),
+    (lambda rows: rows, {"format_version": 9}, "field 'format_version'"),
+    (lambda rows: rows, {"num_cache_slots": 5}, "num_cache_slots"),
+]
+
+
+@pytest.mark.parametrize("edit,top,message", BAD)
+def test_bad_configs_fail_at_load_naming_file_and_field(tiny_float, tmp_path, edit, top, message):
+    model, _ = tiny_float
+    rows = edit([A84, A84, NONE, A84])
+    path = _write_plan(tmp_path / "kv_config.json", rows)
+    if top:
+        data = json.loads(path.read_text())
+        data.update(top)
+        path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message) as err:
+        kv_config.load_kv_config(path, model)
+    assert str(path) in str(err.value)
+
+
+def test_layer_index_mismatch_and_duplicate_slots(tiny_float, tmp_path):
+    model, _ = tiny_float
+    path = _write_plan(tmp_path / "kv_config.json", [A84, A84, NONE, A84])
+    data = json.loads(path.read_text())
+    data["layers"][2]["layer"] = 7
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="field 'layer' is 7"):
+        kv_config.load_kv_config(path, model)
+    data["layers"][2]["layer"], data["layers"][2]["cache_slot"] = 2, 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="exactly one entry per cache slot"):
+        kv_config.load_kv_config(path, model)
+
+
+def test_mismatched_folder_config_fails_at_load(model_dir, hooks_enabled):
+    import mlx_lm
+
+    _write_plan(model_dir / "kv_config.json", [A84, A84])
+    with pytest.raises(ValueError, match="has 2 cache slots but the model builds 4"):
+        mlx_lm.load(str(model_dir))
+
+
+@pytest.mark.parametrize("build,skipped_kind", [(tiny_hybrid, "ArraysCache"), (tiny_sliding, "RotatingKVCache")])
+def test_hybrid_and_sliding_models(build, skipped_kind, tmp_path, hooks_enabled):
+    from mlx_lm.generate import generate_step
+
+    model = build()
+    geometry = kv_config.cache_geometry(model)
+    assert [g.kind for g in geometry] == [skipped_kind, "KVCache", skipped_kind, "KVCache"]
+    windows = [mx.arange(1, 81) % 500]
+    table = kv_sensitivity.measure_kv_sensitivity(model, windows, 64, [(8, 8, 64), (2, 2, 64)], progress=False)
+    assert [bool(e["kl"]) for e in table["slots"]] == [False, True, False, True]
+    plan = kv_sensitivity.allocate_kv(table, 3.0, context_length=1024)
+    assert [s.scheme for s in plan.slots] == ["none", "affine", "none", "affine"]
+    if skipped_kind == "RotatingKVCache":  # sliding layers hold only their window, at 16 bits
+        w = 1024 * 2 * 2.5 + 32 * 2 * 16
+        assert plan.achieved_bits == pytest.approx(w / (1024 * 2 + 32 * 2), abs=1e-3)
+    else:  # recurrent state is not KV: only attention layers count
+        assert plan.achieved_bits == pytest.approx(2.5)
+
+    cache = kv_config.make_plan_cache(model, plan)
+    assert [type(c).__name__ for c in cache] == [skipped_kind, "MixedQuantizedKVCache"] * 2
+    with kv_config.use_kv_config(plan):
+        steps = list(zip(range(4), generate_step(mx.array([1, 2, 3, 4, 5]), model)))
+    assert len(steps) == 4
+
+    # quantizing a slot mlx-lm cannot quantize is refused, naming the slot
+    bad = kv_config.KVPlan(slots=[kv_config.SlotPlan(slot=i, layer=i, scheme="affine", k_bits=8, v_bits=8,
+                                                     group_size=64) for i in range(4)], source="bad.json")
+    with pytest.raises(ValueError, match=rf"bad.json: layers\[0\].*{skipped_kind}, which cannot be quantized"):
+        kv_config.validate_plan(bad, model)
+
+
+def test_turbo_scheme_builds_turbo_cache(tiny_float, tmp_path, hooks_enabled):
+    from mlx_lm import generate
+
+    from mlx_lm_optiq.turbo import TurboQuantKVCache
+
+    model, tok = tiny_float
+    turbo = {"scheme": "turbo", "k_bits": 4, "v_bits": 3}
+    plan = kv_config.load_kv_config(_write_plan(tmp_path / "kv_config.json", [NONE, turbo, A84, turbo]), model)
+    cache = kv_config.make_plan_cache(model, plan)
+    assert isinstance(cache[1], TurboQuantKVCache) and isinstance(cache[3], TurboQuantKVCache)
+    assert (cache[1].key_bits, cache[1].value_bits) == (4, 3) and cache[1].seed != cache[3].seed
+    out = generate(model, tok, "Anne Elliot", max_tokens=4, prompt_cache=cache)
+    assert isinstance(out, str) and cache[1].offset == cache[0].offset > 0
+    bad = _write_plan(tmp_path / "bad.json", [NONE, {**turbo, "k_bits": 9}, A84, turbo])
+    with pytest.raises(ValueError, match="field 'k_bits' is 9, expected one of .* for scheme 'turbo'"):
+        kv_config.load_kv_config(bad, model)
+
+
+def test_convert_flag_writes_kv_config(tiny_q4_path, tmp_path, shared_dir, hooks_enabled):
+    import sys as _sys
+
+    convert = _sys.modules["mlx_lm.convert"].convert
+    out = tmp_path / "converted"
+    convert(hf_path=str(tiny_q4_path), mlx_path=str(out), optiq_kv_target_bits=6.0,
+            optiq_kv_data=str(shared_dir / "data/text/persuasion.txt"), optiq_kv_prefix_tokens=96,
+            optiq_kv_scored_tokens=16, optiq_kv_candidates="8/8:64,4/4:64")
+    plan = kv_config.read_kv_config(out)
+    assert plan.model == str(tiny_q4_path) and plan.achieved_bits <= 6
+    assert (out / "config.json").is_file() and len(plan.slots) == 4
+    with pytest.raises(ValueError, match="--optiq-kv-candidates need --optiq-kv-target-bits"):
+        convert(hf_path=str(tiny_q4_path), mlx_path=str(tmp_path / "x"), optiq_kv_candidates="8/8:64")
+    with pytest.raises(ValueError, match="--optiq-kv-candidates: '8/8' is not of the form"):
+        convert(hf_path=str(tiny_q4_path), mlx_path=str(tmp_path / "y"), optiq_kv_target_bits=4.5,
+                optiq_kv_candidates="8/8")
+    assert not (tmp_path / "y").exists()
+
+
+def test_disable_restores_generate_symbols():
+    import mlx_lm
+    import mlx_lm_optiq
+
+    gen = sys.modules["mlx_lm.generate"]
+    utils = sys.modules["mlx_lm.utils"]
+    originals = (gen.generate_step, gen.maybe_quantize_kv_cache, gen.speculative_generate_step, utils.load,
+                 mlx_lm.load, gen.load)
+    mlx_lm_optiq.enable()
+    try:
+        assert gen.generate_step is not originals[0] and mlx_lm.load is not originals[4]
+        assert mlx_lm.load is utils.load and gen.load is utils.load
+    finally:
+        mlx_lm_optiq.disable()
+    now = (gen.generate_step, gen.maybe_quantize_kv_cache, gen.speculative_generate_step, utils.load,
+           mlx_lm.load, gen.load)
+    assert all(a is b for a, b in zip(now, originals))
