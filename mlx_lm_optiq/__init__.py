@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 HOOKS = {
     "mlx_lm.convert": "mlx_lm_optiq.hooks.convert:install",
     "mlx_lm.server": "mlx_lm_optiq.hooks.server:install",
+    "mlx_lm.generate": "mlx_lm_optiq.hooks.generate:install",
     "mlx_lm.models.base": "mlx_lm_optiq.hooks.turbo:install",
     "mlx_lm.lora": "mlx_lm_optiq.hooks.lora:install",
     "mlx_lm.tuner.utils": "mlx_lm_optiq.hooks.lora:install_loader",
