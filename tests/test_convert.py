@@ -1,0 +1,235 @@
+"""`mlx_lm.convert --optiq-target-bpw`: measured mixed precision on the real 4-layer SmolLM2,
+stock reload with the exact bits, re-planning from the sidecar, errors, atomicity, text-only."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+TARGET = 4.8
+CONVERT = [sys.executable, "-m", "mlx_lm", "convert"]
+
+
+def _stock_env():
+    return {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
+
+
+def _convert_cli(args, env):
+    return subprocess.run(CONVERT + args, env=env, capture_output=True, text=True)
+
+
+def _partials(parent):
+    return [p for p in parent.iterdir() if ".optiq-partial-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_q4_path, tmp_path_factory):
+    """Console script, hooks on: measure sensitivity on the bundled calibration set, plan, write."""
+    out = tmp_path_factory.mktemp("measured") / "mixed"
+    env = dict(os.environ, MLX_LM_OPTIQ="1")
+    res = _convert_cli(["--hf-path", str(tiny_q4_path), "-q", "--optiq-target-bpw", str(TARGET),
+                        "--optiq-candidate-bits", "4,8", "--optiq-group-sizes", "32,64",
+                        "--optiq-num-samples", "1", "--optiq-sequence-length", "64",
+                        "--mlx-path", str(out)], env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Sensitivity (exact)" in res.stderr  # it measured
+    return out
+
+
+STOCK_RELOAD = """
+import json, sys
+import mlx.core as mx
+from mlx_lm import load
+from mlx_lm.utils import compute_bits_per_weight
+assert 'mlx_lm_optiq' not in sys.modules
+model, tok = load(sys.argv[1])
+layers = {p: [m.bits, m.group_size] for p, m in model.named_modules() if hasattr(m, 'bits')}
+logits = model(mx.array([tok.encode('It was a truth universally acknowledged')]))
+print(json.dumps({'layers': layers, 'bpw': compute_bits_per_weight(model),
+                  'finite': bool(mx.isfinite(logits).all().item())}))
+"""
+
+
+def _stock_reload(path):
+    res = subprocess.run([sys.executable, "-c", STOCK_RELOAD, str(path)], env=_stock_env(),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _sidecar(path):
+    return json.loads((path / "optiq_metadata.json").read_text())
+
+
+def test_measured_convert_reloads_in_stock_mlx_lm_with_planned_bits(measured):
+    meta = _sidecar(measured)
+    config = json.loads((measured / "config.json").read_text())
+    got = _stock_reload(measured)
+    planned = {p: [c["bits"], c["group_size"]] for p, c in meta["layers"].items() if "group_size" in c}
+    assert got["layers"] == planned
+    assert {b for b, _ in planned.values()} == {4, 8}  # it really mixes
+    for p, c in meta["layers"].items():  # always the explicit per-path dict
+        assert config["quantization"][p] == {"bits": c["bits"], "group_size": c["group_size"], "mode": "affine"}
+    assert got["bpw"] <= TARGET and got["bpw"] == pytest.approx(meta["achieved_bpw"], abs=1e-9)
+    assert got["bpw"] > TARGET - 0.05
+    assert got["finite"]
+    # the sidecar carries the whole sensitivity table and its provenance
+    assert meta["method"] == "exact" and meta["reference"] == "float"
+    assert set(meta["sensitivity"]["modules"]) == set(meta["layers"])
+    assert meta["sensitivity"]["calibration"]["tokens"] == 64
+    assert all(set(e["kl"]) == {"4:32", "4:64", "8:32", "8:64"} for e in meta["layers"].values())
+
+
+def test_replan_from_sidecar_with_python_api_does_not_measure(measured, tiny_q4_path, tmp_path, hooks_enabled,
+                                                             monkeypatch):
+    from mlx_lm import convert
+
+    from mlx_lm_optiq import sensitivity
+
+    def no_measuring(*a, **k):
+        raise AssertionError("measured although a sensitivity table was given")
+
+    monkeypatch.setattr(sensitivity, "measure_sensitivity", no_measuring)
+    out = tmp_path / "replanned"
+    convert(str(tiny_q4_path), mlx_path=str(out), quantize=True, optiq_target_bpw=4.6,
+            optiq_candidate_bits=[4, 8], optiq_group_sizes="32,64",
+            optiq_sensitivity=str(measured / "optiq_metadata.json"))
+    meta = _sidecar(out)
+    assert meta["target_bpw"] == 4.6 and 4.55 < meta["achieved_bpw"] <= 4.6
+    assert meta["sensitivity"] == _sidecar(measured)["sensitivity"]
+    eights = lambda m: sum(c["bits"] == 8 for c in m["layers"].values())  # noqa: E731
+    assert eights(meta) < eights(_sidecar(measured))  # a lower target buys fewer 8-bit layers
+    assert not _partials(tmp_path)
+
+
+def test_protections_keep_modules_at_their_most_precise_candidate(measured, tiny_q4_path, tmp_path, hooks_enabled):
+    from mlx_lm import convert
+
+    out = tmp_path / "protected"
+    convert(str(tiny_q4_path), mlx_path=str(out), quantize=True, optiq_target_bpw=5.0,
+            optiq_candidate_bits="4,8", optiq_group_sizes="32,64", optiq_protect="first-block",
+            optiq_sensitivity=str(measured))
+    meta = _sidecar(out)
+    got = _stock_reload(out)
+    for p, c in meta["layers"].items():
+        if ".layers.0." in p:
+            assert c["bits"] == 8 and c["protected"] == "first-block"
+            assert got["layers"][p] == [8, c["group_size"]]
+        else:
+            assert "protected" not in c
+    assert got["bpw"] <= 5.0
+
+
+def test_infeasible_target_is_a_clear_error_and_writes_nothing(measured, tiny_q4_path, tmp_path):
+    out = tmp_path / "too-small"
+    res = _convert_cli(["--hf-path", str(tiny_q4_path), "-q", "--optiq-target-bpw", "4.2",
+                        "--optiq-sensitivity", str(measured / "optiq_metadata.json"), "--mlx-path", str(out)],
+                       dict(os.environ, MLX_LM_OPTIQ="1"))
+    assert res.returncode != 0
+    assert "--optiq-target-bpw 4.2 is infeasible" in res.stderr and "4.50" in res.stderr
+    assert not out.exists() and not _partials(tmp_path)
+
+
+def test_corrupt_sensitivity_file_is_a_clear_error(tiny_q4_path, tmp_path, measured):
+    bad = tmp_path / "table.json"
+    meta = _sidecar(measured)
+    meta["sensitivity"]["modules"]["model.layers.1.mlp.up_proj"]["kl"]["4:64"] = "lots"
+    bad.write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    res = _convert_cli(["--hf-path", str(tiny_q4_path), "-q", "--optiq-target-bpw", "4.8",
+                        "--optiq-sensitivity", str(bad), "--mlx-path", str(out)], dict(os.environ, MLX_LM_OPTIQ="1"))
+    assert res.returncode != 0
+    assert str(bad) in res.stderr and "modules.model.layers.1.mlp.up_proj.kl.4:64' must be a finite number" in res.stderr
+    assert not out.exists()
+
+
+def test_optiq_flags_without_target_are_refused(tiny_q4_path, tmp_path, hooks_enabled):
+    from mlx_lm import convert
+
+    from mlx_lm_optiq.plan import PlanError
+
+    with pytest.raises(PlanError, match="--optiq-candidate-bits need --optiq-target-bpw"):
+        convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_candidate_bits="4,8")
+
+
+def test_interrupted_convert_leaves_no_complete_looking_directory(tiny_q4_path, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(CONVERT + ["--hf-path", str(tiny_q4_path), "-q", "--optiq-target-bpw", "4.8",
+                                       "--optiq-num-samples", "1", "--optiq-sequence-length", "32",
+                                       "--mlx-path", str(out)],
+                            env=dict(os.environ, MLX_LM_OPTIQ="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not _partials(tmp_path) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert _partials(tmp_path), "convert never started staging"
+        time.sleep(2)  # inside the dequantize/measure work
+        assert proc.poll() is None, "convert finished before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    assert all(p.name.startswith(".") for p in _partials(tmp_path))  # hidden, clearly partial
+
+
+def _make_multimodal(float_dir, dst):
+    """A tiny mistral3-style vision-language checkpoint around the real 4-layer text model."""
+    import shutil
+
+    import mlx.core as mx
+    import numpy as np
+
+    dst.mkdir()
+    text_config = json.loads((float_dir / "config.json").read_text())
+    text_config["model_type"] = "mistral"
+    weights = {"language_model." + k: v for k, v in mx.load(str(float_dir / "model.safetensors")).items()}
+    rng = np.random.default_rng(0)
+    weights["vision_tower.patch_conv.weight"] = mx.array(rng.standard_normal((32, 3, 4, 4)).astype(np.float32))
+    weights["vision_tower.transformer.layers.0.attention.q_proj.weight"] = mx.array(
+        rng.standard_normal((32, 32)).astype(np.float32))
+    weights["multi_modal_projector.linear_1.weight"] = mx.array(rng.standard_normal((576, 32)).astype(np.float32))
+    mx.save_safetensors(str(dst / "model.safetensors"), weights)
+    config = {"model_type": "mistral3", "architectures": ["Mistral3ForConditionalGeneration"],
+              "text_config": text_config, "image_token_index": 10, "projector_hidden_act": "gelu",
+              "vision_feature_layer": -1, "spatial_merge_size": 2,
+              "vision_config": {"model_type": "pixtral", "hidden_size": 32, "patch_size": 4},
+              "audio_config": {"model_type": "whisper", "d_model": 32}}
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "PixtralImageProcessor"}))
+    for f in float_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_text_only_writes_the_plain_text_model(tiny_float_path, tmp_path, hooks_enabled):
+    import mlx.core as mx
+    from mlx_lm import convert
+    from mlx_lm.utils import load_model
+
+    mm = _make_multimodal(tiny_float_path, tmp_path / "vlm")
+    out = tmp_path / "text-only"
+    convert(str(mm), mlx_path=str(out), quantize=True, q_group_size=64, q_bits=4, optiq_text_only=True)
+    both = tmp_path / "both"
+    convert(str(mm), mlx_path=str(both), quantize=True, q_group_size=64, q_bits=4)  # stock, for comparison
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mistral"
+    for key in ("text_config", "vision_config", "audio_config", "image_token_index", "vision_feature_layer"):
+        assert key not in config
+    assert config["quantization"] == {"bits": 4, "group_size": 64, "mode": "affine"}
+    keys = list(mx.load(str(out / "model.safetensors")))
+    assert keys and not [k for k in keys if k.startswith("language_model.") or "vision" in k or "projector" in k]
+    assert not (out / "preprocessor_config.json").exists()
+    text_model, _ = load_model(out)
+    full_model, full_config = load_model(both)
+    assert full_config["model_type"] == "mistral3"
+    probe = mx.array([[1, 50, 200, 3000, 7]])
+    assert mx.array_equal(text_model(probe), full_model(probe)).item()
+    assert type(text_model).__module__.endswith("llama")
