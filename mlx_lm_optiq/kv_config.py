@@ -74,6 +74,8 @@ class SlotPlan:
     group_size: Optional[int] = None
     seed: Optional[int] = None  # turbo rotation seed
     kl: dict = field(default_factory=dict)
+    # cache geometry the file records (checked against the model when present)
+    declared: dict = field(default_factory=dict)
     # filled by validation against a model
     geometry: Optional[SlotGeometry] = None
 
@@ -203,6 +205,10 @@ def _field_int(entry, name, where, optional=False):
     return v
 
 
+_DECLARED = {"cache": "kind", "n_kv_heads": "n_kv_heads", "k_head_dim": "k_head_dim",
+             "v_head_dim": "v_head_dim", "window": "window"}
+
+
 def plan_from_dict(data, source="<kv plan>"):
     """Parse a kv_config payload (already read) into a KVPlan; checks what needs no model."""
     layers = data.get("layers")
@@ -221,7 +227,8 @@ def plan_from_dict(data, source="<kv plan>"):
         scheme = entry.get("scheme")
         if scheme not in SCHEMES:
             raise KVConfigError(f"{where}: field 'scheme' is {scheme!r}, expected one of {list(SCHEMES)}")
-        sp = SlotPlan(slot=slot, layer=layer, scheme=scheme, kl=dict(entry.get("kl") or {}))
+        sp = SlotPlan(slot=slot, layer=layer, scheme=scheme, kl=dict(entry.get("kl") or {}),
+                      declared={k: entry[k] for k in _DECLARED if entry.get(k) is not None})
         if scheme == "affine":
             sp.k_bits = _field_int(entry, "k_bits", where)
             sp.v_bits = _field_int(entry, "v_bits", where)
@@ -340,6 +347,12 @@ def validate_plan(plan, model, geometry=None):
         where = f"{src}: layers[{s.slot}] (cache slot {s.slot})"
         if s.layer is not None and g.layer is not None and s.layer != g.layer:
             raise KVConfigError(f"{where}: field 'layer' is {s.layer}, but slot {s.slot} is model layer {g.layer}")
+        for name, attr in _DECLARED.items():
+            if name in s.declared and s.declared[name] != getattr(g, attr):
+                raise KVConfigError(
+                    f"{where}: field {name!r} is {s.declared[name]!r} but the model's cache there has "
+                    f"{getattr(g, attr)!r}; the config was made for another model"
+                )
         if s.scheme != "none":
             if not g.quantizable:
                 raise KVConfigError(

@@ -209,6 +209,8 @@ BAD = [
     (lambda rows: [{"scheme": "fp8"}, *rows[1:]], None, "field 'scheme' is 'fp8'"),
     (lambda rows: [rows[0], {"scheme": "affine", "k_bits": 8}, *rows[2:]], None, "field 'v_bits' is None"),
     (lambda rows: rows, {"quantized_kv_start": -1}, "quantized_kv_start"),
+    (lambda rows: [rows[0], {**A84, "k_head_dim": 128}, *rows[2:]], None, "field 'k_head_dim' is 128 but"),
+    (lambda rows: [{**NONE, "cache": "RotatingKVCache"}, *rows[1:]], None, "field 'cache' is 'RotatingKVCache'"),
     (lambda rows: rows, {"kind": "optiq-sensitivity"}, "field 'kind'"),
     (lambda rows: rows, {"format_version": 9}, "field 'format_version'"),
     (lambda rows: rows, {"num_cache_slots": 5}, "num_cache_slots"),
