@@ -36,6 +36,8 @@ CODEBOOK_FILE = Path(__file__).parent / "data" / "turbo_codebooks.json"
 CODEBOOK_KIND = "optiq-turbo-codebooks"
 # Head dims whose codebooks ship in CODEBOOK_FILE (others are computed on first use).
 SHIPPED_DIMS = (32, 64, 80, 96, 128, 192, 256)
+# Tests set this to run the mx.compile'd graphs on CPU too (they are used on GPUs only).
+COMPILE_ON_CPU = False
 # Storage of the per-vector norms; counted in bits_per_channel.
 NORM_DTYPE = mx.float16
 
@@ -138,9 +140,10 @@ def rotation_matrix(dim, seed, hadamard_rounds=3):
     """
     rng = np.random.default_rng(seed)
     if _is_power_of_two(dim):
-        from scipy.linalg import hadamard
-
-        h = hadamard(dim).astype(np.float64) / math.sqrt(dim)
+        h = np.ones((1, 1))
+        while h.shape[0] < dim:  # Sylvester's construction
+            h = np.block([[h, h], [h, -h]])
+        h = h / math.sqrt(dim)
         r = np.eye(dim)
         for _ in range(hadamard_rounds):
             r = (h * rng.choice([-1.0, 1.0], size=dim)) @ r
@@ -226,30 +229,19 @@ class TurboQuantizer:
     def unrotate(self, y):
         return y @ self.rotation.astype(y.dtype)
 
-    def _codes(self, y):
-        """Index of the nearest centroid (binary search over the sorted boundaries: code_bits steps)."""
-        idx = mx.zeros(y.shape, dtype=mx.uint32)
-        for s in reversed(range(self.code_bits)):
-            cand = idx + (1 << s)
-            idx = mx.where(y > self.boundaries[cand - 1], cand, idx)
-        return idx
-
     def quantize(self, x):
-        xf = x.astype(mx.float32)
-        norm = mx.linalg.norm(xf, axis=-1, keepdims=True)
-        unit = xf / mx.maximum(norm, 1e-30)
-        codes = self._codes(self.rotate(unit))
-        out = {"codes": pack_codes(codes, self.code_bits), "norm": norm.astype(NORM_DTYPE)}
+        arrays = _compiled_quantize(self.code_bits, self.mode == "prod")(
+            x, self.rotation, self.boundaries, self.centroids, *([self.sketch] if self.sketch is not None else []))
+        n = len(_planes(self.code_bits))
+        out = {"codes": list(arrays[:n]), "norm": arrays[n]}
         if self.mode == "prod":
-            residual = unit - self.unrotate(self.centroids[codes])
-            signs = (residual @ self.sketch.T) >= 0
-            out["qjl"] = pack_codes(signs.astype(mx.uint8), 1)
-            out["residual_norm"] = mx.linalg.norm(residual, axis=-1, keepdims=True).astype(NORM_DTYPE)
+            out["qjl"] = [arrays[n + 1]]
+            out["residual_norm"] = arrays[n + 2]
         return out
 
     def rotated_unit(self, q, dtype=mx.float32):
         """Centroid vectors in rotated space, unit-norm scale (..., dim): what attention multiplies against."""
-        return self.centroids.astype(dtype)[unpack_codes(q["codes"], self.code_bits)]
+        return _compiled_lookup(self.code_bits)(self.centroids.astype(dtype), *q["codes"])
 
     def qjl_signs(self, q, dtype=mx.float32):
         """+-1 sketch signs (..., dim) of "prod" codes."""
@@ -261,6 +253,69 @@ class TurboQuantizer:
             scale = math.sqrt(math.pi / 2) / self.dim * q["residual_norm"].astype(mx.float32)
             unit = unit + scale * (self.qjl_signs(q) @ self.sketch)
         return (unit * q["norm"].astype(mx.float32)).astype(dtype)
+
+
+def _gpu_compiled(fn):
+    """`fn` compiled with mx.compile on GPU backends, plain on CPU.
+
+    On a GPU the win is fewer kernel launches per decode step; MLX's CPU
+    backend compiles each new graph shape with the system C++ compiler, which
+    costs seconds per shape and gains little on a BLAS-bound CPU.
+    """
+    compiled = mx.compile(fn)
+
+    def call(*args):
+        use = COMPILE_ON_CPU or mx.default_device().type == mx.DeviceType.gpu
+        return compiled(*args) if use else fn(*args)
+
+    return call
+
+
+def _nearest_codes(y, boundaries, bits):
+    """Index of the nearest centroid (binary search over the sorted boundaries: `bits` steps)."""
+    idx = mx.zeros(y.shape, dtype=mx.uint32)
+    for s in reversed(range(bits)):
+        cand = idx + (1 << s)
+        idx = mx.where(y > boundaries[cand - 1], cand, idx)
+    return idx
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_quantize(code_bits, prod):
+    """x -> (code planes..., fp16 norm[, qjl plane, fp16 residual norm]) as one compiled graph.
+
+    Decode feeds one token at a time, so most of the cost is kernel launches:
+    compiling fuses the ~30 elementwise ops of normalise/compare/pack.
+    """
+
+    def quant(x, rotation, boundaries, centroids, *sketch):
+        xf = x.astype(mx.float32)
+        norm = mx.linalg.norm(xf, axis=-1, keepdims=True)
+        unit = xf / mx.maximum(norm, 1e-30)
+        codes = _nearest_codes(unit @ rotation.T, boundaries, code_bits)
+        out = [*pack_codes(codes, code_bits), norm.astype(NORM_DTYPE)]
+        if prod:
+            residual = unit - centroids[codes] @ rotation
+            signs = (residual @ sketch[0].T) >= 0
+            out += [*pack_codes(signs.astype(mx.uint8), 1),
+                    mx.linalg.norm(residual, axis=-1, keepdims=True).astype(NORM_DTYPE)]
+        return tuple(out)
+
+    return _gpu_compiled(quant)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_lookup(bits):
+    """unpack + centroid lookup fused by mx.compile (one kernel instead of ~3 per plane).
+
+    Attention calls it on the cache's full-capacity buffers, whose shape changes
+    only every `TurboQuantKVCache.step` tokens, so it is not recompiled per step.
+    """
+
+    def lookup(centroids, *planes):
+        return centroids[unpack_codes(list(planes), bits)]
+
+    return _gpu_compiled(lookup)
 
 
 @functools.lru_cache(maxsize=None)
@@ -337,7 +392,7 @@ class TurboQuantKVCache:
         _assign(self.keys, qk, prev, self.offset)
         _assign(self.values, qv, prev, self.offset)
         # Models unpack `keys, values = cache.update_and_fetch(...)`; both names get the one view.
-        view = TurboKV(self, _slice(self.keys, self.offset), _slice(self.values, self.offset))
+        view = TurboKV(self, self.keys, self.values, self.offset)
         return view, view
 
     # --- the _BaseCache protocol of mlx-lm
@@ -386,10 +441,22 @@ class TurboQuantKVCache:
 
 
 class TurboKV:
-    """What TurboQuantKVCache.update_and_fetch returns, twice (as the keys and as the values)."""
+    """What TurboQuantKVCache.update_and_fetch returns, twice (as the keys and as the values).
 
-    def __init__(self, cache, keys, values):
-        self.cache, self.keys, self.values = cache, keys, values
+    `keys`/`values` hold the first `length` tokens; `full_keys`/`full_values` the
+    whole preallocated buffers (stable shapes for the compiled lookup).
+    """
+
+    def __init__(self, cache, full_keys, full_values, length):
+        self.cache, self.full_keys, self.full_values, self.length = cache, full_keys, full_values, length
+
+    @property
+    def keys(self):
+        return _slice(self.full_keys, self.length)
+
+    @property
+    def values(self):
+        return _slice(self.full_values, self.length)
 
 
 def _leaves(part):
@@ -447,46 +514,84 @@ def set_attention_patched(active):
 
 
 def turbo_scaled_dot_product_attention(queries, kv, scale, mask, sinks=None):
-    """Attention of `queries` (B, n_heads, L, D) against a TurboKV, in rotated space."""
+    """Attention of `queries` (B, n_heads, L, D) against a TurboKV, in rotated space.
+
+    Runs on the cache's full-capacity buffers with the unfilled tail masked out,
+    so input shapes change only every `step` tokens and the compiled graph is
+    reused across decode steps.
+    """
     if sinks is not None:
         raise ValueError("TurboQuantKVCache does not support attention sinks; keep such layers unquantized")
     kq, vq = kv.cache.key_quantizer, kv.cache.value_quantizer
+    keys, values = kv.full_keys, kv.full_values
     B, n_q_heads, L, D = queries.shape
-    n_kv_heads = kv.keys["norm"].shape[1]
+    n_kv_heads, cap = keys["norm"].shape[1], keys["norm"].shape[2]
     n_rep = n_q_heads // n_kv_heads
     dtype = queries.dtype
-    q = (queries * scale).reshape(B, n_kv_heads, n_rep, L, D)
+    n = kv.length
 
-    # scores: rotate the query once, multiply against unit centroid vectors, scale by |k|
-    k_unit = kq.rotated_unit(kv.keys, dtype)[:, :, None]  # (B, Hkv, 1, N, D)
-    scores = kq.rotate(q) @ k_unit.swapaxes(-1, -2)
-    if kq.mode == "prod":
-        signs = kq.qjl_signs(kv.keys, dtype)[:, :, None]
-        qjl = (q @ kq.sketch.astype(dtype).T) @ signs.swapaxes(-1, -2)
-        res = kv.keys["residual_norm"].astype(dtype).swapaxes(-1, -2)[:, :, None]
-        scores = scores + (math.sqrt(math.pi / 2) / kq.dim) * res * qjl
-    scores = scores * kv.keys["norm"].astype(dtype).swapaxes(-1, -2)[:, :, None]
-
-    n_keys = scores.shape[-1]
-    if mask is not None:
+    valid = mx.arange(cap) < n  # (cap,)
+    if mask is None:
+        allowed = valid[None]
+    else:
         if isinstance(mask, str):
             if mask != "causal":
                 raise ValueError(f"unsupported attention mask {mask!r}")
             from mlx_lm.models.base import create_causal_mask
 
-            mask = create_causal_mask(L, offset=n_keys - L)
-        if mask.ndim == 4:  # (B or 1, n_heads or 1, L, N): split heads like the queries
-            mask = mask.reshape(mask.shape[0], -1, 1 if mask.shape[1] == 1 else n_rep, *mask.shape[-2:])
+            mask = create_causal_mask(L, offset=n - L)
+        pad = [(0, 0)] * (mask.ndim - 1) + [(0, cap - mask.shape[-1])]
         if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+            allowed = mx.pad(mask, pad, constant_values=False) & valid
         else:
-            scores = scores + mask
-    probs = mx.softmax(scores, axis=-1, precise=True)
+            allowed = mx.where(valid, mx.pad(mask, pad), -mx.inf)
+        if allowed.ndim == 4:  # (B or 1, n_heads or 1, L, cap): split heads like the queries
+            allowed = allowed.reshape(allowed.shape[0], -1, 1 if allowed.shape[1] == 1 else n_rep,
+                                      *allowed.shape[-2:])
+    if allowed.dtype == mx.bool_:
+        additive = mx.where(allowed, mx.array(0, dtype), mx.array(-mx.inf, dtype))
+    else:
+        additive = allowed.astype(dtype)
 
-    # values: weight by |v|, sum unit centroid vectors in rotated space, rotate back once
-    weights = probs * kv.values["norm"].astype(dtype).swapaxes(-1, -2)[:, :, None]
-    out = weights @ vq.rotated_unit(kv.values, dtype)[:, :, None]
-    return vq.unrotate(out).reshape(B, n_q_heads, L, D)
+    fn = _compiled_attention(kq.code_bits, vq.code_bits, kq.mode == "prod", n_rep, float(scale))
+    extra = [kq.sketch.astype(dtype), keys["qjl"][0], keys["residual_norm"]] if kq.mode == "prod" else []
+    return fn(queries, kq.rotation.astype(dtype), vq.rotation.astype(dtype), kq.centroids.astype(dtype),
+              vq.centroids.astype(dtype), keys["norm"], values["norm"], additive,
+              *keys["codes"], *values["codes"], *extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_attention(k_bits, v_bits, k_prod, n_rep, scale):
+    nk = len(_planes(k_bits))
+
+    def attend(queries, k_rot, v_rot, k_cent, v_cent, k_norm, v_norm, additive, *planes):
+        B, n_q_heads, L, D = queries.shape
+        dtype = queries.dtype
+        q = (queries * scale).reshape(B, -1, n_rep, L, D)
+
+        def per_key(a):  # (B, Hkv, cap, 1) -> (B, Hkv, 1, 1, cap): broadcasts over query heads and rows
+            return a.astype(dtype).swapaxes(-1, -2)[:, :, None]
+
+        # scores: rotate the query once, multiply against unit centroid vectors, scale by |k|
+        k_unit = k_cent[unpack_codes(list(planes[:nk]), k_bits)][:, :, None]  # (B, Hkv, 1, cap, D)
+        scores = (q @ k_rot.T) @ k_unit.swapaxes(-1, -2)
+        if k_prod:
+            sketch, qjl, res_norm = planes[-3:]
+            signs = (unpack_codes([qjl], 1).astype(dtype) * 2 - 1)[:, :, None]
+            sketched = (q @ sketch.T) @ signs.swapaxes(-1, -2)
+            scores = scores + (math.sqrt(math.pi / 2) / D) * per_key(res_norm) * sketched
+            v_planes = planes[nk:-3]
+        else:
+            v_planes = planes[nk:]
+        scores = scores * per_key(k_norm) + additive
+        probs = mx.softmax(scores, axis=-1, precise=True)
+
+        # values: weight by |v|, sum unit centroid vectors in rotated space, rotate back once
+        v_unit = v_cent[unpack_codes(list(v_planes), v_bits)][:, :, None]
+        out = (probs * per_key(v_norm)) @ v_unit
+        return (out @ v_rot).reshape(B, n_q_heads, L, D)
+
+    return _gpu_compiled(attend)
 
 
 # ---------------------------------------------------------------- helpers

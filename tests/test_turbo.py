@@ -196,6 +196,23 @@ def test_rotated_space_attention_equals_dequantized_attention(attention_patched,
         assert mx.array_equal(a[:, :, :200], b).item()
 
 
+def test_compiled_graphs_match_plain_ones(attention_patched, monkeypatch):
+    """GPUs run mx.compile'd quantize/attention graphs; they must equal the plain ops used on CPU."""
+    B, Hq, Hkv, D = 1, 4, 2, 64
+    k, v, q = (mx.random.normal(s, key=mx.random.key(i)) for i, s in
+               enumerate([(B, Hkv, 9, D), (B, Hkv, 9, D), (B, Hq, 1, D)]))
+    outs = []
+    for compiled in (False, True):
+        monkeypatch.setattr(turbo, "COMPILE_ON_CPU", compiled)
+        cache = turbo.TurboQuantKVCache(head_dim=D, bits=3, seed=2)
+        kv, _ = cache.update_and_fetch(k, v)
+        outs.append((turbo.turbo_scaled_dot_product_attention(q, kv, 0.125, None), kv.keys))
+    (plain, plain_keys), (comp, comp_keys) = outs
+    for a, b in zip(turbo._leaves(plain_keys), turbo._leaves(comp_keys)):
+        assert mx.array_equal(a, b).item()
+    assert mx.abs(plain - comp).max().item() < 1e-5
+
+
 def test_cache_memory_and_bits(attention_patched):
     cache = turbo.TurboQuantKVCache(head_dim=64, bits=3, seed=0)
     cache.update_and_fetch(mx.ones((1, 3, 256, 64)), mx.ones((1, 3, 256, 64)))
