@@ -5,6 +5,7 @@ Adapters: three random-but-deterministic mlx-lm adapters (made with mlx-lm's own
 a few steps with the real `mlx_lm.lora` on ../shared/data/gsm_symbolic.
 """
 
+import functools
 import json
 import os
 import socket
@@ -14,13 +15,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 mx = pytest.importorskip("mlx.core")
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from mlx_lm import load  # noqa: E402
 
 from mlx_lm_optiq import adapters as A  # noqa: E402
 
@@ -67,11 +68,6 @@ def trained_adapter(tiny_float_path, adapter_dir, shared_dir):
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny(tiny_float_path):
-    return load(str(tiny_float_path))
-
-
 def _greedy_tokens(model, tokenizer, prompt, n=8):
     from mlx_lm.generate import generate_step
 
@@ -79,9 +75,22 @@ def _greedy_tokens(model, tokenizer, prompt, n=8):
     return [int(t) for t, _ in zip((t for t, _ in generate_step(tokens, model, max_tokens=n)), range(n))]
 
 
+@functools.lru_cache(maxsize=None)
+def _tokenizer(path):
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(Path(path))
+
+
 def _fresh(path, adapter_path=None):
-    model, tok = load(str(path), adapter_path=str(adapter_path) if adapter_path else None)
-    return model, tok
+    """A freshly loaded model (stock mlx-lm, with the adapter loaded the stock way when given)."""
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(Path(path))
+    if adapter_path is not None:
+        load_adapters(model, str(adapter_path))
+    return model, _tokenizer(str(path))
 
 
 # ---------------------------------------------------------------------------
@@ -165,11 +174,14 @@ def test_mixed_rows_in_one_forward_match_solo(tiny_float_path, random_adapters):
 
 
 def _quantized(path, bits, mode, group_size):
-    from mlx_lm.utils import quantize_model
+    """Stock mlx-lm quantization of every linear layer in the blocks (the tied embedding
+    stays float: quantizing it only costs CI time and adapters never touch it)."""
+    from mlx_lm.utils import load_model, quantize_model
 
-    model, tok, config = load(str(path), return_config=True, lazy=True)
-    model, _ = quantize_model(model, config, group_size, bits, mode=mode)
-    return model, tok
+    model, config = load_model(Path(path), lazy=True)
+    model, _ = quantize_model(model, config, group_size, bits, mode=mode,
+                              quant_predicate=lambda p, m, *_: "embed_tokens" not in p)
+    return model, _tokenizer(str(path))
 
 
 @pytest.mark.parametrize(
@@ -437,13 +449,14 @@ def expected_text(tiny_float_path, random_adapters, trained_adapter):
     from mlx_lm import generate
 
     paths = {None: None, "trained": trained_adapter, **random_adapters}
-    cache = {}
+    models, texts = {}, {}
 
     def get(name, prompt, n=6):
-        if (name, prompt, n) not in cache:
-            model, tok = _fresh(tiny_float_path, paths[name])
-            cache[(name, prompt, n)] = generate(model, tok, prompt, max_tokens=n)
-        return cache[(name, prompt, n)]
+        if name not in models:
+            models[name] = _fresh(tiny_float_path, paths[name])
+        if (name, prompt, n) not in texts:
+            texts[(name, prompt, n)] = generate(*models[name], prompt, max_tokens=n)
+        return texts[(name, prompt, n)]
 
     return get
 

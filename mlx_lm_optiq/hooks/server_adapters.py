@@ -21,7 +21,6 @@ import json
 import logging
 import sys
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
