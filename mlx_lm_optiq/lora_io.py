@@ -192,12 +192,12 @@ def has_record(adapter_path):
     return adapter_path is not None and (Path(adapter_path) / RECORD_FILE).is_file()
 
 
-def finalize_adapter_dir(adapter_path):
+def finalize_adapter_dir(adapter_path, config_updates=None):
     """Make an adapter directory trained at compact ranks loadable by stock mlx-lm.
 
     Zero-pads adapters.safetensors and every checkpoint `*_adapters.safetensors`
     to the largest recorded rank and sets `lora_parameters.rank` in the stock
-    adapter_config.json to it. Idempotent.
+    adapter_config.json to it (plus `config_updates`). Idempotent.
     """
     from mlx_lm.utils import save_config
 
@@ -216,6 +216,7 @@ def finalize_adapter_dir(adapter_path):
     lora_parameters = dict(config.get("lora_parameters") or {})
     lora_parameters["rank"] = padded_rank
     config["lora_parameters"] = lora_parameters
+    config.update(config_updates or {})
     save_config(config, config_path)
     record["padded_rank"] = padded_rank
     write_record(adapter_path, record)

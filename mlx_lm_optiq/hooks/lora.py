@@ -135,7 +135,8 @@ def _train_model(wrapped, instance, args, kwargs):
     finally:
         _TRAIN_PLAN.reset(token)
         run_args.resume_adapter_file = resume
-    padded = lora_io.finalize_adapter_dir(run_args.adapter_path)
+    # stock save_config ran while resume_adapter_file was hidden: record the real one
+    padded = lora_io.finalize_adapter_dir(run_args.adapter_path, {"resume_adapter_file": resume})
     print(f"[optiq] adapters zero-padded to rank {padded} for stock mlx-lm; true ranks in "
           f"{Path(run_args.adapter_path) / lora_io.RECORD_FILE}")
     return result
