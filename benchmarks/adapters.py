@@ -1,0 +1,263 @@
+"""Many adapters on one base: aggregate decode throughput and memory per adapter.
+
+Side by side in one run, on the same model and the same prompts:
+  * ours  — `mlx_lm.server` with the mlx_lm_optiq hooks and N adapters mounted
+            (`--optiq-adapter name=path`); requests pick an adapter with "model": name.
+  * stock — plain `mlx_lm.server`; requests pick an adapter with
+            {"model": <model path>, "adapters": <adapter path>}, which reloads the
+            model whenever the adapter changes and drains the running batch.
+Each server gets N concurrent requests on the base, then N concurrent requests on
+N distinct adapters; aggregate tokens/s = completion tokens / wall time.
+Memory per adapter is measured in-process (mx.get_active_memory) around mounting.
+
+    python benchmarks/adapters.py --model ../shared/models/smollm2-135m-instruct-q4-exact
+    python benchmarks/adapters.py --model M --random-layers 30   # random weights, M's shapes and tokenizer
+"""
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlx.core as mx
+
+SERVER_CODE = (
+    "import sys\n"
+    "if sys.argv[1] == 'ours':\n"
+    "    import mlx_lm_optiq; mlx_lm_optiq.enable()\n"
+    "import mlx_lm.server\n"
+    "sys.argv = ['mlx_lm.server'] + sys.argv[2:]\n"
+    "sys.modules['mlx_lm.server'].main()\n"
+)
+
+WORDS = ("the quiet garden behind the old house was full of late roses and the sound of bees "
+         "while the letters from town arrived each morning with news of ships and weddings").split()
+
+
+def prompt_text(i, run, n_words):
+    words = [WORDS[(i * 7 + run * 13 + k) % len(WORDS)] for k in range(n_words)]
+    return f"Note {run}-{i}: " + " ".join(words)
+
+
+def build_random_model(src, dst, num_layers, bits):
+    """A model with `src`'s architecture and tokenizer, `num_layers` blocks, random weights."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+
+    config = json.loads((Path(src) / "config.json").read_text())
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    config["num_hidden_layers"] = num_layers
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    model.set_dtype(mx.float16)
+    mx.eval(model.parameters())
+    if bits:
+        model, config = quantize_model(model, config, 64, bits)
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    save_model(dst, model)
+    save_config(config, dst / "config.json")
+    for f in Path(src).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copy(f, dst / f.name)
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(f"random model: {num_layers} layers, {n / 1e6:.0f}M stored values, {bits or 16}-bit", flush=True)
+    return dst
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(port, path, body=None, timeout=600):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class Server:
+    def __init__(self, kind, model, adapters, log_dir, extra=()):
+        self.port = free_port()
+        cmd = [sys.executable, "-c", SERVER_CODE, kind, "--model", str(model), "--host", "127.0.0.1",
+               "--port", str(self.port), *extra]
+        if kind == "ours":
+            for name, path in adapters.items():
+                cmd += ["--optiq-adapter", f"{name}={path}"]
+        env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
+        self.log = Path(log_dir) / f"server-{kind}.log"
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 300
+        while True:
+            try:
+                if http(self.port, "/health", timeout=5)["status"] == "ok":
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{kind} server did not start; log {self.log}:\n{self.log.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def concurrent(port, bodies):
+    """Send the bodies at once; (total completion tokens, wall seconds)."""
+    tokens = [0] * len(bodies)
+    errors = []
+
+    def one(i):
+        try:
+            tokens[i] = http(port, "/v1/completions", bodies[i])["usage"]["completion_tokens"]
+        except Exception as e:  # reported below, never counted as throughput
+            errors.append(f"request {i}: {e}")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    tic = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - tic
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return sum(tokens), wall
+
+
+def measure_memory(model_path, adapters):
+    from mlx_lm.utils import load_model
+
+    from mlx_lm_optiq.adapters import adapter_rows, mount_adapter, read_adapter
+
+    model, _ = load_model(Path(model_path))
+    mx.eval(model.parameters())
+    gc.collect()
+    before = mx.get_active_memory()
+    weights = {name: read_adapter(path) for name, path in adapters.items()}
+    mx.eval([[a, b] for w in weights.values() for a, b, _ in w.layers.values()])
+    for name, w in weights.items():
+        mount_adapter(model, name, w)
+    del weights
+    gc.collect()
+    mounted = mx.get_active_memory()
+    with adapter_rows(model, list(adapters)):  # first mixed batch builds the stacked A/B
+        mx.eval(model(mx.zeros((len(adapters), 4), dtype=mx.int32)))
+    gc.collect()
+    stacked = mx.get_active_memory()
+    file_bytes = sum((Path(p) / "adapters.safetensors").stat().st_size for p in adapters.values())
+    del model
+    gc.collect()
+    mx.clear_cache()
+    n = len(adapters)
+    return {"file_mb": file_bytes / n / 1e6, "mounted_mb": (mounted - before) / n / 1e6,
+            "with_stacks_mb": (stacked - before) / n / 1e6}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model directory (also the tokenizer/shape source for --random-layers)")
+    parser.add_argument("--random-layers", type=int, default=None, help="benchmark a random-weight model with this many blocks")
+    parser.add_argument("--random-bits", type=int, default=4, help="quantize the random model (0: keep fp16)")
+    parser.add_argument("--num-adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-words", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-stock", action="store_true", help="only our server (stock reloads are slow on CPU)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    from mlx_lm_optiq.adapters import write_random_adapter
+
+    work = Path(tempfile.mkdtemp(prefix="optiq-adapters-bench-"))
+    model = Path(args.model)
+    if args.random_layers:
+        model = build_random_model(args.model, work / "model", args.random_layers, args.random_bits)
+    adapters = {}
+    for i in range(args.num_adapters):
+        adapters[f"ad{i}"] = write_random_adapter(model, work / f"ad{i}", seed=100 + i, rank=args.rank)
+    print(f"{args.num_adapters} adapters of rank {args.rank} on every linear layer of every block", flush=True)
+
+    memory = measure_memory(model, adapters)
+    print(f"memory per adapter: file {memory['file_mb']:.2f} MB, mounted {memory['mounted_mb']:.2f} MB, "
+          f"with mixed-batch stacks {memory['with_stacks_mb']:.2f} MB", flush=True)
+
+    n = args.num_adapters
+    base_id = str(model.resolve())
+    results = {}
+    for kind in ["ours"] if args.skip_stock else ["ours", "stock"]:
+        server = Server(kind, model, adapters, work)
+        try:
+            def bodies(run, scenario):
+                out = []
+                for i in range(n):
+                    body = {"prompt": prompt_text(i, run, args.prompt_words), "max_tokens": args.max_tokens,
+                            "temperature": 0.0, "model": base_id}
+                    if scenario == "adapters":
+                        if kind == "ours":
+                            body["model"] = f"ad{i}"
+                        else:
+                            body["adapters"] = str(adapters[f"ad{i}"])
+                    out.append(body)
+                return out
+
+            concurrent(server.port, bodies(-1, "base"))  # warm-up (kernels, allocator)
+            concurrent(server.port, bodies(-2, "adapters"))
+            for scenario in ["base", "adapters"]:
+                rates = []
+                for run in range(args.repeats):
+                    toks, wall = concurrent(server.port, bodies(run + (0 if scenario == "base" else 100), scenario))
+                    rates.append(toks / wall)
+                    print(f"{kind:5s} {scenario:8s} run {run}: {toks} tokens in {wall:.2f}s = {toks / wall:.1f} tok/s",
+                          flush=True)
+                results[(kind, scenario)] = statistics.median(rates)
+        finally:
+            server.stop()
+
+    device = str(mx.default_device())
+    print()
+    print(f"| server | {n} requests on | aggregate tok/s | vs ours, base |")
+    print("|---|---|---|---|")
+    ours_base = results[("ours", "base")]
+    for (kind, scenario), rate in results.items():
+        what = "the base" if scenario == "base" else f"{n} distinct adapters"
+        label = "mlx_lm_optiq" if kind == "ours" else "stock mlx_lm.server"
+        print(f"| {label} | {what} | {rate:.1f} | {rate / ours_base:.2f}x |")
+    print()
+    print(f"ours, {n} adapters / ours, base: {results[('ours', 'adapters')] / ours_base:.2f}x (goal >= 0.8x)")
+    if ("stock", "base") in results:
+        print(f"ours, base with {n} adapters mounted but idle / stock, base: "
+              f"{ours_base / results[('stock', 'base')]:.2f}x")
+        print(f"ours, {n} adapters / stock, {n} adapters: "
+              f"{results[('ours', 'adapters')] / results[('stock', 'adapters')]:.2f}x")
+    print(f"memory per adapter (rank {args.rank}): file {memory['file_mb']:.2f} MB, mounted "
+          f"{memory['mounted_mb']:.2f} MB, with mixed-batch stacks {memory['with_stacks_mb']:.2f} MB")
+    print(f"device: {device}; model: {args.model}" + (f" (random weights, {args.random_layers} layers)" if args.random_layers else ""))
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "device": device, "model": args.model, "random_layers": args.random_layers,
+            "num_adapters": n, "rank": args.rank, "max_tokens": args.max_tokens,
+            "tokens_per_s": {f"{k}/{s}": v for (k, s), v in results.items()}, "memory_per_adapter": memory,
+        }, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
