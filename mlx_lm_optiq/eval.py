@@ -128,8 +128,9 @@ def load_for_eval(path, compute):
 
     model, _ = load(str(path))
     bpw = compute_bits_per_weight(model)
-    if compute == "simulated" or not is_quantized(model):
-        return float32_model(model), bpw, "simulated" if is_quantized(model) else "float"
+    quantized = is_quantized(model)
+    if compute == "simulated" or not quantized:
+        return float32_model(model), bpw, "simulated" if quantized else "float"
     return model, bpw, "quantized"
 
 
