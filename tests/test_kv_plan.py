@@ -321,6 +321,21 @@ def test_convert_flag_writes_kv_config(tiny_q4_path, tmp_path, shared_dir, hooks
     assert not (tmp_path / "y").exists()
 
 
+def test_generate_console_script_uses_folder_plan_and_flags(model_dir, optiq_env):
+    import subprocess
+
+    _write_plan(model_dir / "kv_config.json", [NONE, A84, A84, A84])
+    base = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(model_dir), "--prompt", "Hi",
+            "--max-tokens", "2"]
+    out = subprocess.run(base + ["--kv-bits", "4"], env=optiq_env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "per-layer KV plan" in out.stderr and "3x K8/V4 g64" in out.stderr
+    assert "kv_bits=4 cannot be combined with the per-layer KV plan" in out.stderr
+    out = subprocess.run(base + ["--optiq-kv-config", str(model_dir / "missing.json")], env=optiq_env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "--optiq-kv-config: " in out.stderr and "missing.json: file not found" in out.stderr
+
+
 def test_disable_restores_generate_symbols():
     import mlx_lm
     import mlx_lm_optiq
@@ -328,7 +343,7 @@ def test_disable_restores_generate_symbols():
     gen = sys.modules["mlx_lm.generate"]
     utils = sys.modules["mlx_lm.utils"]
     originals = (gen.generate_step, gen.maybe_quantize_kv_cache, gen.speculative_generate_step, utils.load,
-                 mlx_lm.load, gen.load)
+                 mlx_lm.load, gen.load, gen.setup_arg_parser)
     mlx_lm_optiq.enable()
     try:
         assert gen.generate_step is not originals[0] and mlx_lm.load is not originals[4]
@@ -336,5 +351,5 @@ def test_disable_restores_generate_symbols():
     finally:
         mlx_lm_optiq.disable()
     now = (gen.generate_step, gen.maybe_quantize_kv_cache, gen.speculative_generate_step, utils.load,
-           mlx_lm.load, gen.load)
+           mlx_lm.load, gen.load, gen.setup_arg_parser)
     assert all(a is b for a, b in zip(now, originals))

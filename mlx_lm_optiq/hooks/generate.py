@@ -9,12 +9,25 @@
   is an error. Draft-model caches are left alone.
 - `maybe_quantize_kv_cache`: turns pending (quantized_kv_start) turbo slots into their
   planned caches at the same points where stock converts to --kv-bits.
+- `setup_arg_parser` (the `mlx_lm.generate` console script): `--optiq-kv-config PATH`
+  and `--optiq-no-kv-config`, read right after parsing.
 Each wrapper passes straight through when no plan is active.
 """
 
 import sys
 
 from .. import _patching, kv_config
+from ..io_utils import OptiqFileError
+from . import on_reset
+
+_CLI_TOKEN = []
+
+
+@on_reset
+def _clear():
+    # the console script's choice was set in this thread's context; undo it
+    while _CLI_TOKEN:
+        kv_config._ACTIVE.reset(_CLI_TOKEN.pop())
 
 
 def _arg(args, kwargs, index, name):
@@ -66,9 +79,42 @@ def _load(wrapped, instance, args, kwargs):
     path = _arg(args, kwargs, 0, "path_or_hf_repo")
     found = kv_config.find_kv_config(path) if path is not None else None
     if found is not None:
+        plan = kv_config.read_kv_config(found)
         # validating builds the model graph once; a lazy load defers that to first use
-        kv_config.attach_plan(result[0], kv_config.read_kv_config(found), validate=not kwargs.get("lazy"))
+        kv_config.attach_plan(result[0], plan, validate=not kwargs.get("lazy"))
+        if kv_config._ACTIVE.get() is kv_config._UNSET:  # else use_kv_config / a CLI flag decides
+            print(f"mlx_lm_optiq: per-layer KV plan {plan.source} ({plan.summary()})", file=sys.stderr)
     return result
+
+
+def _setup_arg_parser(wrapped, instance, args, kwargs):
+    parser = wrapped(*args, **kwargs)
+    group = parser.add_argument_group("mlx_lm_optiq", "per-layer KV cache (mlx-lm-optiq)")
+    group.add_argument("--optiq-kv-config", default=None, metavar="PATH",
+                       help="Per-layer KV cache plan (kv_config.json or a folder holding one). "
+                            "Default: the kv_config.json in the model folder, if there is one.")
+    group.add_argument("--optiq-no-kv-config", action="store_true",
+                       help="Ignore a kv_config.json found in the model folder.")
+    stock_parse_args = parser.parse_args
+
+    def parse_args(*a, **k):
+        ns = stock_parse_args(*a, **k)
+        if ns.optiq_kv_config is not None and ns.optiq_no_kv_config:
+            parser.error("--optiq-kv-config and --optiq-no-kv-config contradict each other; pass one of them")
+        if ns.optiq_kv_config is not None:
+            if getattr(ns, "kv_bits", None) is not None:
+                parser.error(f"--kv-bits {ns.kv_bits} cannot be combined with --optiq-kv-config")
+            try:
+                plan = kv_config.read_kv_config(ns.optiq_kv_config)
+            except OptiqFileError as e:
+                parser.error(f"--optiq-kv-config: {e}")
+            _CLI_TOKEN.append(kv_config._ACTIVE.set(plan))  # validated against the model at first use
+        elif ns.optiq_no_kv_config:
+            _CLI_TOKEN.append(kv_config._ACTIVE.set(None))
+        return ns
+
+    parser.parse_args = parse_args  # this parser instance only: main() parses once with it
+    return parser
 
 
 def install(module):
@@ -76,5 +122,6 @@ def install(module):
     _patching.wrap(module, "generate_step", _generate_step)
     _patching.wrap(module, "speculative_generate_step", _speculative_generate_step)
     _patching.wrap(module, "maybe_quantize_kv_cache", _maybe_quantize_kv_cache)
+    _patching.wrap(module, "setup_arg_parser", _setup_arg_parser)
     _patching.wrap(sys.modules["mlx_lm.utils"], "load", _load,
                    aliases=[("mlx_lm", "load"), ("mlx_lm.generate", "load")])
