@@ -154,9 +154,20 @@ def random_llama(args):
 
 
 def decode_speed(model, caches, context, steps, chunk):
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
     prompt = mx.random.randint(0, model.args.vocab_size, (1, context))
+    affine = [c for c in caches if isinstance(c, QuantizedKVCache)]
+    if affine:
+        # mlx-lm's own route (kv_bits + quantized_kv_start): prefill in float, then to_quantized;
+        # its quantized prefill attention has no CUDA kernel for these shapes
+        prefill = [KVCache() for _ in caches]
+    else:
+        prefill = caches
     for s in range(0, context, chunk):
-        mx.eval(model(prompt[:, s:s + chunk], cache=caches))
+        mx.eval(model(prompt[:, s:s + chunk], cache=prefill))
+    if affine:
+        caches[:] = [c.to_quantized(group_size=a.group_size, bits=a.bits) for c, a in zip(prefill, affine)]
     tok = mx.array([[1]])
     for _ in range(3):  # warm-up (kernel compilation, allocations)
         tok = mx.argmax(model(tok, cache=caches)[:, -1:], axis=-1)
