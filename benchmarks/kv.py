@@ -1,0 +1,370 @@
+"""Per-layer KV cache benchmark: quality (CPU, real model) and speed/memory/serving (GPU).
+
+  quality   KLD / top-1 agreement of next-token distributions vs the float KV cache, for
+            uniform K4/V4, uniform K8/V8 and a per-layer plan (kv_config.json), on text
+            the plan was not calibrated on. Run on CPU with the fp32 float reference.
+  gpu       everything that needs the accelerator, on a random-weight 1B-class llama built
+            with mlx-lm's own model class (speed and memory do not depend on weight values):
+            attention  decode attention at long context: fp16 SDPA vs ours (dequantize the
+                       used prefix + fp SDPA) vs stock quantized SDPA; stock crash probes
+            memory     KV bytes and *peak* memory after an N-token prefill + decode
+            server     aggregate generated tokens/s with C concurrent clients on loopback:
+                       stock float (batched), stock --kv-bits 4 (unbatched), ours (batched)
+
+Examples (docs/kv.md has the latest tables):
+  python benchmarks/kv.py quality --model /tmp/smollm2-f32 --plan kv_config.json \
+      --text ../shared/data/text/emma.txt
+  python benchmarks/kv.py gpu --tokenizer DIR --out $OUT
+"""
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import mlx.core as mx
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlx_lm_optiq.kv_cache import MixedQuantizedKVCache, Packing  # noqa: E402
+
+GROUP = 64
+
+
+# ----------------------------------------------------------------------------- quality (CPU)
+
+
+def _variants(model, plan_path):
+    from mlx_lm_optiq.kv_config import average_bits, cache_geometry, load_kv_config, make_plan_cache, plan_from_dict
+
+    geometry = cache_geometry(model)
+    n = len(geometry)
+
+    def uniform(k, v):
+        data = {"layers": [{"layer": i, "cache_slot": i, "scheme": "affine", "k_bits": k, "v_bits": v,
+                            "group_size": GROUP} for i in range(n)]}
+        return plan_from_dict(data, source=f"uniform K{k}/V{v} g{GROUP}")
+
+    plans = [("float KV (reference)", None), ("uniform K8/V8 g64", uniform(8, 8)),
+             ("uniform K4/V4 g64", uniform(4, 4)), (f"per-layer {Path(plan_path).name}", load_kv_config(plan_path, model))]
+    out = []
+    for name, plan in plans:
+        bits = 16.0 if plan is None else average_bits(plan.slots, geometry)
+        out.append((name, bits, (lambda p=plan: None if p is None else make_plan_cache(model, p))))
+    return out
+
+
+def quality(args):
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, tok = load(args.model)
+    ids = tok.encode(Path(args.text).read_text())
+    step = len(ids) // (args.windows + 1)
+    windows = [ids[(w + 1) * step - args.context // 2:][: args.context] for w in range(args.windows)]
+    variants = _variants(model, args.plan)
+    rows = {name: {"kl": 0.0, "top1": 0.0, "n": 0, "bits": bits} for name, bits, _ in variants}
+    for window in tqdm(windows, desc="windows"):
+        x = mx.array(window)[None]
+        ref = None
+        for name, _, make in variants:
+            cache = make() or make_prompt_cache(model)
+            logits = model(x, cache=cache)[0, args.skip:].astype(mx.float32)
+            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            if ref is None:
+                ref = logp
+            kl = mx.sum(mx.exp(ref) * (ref - logp), axis=-1)
+            agree = mx.argmax(ref, axis=-1) == mx.argmax(logp, axis=-1)
+            r = rows[name]
+            r["kl"] += kl.sum().item()
+            r["top1"] += agree.sum().item()
+            r["n"] += kl.size
+    print(f"\nquality: {args.model}, {args.windows} windows x {args.context} tokens of {Path(args.text).name}, "
+          f"scored after token {args.skip} (vs the float KV cache, same weights)")
+    print("| KV cache | avg bits/elem | mean KLD | top-1 agree |\n|---|---|---|---|")
+    for name, bits, _ in variants:
+        r = rows[name]
+        print(f"| {name} | {bits:.2f} | {r['kl'] / r['n']:.5f} | {100 * r['top1'] / r['n']:.2f}% |")
+
+
+# ----------------------------------------------------------------------------- GPU helpers
+
+LLAMA_1B = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                vocab_size=49152, rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=131072)
+
+# A ~4.5-bit per-layer plan for the 16-layer model (fp16 scales: K4/V4 g64 = 4.5 bits):
+# layer 0 kept at 8 bits, a few K8/V4, the rest K4/V4 and K4/V2. Speed and memory depend
+# on the bit mix only; the real model's plan (quality) comes from `python -m mlx_lm_optiq.kv`.
+SYNTHETIC_PLAN = [(8, 8)] + [(8, 4)] * 2 + [(4, 4)] * 6 + [(4, 2)] * 7
+# --tiny: a CPU smoke run of the gpu command (same code paths, toy sizes)
+LLAMA_TINY = dict(LLAMA_1B, hidden_size=256, num_hidden_layers=4, intermediate_size=512,
+                  num_attention_heads=4, num_key_value_heads=2)
+
+
+def synthetic_plan(n):
+    return SYNTHETIC_PLAN if n == len(SYNTHETIC_PLAN) else ([(8, 8), (8, 4), (4, 4), (4, 2)] * n)[:n]
+
+
+def build_random_model(out_dir, tokenizer_dir, shape=LLAMA_1B):
+    """Save a random-weight 1B llama (fp16) with a real tokenizer and the synthetic plan."""
+    import shutil
+
+    from mlx.utils import tree_map
+    from mlx_lm.models import llama
+    from mlx_lm.utils import save_config, save_model
+
+    from mlx_lm_optiq.io_utils import write_json
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs(**shape))
+    model.update(tree_map(lambda p: p.astype(mx.float16), model.parameters()))
+    save_model(out_dir, model)
+    save_config(dict(shape, torch_dtype="float16"), out_dir / "config.json")
+    for f in Path(tokenizer_dir).glob("tokenizer*"):
+        shutil.copy(f, out_dir / f.name)
+    layers = [{"layer": i, "cache_slot": i, "scheme": "affine", "k_bits": k, "v_bits": v, "group_size": GROUP}
+              for i, (k, v) in enumerate(synthetic_plan(shape["num_hidden_layers"]))]
+    write_json(out_dir / "optiq_kv_plan.json", {"model": "random llama-1b", "quantized_kv_start": 0,
+                                                 "num_cache_slots": len(layers), "layers": layers},
+               kind="optiq-kv-config")
+    return out_dir
+
+
+def _time(fn, iters=50):
+    mx.eval(fn())
+    mx.synchronize()
+    tic = time.perf_counter()
+    for _ in range(iters):
+        mx.eval(fn())
+    mx.synchronize()
+    return (time.perf_counter() - tic) / iters * 1e6
+
+
+def attention(contexts):
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+    H, KV, D = 32, 8, 64
+    print("\nattention: one decode step, 32 query / 8 KV heads, head_dim 64, fp16 (µs per call)")
+    print("| context | fp16 SDPA | ours K4/V4 (dequant+SDPA) | ours K8/V4 | stock 4-bit quantized SDPA | "
+          "stock, unaligned length (L-249) | stock, 2048-query prefill chunk |\n|---|---|---|---|---|---|---|")
+    for L in contexts:
+        mx.random.seed(1)
+        q = mx.random.normal((1, H, 1, D)).astype(mx.float16)
+        k = mx.random.normal((1, KV, L, D)).astype(mx.float16)
+        v = mx.random.normal((1, KV, L, D)).astype(mx.float16)
+        scale = D ** -0.5
+        fp = _time(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
+        ours = {}
+        for kb, vb in ((4, 4), (8, 4)):
+            pk, pv = Packing(kb, GROUP, D, mx.float16), Packing(vb, GROUP, D, mx.float16)
+            kk, vv = pk.pack(k), pv.pack(v)
+            mx.eval(kk, vv)
+            ours[kb, vb] = _time(lambda: mx.fast.scaled_dot_product_attention(
+                q, pk.unpack(kk), pv.unpack(vv), scale=scale))
+        qk, qv = mx.quantize(k, group_size=GROUP, bits=4), mx.quantize(v, group_size=GROUP, bits=4)
+
+        def stock(queries, keys, values):
+            return quantized_scaled_dot_product_attention(queries, keys, values, scale=scale, mask=None,
+                                                          group_size=GROUP, bits=4)
+
+        chunk = mx.random.normal((1, H, 2048, D)).astype(mx.float16)
+        unaligned = [tuple(a[..., : L - 249, :] for a in t) for t in (qk, qv)]
+        cells = []
+        for fn in (lambda: stock(q, qk, qv), lambda: stock(q, *unaligned), lambda: stock(chunk, qk, qv)):
+            try:
+                cells.append(f"{_time(fn, iters=10):.0f}")
+            except Exception as e:  # the crash is the measurement: report it
+                cells.append(f"fails: {str(e).splitlines()[0][:70]}")
+        print(f"| {L} | {fp:.0f} | {ours[4, 4]:.0f} | {ours[8, 4]:.0f} | {' | '.join(cells)} |")
+
+
+def memory(model_dir, contexts, decode=16):
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_lm_optiq.kv_config import load_kv_config, make_plan_cache
+
+    model, _ = load(str(model_dir))
+    plan = load_kv_config(Path(model_dir) / "optiq_kv_plan.json", model)
+    n = len(model.layers)
+    variants = [("fp16 KVCache (stock)", lambda: make_prompt_cache(model)),
+                ("ours uniform K4/V4 g64", lambda: [MixedQuantizedKVCache(4, 4, GROUP) for _ in range(n)]),
+                ("ours per-layer (~4.5 bits)", lambda: make_plan_cache(model, plan))]
+    print(f"\nmemory: random llama ({n} layers, {model.args.num_key_value_heads} KV heads x 64), prefill in 2048-token chunks + {decode} "
+          "decode steps, batch 1")
+    print("| context | KV cache | KV bytes | peak memory above weights | decode ms/token |\n|---|---|---|---|---|")
+    for L in contexts:
+        tokens = mx.random.randint(0, model.args.vocab_size, (1, L))
+        for name, make in variants:
+            mx.clear_cache()
+            base = mx.get_active_memory()
+            mx.reset_peak_memory()
+            cache = make()
+            for s in range(0, L, 2048):
+                mx.eval(model(tokens[:, s:s + 2048], cache=cache))
+            y = mx.array([[1]])
+            mx.synchronize()
+            tic = time.perf_counter()
+            for _ in range(decode):
+                y = mx.argmax(model(y, cache=cache)[:, -1:], axis=-1)
+                mx.eval(y)
+            ms = (time.perf_counter() - tic) / decode * 1e3
+            kv = sum(c.nbytes for c in cache)
+            peak = mx.get_peak_memory() - base
+            print(f"| {L} | {name} | {kv / 2**20:.0f} MiB | {peak / 2**20:.0f} MiB | {ms:.1f} |")
+            del cache
+    return plan
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port, body, timeout):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _start_server(model_dir, flags, optiq, log_path):
+    port = _free_port()
+    code = ("import sys, mlx_lm_optiq; mlx_lm_optiq.enable(); from mlx_lm.server import main; "
+            "sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()") if optiq else \
+        "import sys; from mlx_lm.server import main; sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--model", str(model_dir), "--port", str(port), *flags],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for _ in range(240):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {Path(log_path).read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
+            return proc, port
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def _prompts(tokenizer_dir, clients, prompt_tokens):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(Path(tokenizer_dir))
+    mx.random.seed(2)
+    ids = mx.random.randint(300, 20000, (clients, prompt_tokens)).tolist()
+    return [tok.decode(i) for i in ids]
+
+
+def server(model_dir, out_dir, clients, prompt_tokens, max_tokens):
+    prompts = _prompts(model_dir, clients, prompt_tokens)
+    configs = [
+        ("stock, float KV (batched)", [], False),
+        ("stock --kv-bits 4 (unbatched; quantized_kv_start 5000 never reached: an upper bound)",
+         ["--kv-bits", "4"], False),
+        ("ours --optiq-kv-config (batched, quantized from token 0)",
+         ["--optiq-kv-config", str(Path(model_dir) / "optiq_kv_plan.json")], True),
+    ]
+    print(f"\nserver: {clients} concurrent clients on loopback, ~{prompt_tokens}-token prompts, "
+          f"{max_tokens} new tokens each, temperature 0")
+    print("| server | aggregate gen tok/s | wall s | ratio vs stock --kv-bits 4 |\n|---|---|---|---|")
+    results = {}
+    for i, (name, flags, optiq) in enumerate(configs):
+        proc, port = _start_server(model_dir, flags, optiq, Path(out_dir) / f"server{i}.log")
+        try:
+            _post(port, {"prompt": "warm up", "max_tokens": 4}, 120)
+            counts = [0] * clients
+            errors = []
+
+            def client(j):
+                try:
+                    out = _post(port, {"prompt": prompts[j], "max_tokens": max_tokens, "temperature": 0.0}, 600)
+                    counts[j] = out["usage"]["completion_tokens"]
+                except Exception as e:
+                    errors.append(repr(e))
+
+            threads = [threading.Thread(target=client, args=(j,)) for j in range(clients)]
+            tic = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - tic
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        results[name] = (sum(counts) / wall, wall, errors)
+    stock_kv = results[configs[1][0]][0]
+    for name, (tps, wall, errors) in results.items():
+        note = f" (errors: {errors[:1]})" if errors else ""
+        print(f"| {name} | {tps:.1f} | {wall:.1f} | {tps / stock_kv:.2f}x |{note}")
+    # stock --kv-bits 4 once quantization starts (what a user with long prompts gets)
+    proc, port = _start_server(model_dir, ["--kv-bits", "4", "--quantized-kv-start", "0"], False,
+                               Path(out_dir) / "server_crash_probe.log")
+    try:
+        _post(port, {"prompt": prompts[0], "max_tokens": 8}, 120)
+        probe = "served"
+    except Exception as e:
+        probe = f"request failed: {e!r}"[:200]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(f"\nstock `mlx_lm.server --kv-bits 4 --quantized-kv-start 0`, one request: {probe}")
+
+
+def gpu(args):
+    print(f"device: {mx.default_device()}, mlx {mx.__version__}")
+    shape = LLAMA_TINY if args.tiny else LLAMA_1B
+    model_dir = build_random_model(Path(args.work) / ("llama-tiny-random" if args.tiny else "llama-1b-random"),
+                                   args.tokenizer, shape)
+    if "attention" in args.parts:
+        attention(args.attention_contexts)
+    if "memory" in args.parts:
+        memory(model_dir, args.memory_contexts)
+    if "server" in args.parts:
+        server(model_dir, args.out, args.clients, args.prompt_tokens, args.max_tokens)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("quality", help="KLD/top-1 vs float KV on the real model (CPU)")
+    q.add_argument("--model", required=True, help="float (fp32) model folder")
+    q.add_argument("--plan", required=True, help="per-layer kv_config.json for that model")
+    q.add_argument("--text", required=True, help="evaluation text (not the plan's calibration text)")
+    q.add_argument("--context", type=int, default=1024)
+    q.add_argument("--windows", type=int, default=2)
+    q.add_argument("--skip", type=int, default=256, help="score positions after this many tokens of context")
+    g = sub.add_parser("gpu", help="attention / memory / server benchmarks on a random 1B llama")
+    g.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (SmolLM2's)")
+    g.add_argument("--work", default="/tmp/kvbench")
+    g.add_argument("--out", default=".")
+    g.add_argument("--attention-contexts", type=int, nargs="+", default=[8192, 32768, 65536])
+    g.add_argument("--memory-contexts", type=int, nargs="+", default=[8192, 32768])
+    g.add_argument("--clients", type=int, default=8)
+    g.add_argument("--prompt-tokens", type=int, default=1024)
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--parts", nargs="+", default=["attention", "memory", "server"],
+                   choices=["attention", "memory", "server"])
+    g.add_argument("--tiny", action="store_true", help="toy model sizes: a quick CPU check of the code paths")
+    args = p.parse_args()
+    {"quality": quality, "gpu": gpu}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
