@@ -20,6 +20,7 @@ one set with `use_kv_config(...)`.
 
 import contextlib
 import contextvars
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -103,7 +104,10 @@ class KVPlan:
     context_length: Optional[int] = None
     source: str = "<kv plan>"
     extra: dict = field(default_factory=dict)
-    _validated_for: set = field(default_factory=set, repr=False)
+    _validated_for: list = field(default_factory=list, repr=False)  # weakrefs to models
+
+    def validated_for(self, model):
+        return any(r() is model for r in self._validated_for)
 
     def summary(self):
         counts = {}
@@ -334,7 +338,7 @@ def load_kv_config(path, model):
 
 def validate_plan(plan, model, geometry=None):
     """Check a plan against the caches `make_prompt_cache(model)` builds; errors name file and field."""
-    if id(model) in plan._validated_for:
+    if plan.validated_for(model):
         return plan
     geometry = geometry if geometry is not None else cache_geometry(model)
     src = plan.source
@@ -367,7 +371,7 @@ def validate_plan(plan, model, geometry=None):
                             f"the model's {name} {dim}"
                         )
         s.geometry = g
-    plan._validated_for.add(id(model))
+    plan._validated_for.append(weakref.ref(model))
     return plan
 
 

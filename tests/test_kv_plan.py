@@ -182,6 +182,23 @@ def test_generate_picks_up_plan_from_model_folder(model_dir, hooks_enabled):
         mlx_lm.generate(model, tok, "Hello", max_tokens=2, kv_bits=4)
 
 
+def test_batch_generate_keeps_batching_with_the_plan(tiny_float, hooks_enabled):
+    from mlx_lm import batch_generate, stream_generate
+
+    model, tok = tiny_float
+    rows = [NONE, A84, {"scheme": "affine", "k_bits": 4, "v_bits": 2, "group_size": 32}, A84]
+    plan = kv_config.plan_from_dict({"layers": [dict(layer=i, cache_slot=i, **r) for i, r in enumerate(rows)]})
+    prompts = [tok.encode("Anne Elliot was"), tok.encode("It is a truth universally acknowledged that")]
+    with kv_config.use_kv_config(plan, model=model):
+        res = batch_generate(model, tok, prompts, max_tokens=5, return_prompt_caches=True, return_token_ids=True)
+        single = [[r.token for r in stream_generate(model, tok, p, max_tokens=5)] for p in prompts]
+    for caches in res.caches:
+        assert type(caches[0]).__name__ == "KVCache"
+        assert [(c.k_bits, c.v_bits, c.group_size) for c in caches[1:]] == [(8, 4, 64), (4, 2, 32), (8, 4, 64)]
+        assert all(isinstance(c, MixedQuantizedKVCache) and c.quantized for c in caches[1:])
+    assert res.token_ids == single  # batched rows compute what the single-request path does
+
+
 def test_use_kv_config_and_quantized_kv_start(tiny_float, tmp_path, hooks_enabled):
     from mlx_lm import stream_generate
     from mlx_lm.models.cache import make_prompt_cache
