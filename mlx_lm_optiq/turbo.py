@@ -306,11 +306,7 @@ def _compiled_quantize(code_bits, prod):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_lookup(bits):
-    """unpack + centroid lookup fused by mx.compile (one kernel instead of ~3 per plane).
-
-    Attention calls it on the cache's full-capacity buffers, whose shape changes
-    only every `TurboQuantKVCache.step` tokens, so it is not recompiled per step.
-    """
+    """Codes -> unit centroid vectors in rotated space (dequantize's first half; attention inlines it)."""
 
     def lookup(centroids, *planes):
         return centroids[unpack_codes(list(planes), bits)]
