@@ -41,6 +41,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -574,6 +575,7 @@ def measure_sensitivity(
     }
 
     quant_dtype = info["float_dtype"]
+    started = time.perf_counter(), time.process_time()
     if method == "fisher":
         sums = _fisher_sweep(model, all_modules, applicable, tokens, dtype, quant_dtype, rank, size, group, progress, seed)
     else:
@@ -599,6 +601,12 @@ def measure_sensitivity(
         if size > 1:
             sums = _all_sum_table(sums, list(all_modules), keys, applicable, group)
 
+    _log(
+        f"{method} sweep ({reference} reference, {len(all_modules)} modules, {len(cands)} candidates, "
+        f"{calib['tokens']} tokens): {time.perf_counter() - started[0]:.1f}s wall, "
+        f"{time.process_time() - started[1]:.1f}s CPU",
+        rank,
+    )
     num_tokens = calib["tokens"]
     for p in all_modules:
         table["modules"][p] = {
