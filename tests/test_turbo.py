@@ -334,3 +334,25 @@ def test_kv_config_turbo_scheme_builds_turbo_caches(attention_patched, tiny_q4_p
     assert caches[1].key_bits == 3 and caches[1].seed != caches[3].seed
     logits = model(mx.array(tok.encode("Hello there, how are you?"))[None], cache=caches)
     assert caches[1].offset == caches[0].offset > 0 and bool(mx.isfinite(logits).all())
+
+
+def test_pth_route_serves_turbo_caches_and_deepcopies(tiny_q4_path, optiq_env):
+    """MLX_LM_OPTIQ=1 (the route mlx_lm.server takes) installs the dispatch; prompt-cache copies stay independent."""
+    import subprocess
+
+    code = (
+        "import copy, mlx_lm, mlx_lm.models.llama as llama\n"
+        "from mlx_lm import load, generate\n"
+        "from mlx_lm_optiq.turbo import make_turbo_prompt_cache\n"
+        "assert hasattr(llama.scaled_dot_product_attention, '__wrapped__')\n"
+        f"model, tok = load({str(tiny_q4_path)!r})\n"
+        "cache = make_turbo_prompt_cache(model, bits=2)\n"
+        "generate(model, tok, prompt='Once upon a time', max_tokens=3, prompt_cache=cache)\n"
+        "copied = copy.deepcopy(cache)\n"  # what LRUPromptCache.fetch_nearest_cache hands out
+        "generate(model, tok, prompt=' there', max_tokens=2, prompt_cache=copied)\n"
+        "assert copied[0].offset > cache[0].offset > 0, (copied[0].offset, cache[0].offset)\n"
+        "print('ok', type(cache[0]).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=optiq_env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok TurboQuantKVCache")
