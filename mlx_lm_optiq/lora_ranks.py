@@ -53,6 +53,8 @@ def allocate_ranks(dims_by_module, weights, base_rank, min_rank=1, max_rank=None
     if base_rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {base_rank}")
     max_rank = max_rank or DEFAULT_MAX_RANK_FACTOR * base_rank
+    if max_rank < base_rank:
+        raise ValueError(f"--optiq-max-rank {max_rank} is below the base rank {base_rank}: the budget cannot be spent")
     names = list(dims_by_module)
     missing = [n for n in names if n not in weights]
     if missing:

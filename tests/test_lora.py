@@ -201,9 +201,17 @@ def test_by_bits_without_sidecar_fails_clearly(tiny_float_path, tmp_path):
         args.optiq_rank_scaling = "by_magic"  # a YAML value skips argparse's choices
         with pytest.raises(ValueError, match="optiq_rank_scaling: got 'by_magic'"):
             mlx_lm.lora.train_model(args, model, [], [])
+        args.optiq_rank_scaling, args.optiq_max_rank = None, 16  # flags that would be ignored are refused
+        with pytest.raises(ValueError, match="--optiq-max-rank only applies with --optiq-rank-scaling"):
+            mlx_lm.lora.run(args)
+        args.optiq_max_rank, args.optiq_metadata = None, "side.json"
+        with pytest.raises(ValueError, match="--optiq-metadata is read by"):
+            mlx_lm.lora.run(args)
     finally:
         mlx_lm_optiq.disable()
     assert not (tmp_path / "ad" / "adapters.safetensors").exists()
+    with pytest.raises(ValueError, match="--optiq-max-rank 4 is below the base rank 8"):
+        lora_ranks.allocate_ranks({"a": (4, 4)}, {"a": 1.0}, 8, max_rank=4)
 
 
 # ---------------------------------------------------------------- training output
@@ -377,3 +385,24 @@ def test_disable_restores_lora_symbols():
         mlx_lm_optiq.disable()
     assert (mlx_lm.lora.train_model, mlx_lm.lora.linear_to_lora_layers, mlx_lm.lora.load,
             mlx_lm.lora.load_adapters, mlx_lm.tuner.utils.load_adapters, mlx_lm.lora.build_parser) == originals
+
+
+@pytest.mark.slow
+def test_by_kl_on_a_model_converted_by_optiq(tiny_float_path, data_dir, tmp_path):
+    """The whole path: our mlx_lm.convert writes the sidecar; mlx_lm.lora finds it next to the model."""
+    env = dict(os.environ, MLX_LM_OPTIQ="1")
+    converted = tmp_path / "optiq-mixed"
+    run_mlx_lm("convert", ["--hf-path", tiny_float_path, "-q", "--optiq-target-bpw", 5.6, "--optiq-num-samples", 2,
+                           "--optiq-sequence-length", 64, "--mlx-path", converted], env)
+    sidecar = json.loads((converted / "optiq_metadata.json").read_text())
+    args = train_args(converted, data_dir, tmp_path / "ad", "--optiq-rank-scaling", "by_kl", "--rank", 4, iters=1)
+    args[args.index("--max-seq-length") + 1] = 32
+    args[args.index("--batch-size") + 1] = 1
+    run_mlx_lm("lora", args, env)
+    record = lora_io.read_record(tmp_path / "ad")
+    assert record["metadata"] == str(converted / "optiq_metadata.json")
+    for path, entry in record["modules"].items():
+        assert entry["bits"] == sidecar["layers"][path]["bits"]
+        assert entry["kl"] == lora_ranks.layer_sensitivity(sidecar["layers"][path])
+    assert record["trainable_params"] <= record["budget_params"]
+    assert len({m["rank"] for m in record["modules"].values()}) > 2

@@ -81,6 +81,11 @@ def _run(wrapped, instance, args, kwargs):
             raise ValueError(f"--rank / rank: expected a positive integer, got {rank!r}")
         # a copy: stock main() hands CONFIG_DEFAULTS' own dict to args
         run_args.lora_parameters = {**(run_args.lora_parameters or {}), "rank": rank}
+    options = _options(run_args)
+    if options.get("max_rank") is not None and options.get("rank_scaling") is None:
+        raise ValueError("--optiq-max-rank only applies with --optiq-rank-scaling by_bits/by_kl")
+    if options.get("metadata") is not None and not (options.get("rank_scaling") or options.get("load_mixed")):
+        raise ValueError("--optiq-metadata is read by --optiq-rank-scaling or --optiq-load-mixed; neither is set")
     token = _RUN_ARGS.set(run_args)
     try:
         return wrapped(*args, **kwargs)
