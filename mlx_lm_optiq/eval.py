@@ -20,7 +20,7 @@ from .io_utils import write_json
 EVAL_KIND = "optiq-eval"
 # Above this many tokens, CPU evaluation with real quantized kernels is too slow
 # (no BLAS for quantized matmuls): `auto` switches to simulated quantization.
-AUTO_QUANTIZED_MAX_TOKENS = 1024
+AUTO_QUANTIZED_MAX_TOKENS = 256
 
 
 class EvalError(ValueError):
