@@ -356,3 +356,61 @@ def test_pth_route_serves_turbo_caches_and_deepcopies(tiny_q4_path, optiq_env):
     out = subprocess.run([sys.executable, "-c", code], env=optiq_env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok TurboQuantKVCache")
+
+
+class _DequantizedReferenceCache:
+    """Stock KVCache holding the dequantized TurboQuant codes: stock attention on what turbo stores."""
+
+    def __init__(self, turbo_cache):
+        from mlx_lm.models.cache import KVCache
+
+        self.turbo, self.inner = turbo_cache, KVCache()
+
+    def update_and_fetch(self, keys, values):
+        t = self.turbo
+        if t.key_quantizer is None:
+            t._make_quantizers(keys.shape[-1], values.shape[-1])
+        kh = t.key_quantizer.dequantize(t.key_quantizer.quantize(keys), keys.dtype)
+        vh = t.value_quantizer.dequantize(t.value_quantizer.quantize(values), values.dtype)
+        return self.inner.update_and_fetch(kh, vh)
+
+    def __getattr__(self, name):  # offset, make_mask, ... from the stock cache
+        return getattr(self.inner, name)
+
+
+def _qwen3_random():
+    from mlx_lm.models import qwen3
+
+    args = qwen3.ModelArgs.from_dict(dict(
+        model_type="qwen3", hidden_size=256, num_hidden_layers=2, intermediate_size=512, num_attention_heads=8,
+        rms_norm_eps=1e-6, vocab_size=512, num_key_value_heads=2, max_position_embeddings=4096, head_dim=128,
+        tie_word_embeddings=True, rope_theta=1e6))
+    mx.random.seed(0)
+    model = qwen3.Model(args)
+    mx.eval(model.parameters())
+    return model, list(range(3, 90))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_model_logits_equal_stock_attention_on_dequantized_codes(attention_patched, tiny_q4_path, arch):
+    """Whole model, prefill chunks + decode: turbo's rotated-space attention == stock SDPA on dequantized K/V.
+
+    llama: the real 4-layer SmolLM2 (head_dim 64, 9/3 heads); qwen3: random weights, head_dim 128, q/k norms.
+    """
+    from mlx_lm import load
+
+    if arch == "llama":
+        model, tok = load(str(tiny_q4_path))
+        ids = tok.encode("Captain Wentworth had no fortune. He had been lucky in his profession, but")
+    else:
+        model, ids = _qwen3_random()
+    ids = mx.array(ids)[None]
+    n = len(model.layers)
+    turbo_caches = turbo.make_turbo_prompt_cache(model, bits=3, seed=7)
+    ref_caches = [_DequantizedReferenceCache(turbo.TurboQuantKVCache(bits=3, seed=7 + 2 * i)) for i in range(n)]
+    half = ids.shape[1] // 2
+    for piece in (ids[:, :half], ids[:, half:-3], ids[:, -3:-2], ids[:, -2:-1], ids[:, -1:]):
+        a = model(piece, cache=turbo_caches).astype(mx.float32)
+        b = model(piece, cache=ref_caches).astype(mx.float32)
+        assert mx.abs(a - b).max().item() < 2e-3 * max(1.0, mx.abs(b).max().item())
+    assert turbo_caches[0].offset == ids.shape[1]
