@@ -9,9 +9,9 @@
   is an error. Draft-model caches are left alone.
 - `maybe_quantize_kv_cache`: turns pending (quantized_kv_start) turbo slots into their
   planned caches at the same points where stock converts to --kv-bits.
-- `make_prompt_cache` (as bound in mlx_lm.generate: BatchGenerator's new caches) and
-  `batch_generate` (passed-in prompt_caches): the plan on the batched path too; the
-  per-layer caches have `merge`, so batching is kept.
+- `batch_generate`: every prompt gets a planned cache (or its passed-in one converted),
+  so the plan holds on the batched path too; the per-layer caches have `merge`, so
+  batching is kept. (The server's batch path is hooks/server_kv.py's.)
 - `setup_arg_parser` (the `mlx_lm.generate` console script): `--optiq-kv-config PATH`
   and `--optiq-no-kv-config`, read right after parsing.
 Each wrapper passes straight through when no plan is active.
@@ -71,23 +71,20 @@ def _speculative_generate_step(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-def _make_prompt_cache(wrapped, instance, args, kwargs):
-    # what BatchGenerator (batch_generate, the server's batch path) builds new caches with
-    model = _arg(args, kwargs, 0, "model")
-    plan = kv_config.active_plan(model)
-    if plan is None:
-        return wrapped(*args, **kwargs)
-    return kv_config.make_plan_cache(model, plan, max_kv_size=_arg(args, kwargs, 1, "max_kv_size"))
-
-
 def _batch_generate(wrapped, instance, args, kwargs):
     model = _arg(args, kwargs, 0, "model")
     plan = kv_config.active_plan(model)
     if plan is not None:
-        kv_config.check_no_kv_bits(kwargs.get("kv_bits"), plan)
-        for caches in kwargs.get("prompt_caches") or ():
-            if caches is not None:
-                kv_config.apply_plan(caches, plan, model)
+        args, kwargs = list(args), dict(kwargs)
+        prompts = _arg(args, kwargs, 2, "prompts")
+        caches = _arg(args, kwargs, 3, "prompt_caches") or [None] * len(prompts)
+        # BatchGenerator would make float caches for missing ones: hand it planned caches
+        caches = [kv_config.make_plan_cache(model, plan) if c is None else kv_config.apply_plan(c, plan, model)
+                  for c in caches]
+        if len(args) > 3:
+            args[3] = caches
+        else:
+            kwargs["prompt_caches"] = caches
     return wrapped(*args, **kwargs)
 
 
@@ -146,7 +143,6 @@ def install(module):
     _patching.wrap(module, "speculative_generate_step", _speculative_generate_step)
     _patching.wrap(module, "maybe_quantize_kv_cache", _maybe_quantize_kv_cache)
     _patching.wrap(module, "setup_arg_parser", _setup_arg_parser)
-    _patching.wrap(module, "make_prompt_cache", _make_prompt_cache)
     _patching.wrap(module, "batch_generate", _batch_generate, aliases=[("mlx_lm", "batch_generate")])
     _patching.wrap(sys.modules["mlx_lm.utils"], "load", _load,
                    aliases=[("mlx_lm", "load"), ("mlx_lm.generate", "load")])
