@@ -35,11 +35,17 @@ DEFAULT_MODEL = REPO.parent / "shared" / "models" / "smollm2-135m-instruct-q4-ex
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "text" / "persuasion.txt"
 
 
-def scheme_names(bits_list, with_prod):
+def scheme_names(bits_list, with_prod, turbo_only_bits=()):
     names = []
     for b in bits_list:
         names += [f"affine{b}", f"turbo{b}"] + ([f"turbo{b}-prod"] if with_prod else [])
-    return names
+    return names + [f"turbo{b:g}" for b in turbo_only_bits]
+
+
+def _turbo_spec(name):
+    """'turbo3.5-prod' -> (3.5, 'prod')"""
+    b, _, mode = name[len("turbo"):].partition("-")
+    return (float(b) if "." in b else int(b)), mode or "mse"
 
 
 def make_caches(name, num_layers, group_size, seed):
@@ -51,9 +57,8 @@ def make_caches(name, num_layers, group_size, seed):
         b = int(name[len("affine"):])
         return [QuantizedKVCache(group_size=group_size, bits=b) for _ in range(num_layers)]
     if name.startswith("turbo"):
-        b, _, mode = name[len("turbo"):].partition("-")
-        return [turbo.TurboQuantKVCache(bits=int(b), seed=seed + 2 * i, key_mode=mode or "mse")
-                for i in range(num_layers)]
+        b, mode = _turbo_spec(name)
+        return [turbo.TurboQuantKVCache(bits=b, seed=seed + 2 * i, key_mode=mode) for i in range(num_layers)]
     raise ValueError(f"unknown scheme {name!r}")
 
 
@@ -62,9 +67,9 @@ def bits_per_channel(name, head_dim, group_size):
         return 16.0
     if name.startswith("affine"):
         return turbo.affine_bits_per_channel(int(name[len("affine"):]), group_size)
-    b, _, mode = name[len("turbo"):].partition("-")
-    k = turbo.TurboQuantizer(head_dim, int(b), mode=mode or "mse").bits_per_channel()
-    v = turbo.TurboQuantizer(head_dim, int(b)).bits_per_channel()
+    b, mode = _turbo_spec(name)
+    k = turbo.TurboQuantizer(head_dim, b, mode=mode).bits_per_channel()
+    v = turbo.TurboQuantizer(head_dim, b).bits_per_channel()
     return (k + v) / 2
 
 
@@ -106,7 +111,7 @@ def quality(args):
     ref = run_sequence(model, tokens, make_caches("float", n_layers, args.group_size, args.seed), args.chunk)
     ref_p, ref_top = mx.exp(ref), mx.argmax(ref, axis=-1)
     rows = []
-    for name in tqdm(scheme_names(args.bits, args.prod), desc="schemes", file=sys.stderr):
+    for name in tqdm(scheme_names(args.bits, args.prod, args.turbo_bits), desc="schemes", file=sys.stderr):
         caches = make_caches(name, n_layers, args.group_size, args.seed)
         t0 = time.perf_counter()
         lp = run_sequence(model, tokens, caches, args.chunk)
@@ -130,9 +135,9 @@ def quality(args):
     for r in rows:
         b = r["scheme"].split("-")[0].lstrip("afinetrubo")
         affine = by_name.get(f"affine{b}")
-        ratio = r["kl"] / affine["kl"] if affine and affine["kl"] > 0 else float("nan")
+        ratio = f"{r['kl'] / affine['kl']:.3f}" if affine and affine["kl"] > 0 else "n/a"
         print(f"| {r['scheme']} | {r['bits_per_channel']:.3f} | {r['kl']:.5f} | {r['kl_p99']:.4f} | "
-              f"{100 * r['top1']:.2f}% | {ratio:.3f} |")
+              f"{100 * r['top1']:.2f}% | {ratio} |")
     return {"quality": {"info": info, "rows": rows}}
 
 
@@ -184,7 +189,7 @@ def speed(args):
     hd = cfg["head_dim"]
     rows = []
     for context in args.contexts:
-        for name in ["float"] + scheme_names(args.bits, args.prod):
+        for name in ["float"] + scheme_names(args.bits, args.prod, args.turbo_bits):
             caches = make_caches(name, cfg["num_hidden_layers"], args.group_size, args.seed)
             row = {"context": context, "scheme": name, "bits_per_channel": bits_per_channel(name, hd, args.group_size)}
             try:
@@ -225,6 +230,8 @@ def main(argv=None):
         s.add_argument("--group-size", type=int, default=64, help="affine group size (default 64)")
         s.add_argument("--seed", type=int, default=0, help="TurboQuant rotation seed (layer i uses seed+2i)")
         s.add_argument("--prod", action="store_true", help="also TurboQuant_prod keys (QJL residual)")
+        s.add_argument("--turbo-bits", type=float, nargs="*", default=[],
+                       help="extra TurboQuant-only widths, e.g. 2.5 3.5 (fractional: channels split between widths)")
         s.add_argument("--json", help="write the rows here as JSON")
     q = sub.choices["quality"]
     q.add_argument("--model", default=str(DEFAULT_MODEL))

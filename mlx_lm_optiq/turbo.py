@@ -194,6 +194,63 @@ def unpack_codes(planes, bits):
     return codes
 
 
+def split_widths(dim, bits):
+    """((n_coords, int_bits), ...) for `bits` per coordinate on average.
+
+    Integer widths are one segment. Fractional widths split the rotated
+    coordinates, which are exchangeable after the rotation: the first
+    frac*dim get ceil(bits), the rest floor(bits) (e.g. 3.5 bits on d=64:
+    32 coordinates at 4 bits + 32 at 3). Segments must pack into whole bytes.
+    """
+    check_bits(bits, "bits")
+    lo = math.floor(bits)
+    hi_dims = (bits - lo) * dim
+    if hi_dims == 0:
+        return ((dim, int(lo)),)
+    if hi_dims != round(hi_dims) or round(hi_dims) % 8 or (dim - round(hi_dims)) % 8:
+        raise ValueError(
+            f"TurboQuant bits {bits} on head_dim {dim}: the fractional part must put a multiple of 8 "
+            f"coordinates at {lo + 1} bits and the rest (a multiple of 8) at {lo} bits"
+        )
+    return ((round(hi_dims), lo + 1), (dim - round(hi_dims), lo))
+
+
+def check_bits(bits, name):
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not (
+        SUPPORTED_BITS[0] <= bits <= SUPPORTED_BITS[-1]
+    ):
+        raise ValueError(
+            f"TurboQuant {name} must be a number of bits in [{SUPPORTED_BITS[0]}, {SUPPORTED_BITS[-1]}] "
+            f"(integers, or fractions that split channels), got {bits!r}"
+        )
+    return bits
+
+
+def _encode(y, boundaries, segments):
+    """Rotated unit vectors (..., dim) -> (packed planes of every segment, per-segment codes)."""
+    planes, codes, start = [], [], 0
+    for (n, b), bnd in zip(segments, boundaries):
+        c = _nearest_codes(y[..., start:start + n], bnd, b)
+        codes.append(c)
+        planes += pack_codes(c, b)
+        start += n
+    return planes, codes
+
+
+def _lookup(centroids, planes, segments):
+    """Packed planes -> unit centroid vectors (..., dim) in rotated space."""
+    outs, i = [], 0
+    for (n, b), cent in zip(segments, centroids):
+        k = len(_planes(b))
+        outs.append(cent[unpack_codes(list(planes[i:i + k]), b)])
+        i += k
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+
+
+def _n_planes(segments):
+    return sum(len(_planes(b)) for _, b in segments)
+
+
 # ---------------------------------------------------------------- quantizers
 class TurboQuantizer:
     """TurboQuant for vectors of one dimension: quantize() -> dict of arrays, dequantize() back.
@@ -201,20 +258,21 @@ class TurboQuantizer:
     mode "mse": `bits`-bit Lloyd-Max codes of the rotated unit vector + its norm.
     mode "prod": (bits-1)-bit mse codes + sign(S r) for the residual r + |r|
     (unbiased inner products; needs bits >= 2).
+    Fractional `bits` split the coordinates between two widths (split_widths).
     """
 
     def __init__(self, dim, bits, seed=0, mode="mse"):
         if mode not in KEY_MODES:
             raise ValueError(f"TurboQuant mode must be one of {list(KEY_MODES)}, got {mode!r}")
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"TurboQuant bits must be one of {list(SUPPORTED_BITS)}, got {bits}")
+        check_bits(bits, "bits")
         if mode == "prod" and bits < 2:
             raise ValueError("TurboQuant mode 'prod' needs bits >= 2 (bits-1 for codes, 1 for the QJL sign)")
         self.dim, self.bits, self.seed, self.mode = dim, bits, seed, mode
         self.code_bits = bits - 1 if mode == "prod" else bits
-        c = codebook(dim, self.code_bits)
-        self.centroids = mx.array(c.astype(np.float32))
-        self.boundaries = mx.array(((c[1:] + c[:-1]) / 2).astype(np.float32))
+        self.segments = split_widths(dim, self.code_bits)
+        books = [codebook(dim, b) for _, b in self.segments]
+        self.centroids = [mx.array(c.astype(np.float32)) for c in books]
+        self.boundaries = [mx.array(((c[1:] + c[:-1]) / 2).astype(np.float32)) for c in books]
         self.rotation = mx.array(rotation_matrix(dim, seed))
         self.sketch = mx.array(qjl_matrix(dim, seed)) if mode == "prod" else None
 
@@ -230,9 +288,9 @@ class TurboQuantizer:
         return y @ self.rotation.astype(y.dtype)
 
     def quantize(self, x):
-        arrays = _compiled_quantize(self.code_bits, self.mode == "prod")(
-            x, self.rotation, self.boundaries, self.centroids, *([self.sketch] if self.sketch is not None else []))
-        n = len(_planes(self.code_bits))
+        arrays = _compiled_quantize(self.segments, self.mode == "prod")(
+            x, self.rotation, *self.boundaries, *self.centroids, *([self.sketch] if self.sketch is not None else []))
+        n = _n_planes(self.segments)
         out = {"codes": list(arrays[:n]), "norm": arrays[n]}
         if self.mode == "prod":
             out["qjl"] = [arrays[n + 1]]
@@ -241,7 +299,7 @@ class TurboQuantizer:
 
     def rotated_unit(self, q, dtype=mx.float32):
         """Centroid vectors in rotated space, unit-norm scale (..., dim): what attention multiplies against."""
-        return _compiled_lookup(self.code_bits)(self.centroids.astype(dtype), *q["codes"])
+        return _compiled_lookup(self.segments)(*[c.astype(dtype) for c in self.centroids], *q["codes"])
 
     def qjl_signs(self, q, dtype=mx.float32):
         """+-1 sketch signs (..., dim) of "prod" codes."""
@@ -281,21 +339,25 @@ def _nearest_codes(y, boundaries, bits):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_quantize(code_bits, prod):
+def _compiled_quantize(segments, prod):
     """x -> (code planes..., fp16 norm[, qjl plane, fp16 residual norm]) as one compiled graph.
 
     Decode feeds one token at a time, so most of the cost is kernel launches:
     compiling fuses the ~30 elementwise ops of normalise/compare/pack.
     """
 
-    def quant(x, rotation, boundaries, centroids, *sketch):
+    n_seg = len(segments)
+
+    def quant(x, rotation, *tables):
+        boundaries, centroids, sketch = tables[:n_seg], tables[n_seg:2 * n_seg], tables[2 * n_seg:]
         xf = x.astype(mx.float32)
         norm = mx.linalg.norm(xf, axis=-1, keepdims=True)
         unit = xf / mx.maximum(norm, 1e-30)
-        codes = _nearest_codes(unit @ rotation.T, boundaries, code_bits)
-        out = [*pack_codes(codes, code_bits), norm.astype(NORM_DTYPE)]
+        planes, codes = _encode(unit @ rotation.T, boundaries, segments)
+        out = [*planes, norm.astype(NORM_DTYPE)]
         if prod:
-            residual = unit - centroids[codes] @ rotation
+            rotated_hat = mx.concatenate([c[k] for c, k in zip(centroids, codes)], axis=-1)
+            residual = unit - rotated_hat @ rotation
             signs = (residual @ sketch[0].T) >= 0
             out += [*pack_codes(signs.astype(mx.uint8), 1),
                     mx.linalg.norm(residual, axis=-1, keepdims=True).astype(NORM_DTYPE)]
@@ -305,11 +367,12 @@ def _compiled_quantize(code_bits, prod):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_lookup(bits):
+def _compiled_lookup(segments):
     """Codes -> unit centroid vectors in rotated space (dequantize's first half; attention inlines it)."""
+    n_seg = len(segments)
 
-    def lookup(centroids, *planes):
-        return centroids[unpack_codes(list(planes), bits)]
+    def lookup(*args):
+        return _lookup(args[:n_seg], args[n_seg:], segments)
 
     return _gpu_compiled(lookup)
 
@@ -343,9 +406,8 @@ class TurboQuantKVCache:
             raise ValueError("TurboQuantKVCache seed must be an int, got None")
         self.key_bits = bits if key_bits is None else key_bits
         self.value_bits = bits if value_bits is None else value_bits
-        for name, b in (("key_bits", self.key_bits), ("value_bits", self.value_bits)):
-            if b not in SUPPORTED_BITS:
-                raise ValueError(f"TurboQuantKVCache {name} must be one of {list(SUPPORTED_BITS)}, got {b!r}")
+        check_bits(self.key_bits, "key_bits")
+        check_bits(self.value_bits, "value_bits")
         if key_mode not in KEY_MODES:
             raise ValueError(f"TurboQuantKVCache key_mode must be one of {list(KEY_MODES)}, got {key_mode!r}")
         if key_mode == "prod" and self.key_bits < 2:
@@ -549,18 +611,19 @@ def turbo_scaled_dot_product_attention(queries, kv, scale, mask, sinks=None):
     else:
         additive = allowed.astype(dtype)
 
-    fn = _compiled_attention(kq.code_bits, vq.code_bits, kq.mode == "prod", n_rep, float(scale))
+    fn = _compiled_attention(kq.segments, vq.segments, kq.mode == "prod", n_rep, float(scale))
     extra = [kq.sketch.astype(dtype), keys["qjl"][0], keys["residual_norm"]] if kq.mode == "prod" else []
-    return fn(queries, kq.rotation.astype(dtype), vq.rotation.astype(dtype), kq.centroids.astype(dtype),
-              vq.centroids.astype(dtype), keys["norm"], values["norm"], additive,
+    return fn(queries, kq.rotation.astype(dtype), vq.rotation.astype(dtype), keys["norm"], values["norm"],
+              additive, *[c.astype(dtype) for c in kq.centroids], *[c.astype(dtype) for c in vq.centroids],
               *keys["codes"], *values["codes"], *extra)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_attention(k_bits, v_bits, k_prod, n_rep, scale):
-    nk = len(_planes(k_bits))
+def _compiled_attention(k_segments, v_segments, k_prod, n_rep, scale):
+    nks, nvs, nk = len(k_segments), len(v_segments), _n_planes(k_segments)
 
-    def attend(queries, k_rot, v_rot, k_cent, v_cent, k_norm, v_norm, additive, *planes):
+    def attend(queries, k_rot, v_rot, k_norm, v_norm, additive, *rest):
+        k_cent, v_cent, planes = rest[:nks], rest[nks:nks + nvs], rest[nks + nvs:]
         B, n_q_heads, L, D = queries.shape
         dtype = queries.dtype
         q = (queries * scale).reshape(B, -1, n_rep, L, D)
@@ -569,7 +632,7 @@ def _compiled_attention(k_bits, v_bits, k_prod, n_rep, scale):
             return a.astype(dtype).swapaxes(-1, -2)[:, :, None]
 
         # scores: rotate the query once, multiply against unit centroid vectors, scale by |k|
-        k_unit = k_cent[unpack_codes(list(planes[:nk]), k_bits)][:, :, None]  # (B, Hkv, 1, cap, D)
+        k_unit = _lookup(k_cent, planes[:nk], k_segments)[:, :, None]  # (B, Hkv, 1, cap, D)
         scores = (q @ k_rot.T) @ k_unit.swapaxes(-1, -2)
         if k_prod:
             sketch, qjl, res_norm = planes[-3:]
@@ -583,7 +646,7 @@ def _compiled_attention(k_bits, v_bits, k_prod, n_rep, scale):
         probs = mx.softmax(scores, axis=-1, precise=True)
 
         # values: weight by |v|, sum unit centroid vectors in rotated space, rotate back once
-        v_unit = v_cent[unpack_codes(list(v_planes), v_bits)][:, :, None]
+        v_unit = _lookup(v_cent, v_planes, v_segments)[:, :, None]
         out = (probs * per_key(v_norm)) @ v_unit
         return (out @ v_rot).reshape(B, n_q_heads, L, D)
 

@@ -133,6 +133,18 @@ def test_mse_distortion_on_real_keys_and_values(tiny_q4_path, austen):
                 assert mse < MSE_BOUND * 4.0**-bits, (layer, bits, mse)
 
 
+def test_fractional_bits_split_channels():
+    """3.5 bits on d=64: 32 rotated coordinates at 4 bits, 32 at 3; the MSE is the mean of the two widths'."""
+    x = mx.random.normal((4096, 64), key=mx.random.key(9))
+    q = turbo.TurboQuantizer(64, 3.5, seed=1)
+    assert q.segments == ((32, 4), (32, 3)) and q.bits_per_channel() == 3.75
+    packed = q.quantize(x)
+    assert sum(p.shape[-1] for p in packed["codes"]) * 8 == 64 * 3.5
+    mse = {b: _rel_mse(turbo.TurboQuantizer(64, b, seed=1), x) for b in (3, 3.5, 4)}
+    assert mse[4] < mse[3.5] < mse[3]
+    assert mse[3.5] == pytest.approx((mse[3] + mse[4]) / 2, rel=0.05)
+
+
 def test_prod_inner_products_unbiased_and_mse_biased():
     dim, trials = 64, 256
     rng = np.random.default_rng(0)
@@ -162,7 +174,7 @@ def _reference_attention(q, cache, kv, scale, mask):
     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
 
 
-@pytest.mark.parametrize("key_mode,bits", [("mse", 3), ("prod", 3), ("mse", 2)])
+@pytest.mark.parametrize("key_mode,bits", [("mse", 3), ("prod", 3), ("mse", 2), ("mse", 2.5), ("prod", 3.5)])
 def test_rotated_space_attention_equals_dequantized_attention(attention_patched, key_mode, bits):
     from mlx_lm.models.base import scaled_dot_product_attention as sdpa
 
@@ -196,7 +208,8 @@ def test_rotated_space_attention_equals_dequantized_attention(attention_patched,
         assert mx.array_equal(a[:, :, :200], b).item()
 
 
-def test_compiled_graphs_match_plain_ones(attention_patched, monkeypatch):
+@pytest.mark.parametrize("bits", [3, 2.5])
+def test_compiled_graphs_match_plain_ones(attention_patched, monkeypatch, bits):
     """GPUs run mx.compile'd quantize/attention graphs; they must equal the plain ops used on CPU."""
     B, Hq, Hkv, D = 1, 4, 2, 64
     k, v, q = (mx.random.normal(s, key=mx.random.key(i)) for i, s in
@@ -204,7 +217,7 @@ def test_compiled_graphs_match_plain_ones(attention_patched, monkeypatch):
     outs = []
     for compiled in (False, True):
         monkeypatch.setattr(turbo, "COMPILE_ON_CPU", compiled)
-        cache = turbo.TurboQuantKVCache(head_dim=D, bits=3, seed=2)
+        cache = turbo.TurboQuantKVCache(head_dim=D, bits=bits, seed=2)
         kv, _ = cache.update_and_fetch(k, v)
         outs.append((turbo.turbo_scaled_dot_product_attention(q, kv, 0.125, None), kv.keys))
     (plain, plain_keys), (comp, comp_keys) = outs
@@ -225,10 +238,14 @@ def test_cache_memory_and_bits(attention_patched):
 
 
 def test_cache_bad_inputs(attention_patched):
-    with pytest.raises(ValueError, match="key_bits must be one of"):
+    with pytest.raises(ValueError, match=r"key_bits must be a number of bits in \[1, 6\]"):
         turbo.TurboQuantKVCache(head_dim=64, bits=0)
-    with pytest.raises(ValueError, match="value_bits must be one of"):
+    with pytest.raises(ValueError, match="value_bits must be a number of bits"):
         turbo.TurboQuantKVCache(head_dim=64, bits=3, value_bits=9)
+    with pytest.raises(ValueError, match="key_bits must be a number of bits"):
+        turbo.TurboQuantKVCache(head_dim=64, bits="3")
+    with pytest.raises(ValueError, match="bits 3.3 on head_dim 64: the fractional part must put a multiple of 8"):
+        turbo.TurboQuantKVCache(head_dim=64, bits=3.3)
     with pytest.raises(ValueError, match="key_mode must be one of"):
         turbo.TurboQuantKVCache(head_dim=64, key_mode="qjl")
     with pytest.raises(ValueError, match="seed must be an int"):
