@@ -596,6 +596,8 @@ def measure_sensitivity(
             probe = _FloatProbe(model, all_modules, applicable, quant_dtype)
         else:
             probe = _LowBitProbe(model_path, model, info, all_modules, applicable, dtype, rank, progress)
+        # What the reference model occupies (the whole point of the low-bit mode).
+        table["reference_model_bytes"] = _nbytes(model)
         _exact_sweep(model, probe, mine, tokens, batch_size, ckpt, reuse_hidden_states, rank, progress, on_probe)
         sums = ckpt.sums
         if size > 1:

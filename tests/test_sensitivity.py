@@ -216,6 +216,9 @@ def test_low_bit_reference_keeps_memory_near_the_low_bit_model(full_float_path, 
     # The whole model at 2:64 is ~48 MiB; the float (fp32 compute) reference needs > 500 MiB.
     assert peaks["float"] > float_file_bytes
     assert peaks["auto"] < 0.4 * float_file_bytes
+    # "Near the low-bit model": the model itself plus one module's float weight and activations.
+    assert low["reference_model_bytes"] < 60 * 2**20
+    assert peaks["auto"] < 2 * low["reference_model_bytes"]
     for p in mods:
         kl = low["modules"][p]["kl"]
         # Low-bit meaning: loss relative to the module at its top candidate.
