@@ -102,6 +102,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
         self.log = Path(log_dir) / f"server-{kind}.log"
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
+        self.kind = kind
         deadline = time.time() + 300
         while True:
             try:
@@ -113,9 +114,11 @@ class Server:
                 raise RuntimeError(f"{kind} server did not start; log {self.log}:\n{self.log.read_text()[-2000:]}")
             time.sleep(0.5)
 
-    def stop(self):
+    def stop(self, keep_log_in=None):
         self.proc.terminate()
         self.proc.wait(timeout=60)
+        if keep_log_in:
+            shutil.copy(self.log, Path(keep_log_in) / self.log.name)
 
 
 def concurrent(port, bodies):
@@ -182,6 +185,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-stock", action="store_true", help="only our server (stock reloads are slow on CPU)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--log-dir", default=None, help="copy the server logs here")
     args = parser.parse_args()
 
     from mlx_lm_optiq.adapters import write_random_adapter
@@ -229,7 +233,7 @@ def main():
                           flush=True)
                 results[(kind, scenario)] = statistics.median(rates)
         finally:
-            server.stop()
+            server.stop(keep_log_in=args.log_dir)
 
     device = str(mx.default_device())
     print()

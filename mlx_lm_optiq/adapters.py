@@ -331,7 +331,12 @@ class MultiLoRALinear(nn.Module):
                         f"adapter_rows: {len(rows.slots)} rows were selected but the layer input has shape {x.shape}"
                     )
                 a, b, scales = self._stacked(rows.n_slots)
-                z = mx.gather_mm(mx.gather_mm(x, a, rhs_indices=rows.index), b, rhs_indices=rows.index)
+                if mx.default_device() == mx.cpu:
+                    z = mx.gather_mm(mx.gather_mm(x, a, rhs_indices=rows.index), b, rhs_indices=rows.index)
+                else:
+                    # Only plain gather + batched matmul off the CPU: a gather_mm
+                    # mixed batch failed in our one GPU server run (see docs/adapters.md).
+                    z = (x @ mx.take(a, rows.index, axis=0)) @ mx.take(b, rows.index, axis=0)
                 return y + (scales[rows.index][:, None, None] * z).astype(x.dtype)
         else:
             name = ACTIVE_ADAPTER.get()
