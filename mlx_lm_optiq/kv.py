@@ -72,6 +72,10 @@ def add_measure_arguments(add, prefix=""):
     add(f"--{prefix}scored-tokens", type=int, default=DEFAULT_SCORED_TOKENS,
         help="tokens whose next-token KL is measured after the prefix")
     add(f"--{prefix}num-windows", type=int, default=1, help="text windows to average over")
+    add(f"--{prefix}probe", choices=list(kv_sensitivity.PROBES), default="exact",
+        help="exact: each probe runs the whole window with that layer quantized from the first token "
+        "(as served); fast: float prefix, only the scored tokens re-run (cheaper, underestimates "
+        "errors that compound through the prefix)")
     add(f"--{prefix}context-length", type=int, default=8192,
         help="context length the average bits are computed for (weights sliding-window layers)")
     add(f"--{prefix}quantized-kv-start", type=int, default=0,
@@ -101,7 +105,8 @@ def make_plan(model_path, target_bits, opts, model_name=None, progress=True, tab
     windows = token_windows(tokenizer, opts["data"], opts["num_windows"],
                             opts["prefix_tokens"] + opts["scored_tokens"])
     table = kv_sensitivity.measure_kv_sensitivity(
-        model, windows, opts["prefix_tokens"], cands, progress=progress, model_name=model_name or str(model_path)
+        model, windows, opts["prefix_tokens"], cands, progress=progress, model_name=model_name or str(model_path),
+        probe=opts["probe"],
     )
     if table_out is not None:
         kv_sensitivity.save_table(table, table_out)

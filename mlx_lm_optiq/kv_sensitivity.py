@@ -7,11 +7,12 @@ with every cache in float. The quantized cache is *simulated* in the model's flo
 dtype: keys and values are quantized and dequantized as they enter the cache, which
 is exactly what quantized SDPA computes (q . dequant(K)), and fast on CPU in fp32.
 
-Reuse: the long prefix is prefilled once in float. A slot's keys/values depend only
-on the layers below it, so its quantized prefix is exactly the quantized float prefix;
-each probe then runs only the scored tokens. (Layers above the probed one keep the
-prefix K/V computed from its float outputs: the probe measures this layer's cache
-error as seen by the continuation.)
+Reuse: the layers below the probed slot cannot see its cache, so their reference
+outputs are replayed instead of recomputed. Probe "exact" (default) runs the window
+with the slot quantized from the first token, as the runtime does; probe "fast"
+prefills the prefix once in float and runs only the scored tokens (a slot's own prefix
+K/V are exact, but the layers above keep float-derived prefix K/V, so compounding
+errors are underestimated).
 
 Allocate: one option per slot (float or a measured candidate) minimising summed KL
 under an average-bits budget, weighted by the bytes each slot really holds (KV heads x
@@ -163,16 +164,26 @@ def _kl(ref_logp, logp):
     return mx.mean(mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1))
 
 
+PROBES = ("exact", "fast")
+
+
 def measure_kv_sensitivity(model, windows, prefix_tokens, candidates=DEFAULT_CANDIDATES, progress=True,
-                           model_name=None, geometry=None, reuse_layers=True):
+                           model_name=None, geometry=None, reuse_layers=True, probe="exact"):
     """The sensitivity table for `model` (use a float model, ideally fp32 on CPU).
 
     windows: list of 1-D token arrays, each `prefix_tokens` + scored tokens long.
     candidates: (k_bits, v_bits, group_size) triples; a candidate whose group size
     does not divide a slot's head_dim is recorded as not applicable (absent key).
+    probe: "exact" runs the whole window with the probed slot quantized from the
+    first token, as the runtime cache does (its error reaches the later layers'
+    caches through the prefix too); "fast" reuses the float prefill and runs only the
+    scored tokens (prefix K/V of the layers above stay float: it underestimates
+    layers whose error compounds, e.g. 2-bit values; ~prefix/scored times cheaper).
     reuse_layers: replay the reference outputs of the layers below the probed slot
-    instead of recomputing them (exact; off = a plain full forward per probe).
+    instead of recomputing them (exact either way; off = a plain full forward).
     """
+    if probe not in PROBES:
+        raise ValueError(f"probe is {probe!r}, expected one of {list(PROBES)}")
     if not windows:
         raise ValueError("measure_kv_sensitivity: no token windows given")
     lengths = {int(w.size) for w in windows}
@@ -183,35 +194,46 @@ def measure_kv_sensitivity(model, windows, prefix_tokens, candidates=DEFAULT_CAN
         (g, c) for g in geometry if g.quantizable for c in candidates
         if g.k_head_dim % c[2] == 0 and g.v_head_dim % c[2] == 0
     ]
-    sums = {}
-    bar = tqdm(total=len(probes) * len(windows), desc="KV sensitivity", unit="probe", disable=not progress)
-    for w in windows:
-        prefix, scored = w[:prefix_tokens], w[prefix_tokens:]
-        caches = make_prompt_cache(model)
-        _prefill(model, prefix, caches)
-        layers = _layer_list(model, geometry) if reuse_layers else None
-        originals = list(layers) if layers is not None else None
+    layers = _layer_list(model, geometry) if reuse_layers else None
+    originals = list(layers) if layers is not None else None
+
+    def run_with(fn, replay_below=0, recorded=None, record=False):
         try:
-            if layers is not None:
+            if record and layers is not None:
                 layers[:] = [_Recorder(m) for m in originals]
-            ref = _log_probs(model, scored, _copy_caches(caches))
-            mx.eval(ref)
-            recorded = [r.output for r in layers] if layers is not None else None
+            elif layers is not None and replay_below:  # layers below the probed slot cannot see its cache
+                layers[:replay_below] = [_Replay(m, o) for m, o in zip(originals, recorded[:replay_below])]
+            out = fn()
+            mx.eval(out)
+            return out, ([r.output for r in layers] if record and layers is not None else None)
         finally:
             if layers is not None:
                 layers[:] = originals
+
+    sums = {}
+    bar = tqdm(total=len(probes) * len(windows), desc=f"KV sensitivity ({probe})", unit="probe",
+               disable=not progress)
+    for w in windows:
+        prefix, scored = w[:prefix_tokens], w[prefix_tokens:]
+        if probe == "fast":
+            caches = make_prompt_cache(model)
+            _prefill(model, prefix, caches)
+            ref, recorded = run_with(lambda: _log_probs(model, scored, _copy_caches(caches)), record=True)
+        else:
+            ref, recorded = run_with(lambda: _log_probs(model, w, make_prompt_cache(model))[prefix_tokens:],
+                                     record=True)
         for g, (kb, vb, gs) in probes:
-            run = _copy_caches(caches)
-            run[g.slot] = SimulatedQuantizedKVCache.from_float(caches[g.slot], kb, vb, gs)
-            try:
-                if layers is not None:  # layers below the probed slot cannot see its cache
-                    layers[: g.slot] = [_Replay(m, o) for m, o in zip(originals, recorded[: g.slot])]
-                kl = _kl(ref, _log_probs(model, scored, run)).item()
-            finally:
-                if layers is not None:
-                    layers[:] = originals
+            if probe == "fast":
+                run = _copy_caches(caches)
+                run[g.slot] = SimulatedQuantizedKVCache.from_float(caches[g.slot], kb, vb, gs)
+                fn = lambda run=run: _log_probs(model, scored, run)  # noqa: E731
+            else:
+                run = make_prompt_cache(model)
+                run[g.slot] = SimulatedQuantizedKVCache(kb, vb, gs)
+                fn = lambda run=run: _log_probs(model, w, run)[prefix_tokens:]  # noqa: E731
+            logp, _ = run_with(fn, replay_below=g.slot, recorded=recorded)
             key = (g.slot, candidate_key(kb, vb, gs))
-            sums[key] = sums.get(key, 0.0) + kl
+            sums[key] = sums.get(key, 0.0) + _kl(ref, logp).item()
             bar.update(1)
     bar.close()
     slots = []
@@ -222,7 +244,7 @@ def measure_kv_sensitivity(model, windows, prefix_tokens, candidates=DEFAULT_CAN
         }
         slots.append(entry)
     return {
-        "model": model_name, "prefix_tokens": int(prefix_tokens),
+        "model": model_name, "probe": probe, "prefix_tokens": int(prefix_tokens),
         "scored_tokens": int(next(iter(lengths)) - prefix_tokens), "num_windows": len(windows),
         "candidates": [candidate_key(*c) for c in candidates], "slots": slots,
     }
@@ -294,7 +316,7 @@ def allocate_kv(table, target_bits, context_length=8192, quantized_kv_start=0, m
     plan = KVPlan(slots=slots, quantized_kv_start=quantized_kv_start, model=model_name or table.get("model"),
                   target_bits=target_bits, context_length=context_length)
     plan.achieved_bits = round(average_bits(slots, geometry, context_length), 4)
-    plan.extra["sensitivity"] = {k: table.get(k) for k in ("prefix_tokens", "scored_tokens", "num_windows")}
+    plan.extra["sensitivity"] = {k: table.get(k) for k in ("probe", "prefix_tokens", "scored_tokens", "num_windows")}
     return plan
 
 

@@ -57,14 +57,28 @@ def test_sensitivity_table_is_ordered_by_precision(table):
         assert _kl(e, "2/2:64") > 1e-3  # 2-bit KV visibly hurts: the probe is not a no-op
 
 
-def test_layer_replay_equals_full_forward(tiny_float, persuasion_windows):
+@pytest.mark.parametrize("probe", ["exact", "fast"])
+def test_layer_replay_equals_full_forward(tiny_float, persuasion_windows, probe):
     model, _ = tiny_float
     cands = [(4, 2, 32)]
-    fast = kv_sensitivity.measure_kv_sensitivity(model, persuasion_windows, PREFIX, cands, progress=False)
+    fast = kv_sensitivity.measure_kv_sensitivity(model, persuasion_windows, PREFIX, cands, progress=False,
+                                                 probe=probe)
     slow = kv_sensitivity.measure_kv_sensitivity(model, persuasion_windows, PREFIX, cands, progress=False,
-                                                 reuse_layers=False)
+                                                 reuse_layers=False, probe=probe)
     for a, b in zip(fast["slots"], slow["slots"]):
         assert a["kl"]["4/2:32"] == pytest.approx(b["kl"]["4/2:32"], rel=1e-4, abs=1e-7)
+
+
+def test_exact_probe_is_the_single_layer_plan_as_served(tiny_float, persuasion_windows, table):
+    model, _ = tiny_float
+    geometry = kv_config.cache_geometry(model)
+    for slot in (0, 2):
+        only = kv_sensitivity.uniform_plan(geometry, 2, 2, 64)
+        for s in only.slots:
+            if s.slot != slot:
+                s.scheme, s.k_bits, s.v_bits, s.group_size = "none", None, None, None
+        joint = kv_sensitivity.evaluate_plan_kl(model, persuasion_windows, PREFIX, only)
+        assert table["slots"][slot]["kl"]["2/2:64"] == pytest.approx(joint, rel=2e-3)
 
 
 def test_allocation_is_exact_and_within_budget(table):

@@ -16,6 +16,7 @@ _MEASURE_OPTIONS = {
     "kv_prefix_tokens": kv.DEFAULT_PREFIX_TOKENS,
     "kv_scored_tokens": kv.DEFAULT_SCORED_TOKENS,
     "kv_num_windows": 1,
+    "kv_probe": "exact",
     "kv_context_length": 8192,
     "kv_quantized_kv_start": 0,
 }
