@@ -173,6 +173,47 @@ def measure_memory(model_path, adapters):
             "with_stacks_mb": (stacked - before) / n / 1e6}
 
 
+def measure_idle_overhead(model_path, adapters, n_rows, max_tokens, rounds=3):
+    """Decode tokens/s of mlx-lm's BatchGenerator on base rows: no adapters vs N mounted but idle.
+
+    In-process (hooks on, as in the server), alternating the two set-ups so both see the
+    same machine load; returns (tok/s without, tok/s with idle adapters).
+    """
+    import mlx_lm_optiq
+    from mlx_lm.utils import load_model
+
+    from mlx_lm_optiq.adapters import mount_adapter, unmount_adapter
+
+    mlx_lm_optiq.enable()
+    import mlx_lm.server  # noqa: F401  (installs the batch-engine hooks)
+    from mlx_lm.generate import BatchGenerator
+
+    model, _ = load_model(Path(model_path))
+    prompts = [[(7 * i + k) % 1000 + 10 for k in range(16)] for i in range(n_rows)]
+
+    def decode_rate():
+        gen = BatchGenerator(model, max_tokens=max_tokens, completion_batch_size=n_rows, prefill_batch_size=n_rows)
+        gen.insert(prompts)
+        with gen.stats() as stats:
+            done = 0
+            while done < n_rows:
+                done += sum(r.finish_reason is not None for r in gen.next_generated())
+        gen.close()
+        return stats.generation_tokens / stats.decode_time
+
+    decode_rate()  # warm-up
+    plain, idle = [], []
+    for _ in range(rounds):
+        plain.append(decode_rate())
+        for name, path in adapters.items():
+            mount_adapter(model, name, path)
+        idle.append(decode_rate())
+        for name in adapters:
+            unmount_adapter(model, name)
+    mlx_lm_optiq.disable()
+    return statistics.median(plain), statistics.median(idle)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory (also the tokenizer/shape source for --random-layers)")
@@ -204,6 +245,9 @@ def main():
           f"with mixed-batch stacks {memory['with_stacks_mb']:.2f} MB", flush=True)
 
     n = args.num_adapters
+    plain_rate, idle_rate = measure_idle_overhead(model, adapters, n, args.max_tokens)
+    print(f"BatchGenerator decode, {n} base rows: {plain_rate:.1f} tok/s without adapters, "
+          f"{idle_rate:.1f} tok/s with {n} mounted but idle ({idle_rate / plain_rate:.3f}x)", flush=True)
     base_id = str(model.resolve())
     results = {}
     for kind in ["ours"] if args.skip_stock else ["ours", "stock"]:
@@ -251,6 +295,7 @@ def main():
               f"{ours_base / results[('stock', 'base')]:.2f}x")
         print(f"ours, {n} adapters / stock, {n} adapters: "
               f"{results[('ours', 'adapters')] / results[('stock', 'adapters')]:.2f}x")
+    print(f"idle adapters, in-process BatchGenerator decode: {idle_rate / plain_rate:.3f}x of no adapters (goal >= 0.97x)")
     print(f"memory per adapter (rank {args.rank}): file {memory['file_mb']:.2f} MB, mounted "
           f"{memory['mounted_mb']:.2f} MB, with mixed-batch stacks {memory['with_stacks_mb']:.2f} MB")
     print(f"device: {device}; model: {args.model}" + (f" (random weights, {args.random_layers} layers)" if args.random_layers else ""))
@@ -259,6 +304,7 @@ def main():
             "device": device, "model": args.model, "random_layers": args.random_layers,
             "num_adapters": n, "rank": args.rank, "max_tokens": args.max_tokens,
             "tokens_per_s": {f"{k}/{s}": v for (k, s), v in results.items()}, "memory_per_adapter": memory,
+            "idle_decode_tokens_per_s": {"no_adapters": plain_rate, "adapters_mounted_idle": idle_rate},
         }, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 
