@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,6 +63,8 @@ class Server:
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{log_path.read_text()}")
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2).read()
+                return
+            except urllib.error.HTTPError:  # any HTTP answer means it is serving
                 return
             except OSError:
                 time.sleep(0.5)

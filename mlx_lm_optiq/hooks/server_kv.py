@@ -92,20 +92,23 @@ def _plan_for(model):
 
 
 def _load(wrapped, instance, args, kwargs):
-    result = wrapped(*args, **kwargs)
     path = args[0] if args else kwargs.get("path_or_hf_repo")
-    if _STATE["decided"] and str(path) == str(_STATE["model_path"]):
-        from ..kv_config import attach_plan
+    if not (_STATE["decided"] and str(path) == str(_STATE["model_path"])):
+        return wrapped(*args, **kwargs)
+    from ..kv_config import attach_plan, use_kv_config
 
-        model, plan = result[0], _STATE["plan"]
-        _STATE["model"] = weakref.ref(model)
-        # The scripts-path hook (hooks/generate.py) attaches a plan found in the model
-        # folder and applies it in generate_step; the server's choice (its flag, or
-        # --optiq-no-kv-config) must win there too, or the single-request path would
-        # serve a different cache than the batched one.
-        attach_plan(model, plan, validate=False)
-        if plan is not None:
-            logging.info("mlx_lm_optiq: KV plan %s applies to the loaded model", plan.source)
+    plan = _STATE["plan"]
+    with use_kv_config(plan):  # tells the scripts-path load hook that the server decides
+        result = wrapped(*args, **kwargs)
+    model = result[0]
+    _STATE["model"] = weakref.ref(model)
+    # The scripts-path hook (hooks/generate.py) attaches a plan found in the model
+    # folder and applies it in generate_step; the server's choice (its flag, or
+    # --optiq-no-kv-config) must win there too, or the single-request path would
+    # serve a different cache than the batched one.
+    attach_plan(model, plan, validate=False)
+    if plan is not None:
+        logging.info("mlx_lm_optiq: KV plan %s applies to the loaded model", plan.source)
     return result
 
 
