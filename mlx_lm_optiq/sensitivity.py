@@ -417,10 +417,6 @@ def _quantized_module(template, weight, cand, dtype):
 # ---------------------------------------------------------------- checkpoint
 
 
-def _fingerprint(**kw):
-    return {k: v for k, v in kw.items()}
-
-
 class _Checkpoint:
     """Partial KL sums, saved after each (batch, module) so an interrupted sweep resumes."""
 
@@ -557,6 +553,12 @@ def measure_sensitivity(
             "method='fisher' needs gradients of the float model, so it needs reference='float' "
             "(the low-bit reference is only available with method='exact')"
         )
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    if vocab is not None and (int(tokens.max().item()) >= vocab or int(tokens.min().item()) < 0):
+        raise SensitivityError(
+            f"calibration tokens must be ids in [0, {vocab}) for {model_path}, got "
+            f"[{tokens.min().item()}, {tokens.max().item()}] (tokenized with another model's tokenizer?)"
+        )
     if batch_size is None:
         vocab_bytes = 4 * 4 * _vocab_size(model)
         batch_size = max(1, min(calib["num_samples"], _LOGITS_BUDGET_BYTES // (vocab_bytes * calib["sequence_length"])))
@@ -579,7 +581,7 @@ def measure_sensitivity(
     if method == "fisher":
         sums = _fisher_sweep(model, all_modules, applicable, tokens, dtype, quant_dtype, rank, size, group, progress, seed)
     else:
-        fingerprint = _fingerprint(
+        fingerprint = dict(
             model=str(model_path), method=method, reference=reference, candidates=keys,
             calibration_sha256=calib["sha256"], batch_size=batch_size, modules=list(all_modules),
             dtype=str(dtype), rank=rank, size=size,

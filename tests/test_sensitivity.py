@@ -236,6 +236,8 @@ def test_candidates_and_modules_are_validated(tiny_float_path, tokens):
         normalize_candidates("mxfp4:64")
     with pytest.raises(SensitivityError, match=r"modules \['model.layers.9.mlp.up_proj'\] are not quantizable"):
         measure_sensitivity(tiny_float_path, tokens, CANDS, modules=["model.layers.9.mlp.up_proj"], progress=False)
+    with pytest.raises(SensitivityError, match=r"calibration tokens must be ids in \[0, 49152\)"):
+        measure_sensitivity(tiny_float_path, tokens + 49152, CANDS, progress=False)
     with pytest.raises(SensitivityError, match="method='fisher' needs"):
         measure_sensitivity(tiny_float_path, tokens, CANDS, method="fisher", reference="low-bit", progress=False)
 
