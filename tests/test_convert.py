@@ -154,6 +154,10 @@ def test_optiq_flags_without_target_are_refused(tiny_q4_path, tmp_path, hooks_en
 
     with pytest.raises(PlanError, match="--optiq-candidate-bits need --optiq-target-bpw"):
         convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_candidate_bits="4,8")
+    with pytest.raises(PlanError, match="--optiq-num-samples configure measuring, which --optiq-sensitivity skips"):
+        convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_target_bpw=4.8,
+                optiq_sensitivity=str(tmp_path / "t.json"), optiq_num_samples=4)
+    assert not (tmp_path / "o").exists()
 
 
 def test_interrupted_convert_leaves_no_complete_looking_directory(tiny_q4_path, tmp_path):

@@ -77,6 +77,11 @@ def before_convert(call, options):
     base_model = call["hf_path"]
     table = None
     if options.get("sensitivity") is not None:  # read first: a bad file fails before any work
+        measuring = [k for k in ("calibration", "num_samples", "sequence_length", "sensitivity_method",
+                                 "reference", "checkpoint") if options.get(k) is not None]
+        if measuring:
+            flags = ", ".join("--optiq-" + k.replace("_", "-") for k in measuring)
+            raise plan.PlanError(f"{flags} configure measuring, which --optiq-sensitivity skips: drop one or the other")
         source = str(options["sensitivity"])
         table = metadata.load_sensitivity(source)
     model_path = plan.resolve_model_path(base_model, call.get("revision"))
@@ -123,7 +128,8 @@ def _measure(model_path, candidates, options):
         reference=options.get("reference") or "auto",
         checkpoint_path=options.get("checkpoint"),
     )
-    table["calibration"]["source"] = str(options.get("calibration") or "bundled")
+    calib = options.get("calibration")
+    table["calibration"]["source"] = str(Path(calib).resolve()) if calib else "bundled"
     return table
 
 
