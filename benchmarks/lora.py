@@ -51,6 +51,8 @@ def parse_args():
     p.add_argument("--train-examples", type=int, default=400)
     p.add_argument("--valid-examples", type=int, default=32)
     p.add_argument("--out", default=None, help="Write the results as JSON here.")
+    p.add_argument("--merge", nargs="+", default=None,
+                   help="Only print the table of these --out files (one process per mode, same settings).")
     return p.parse_args()
 
 
@@ -172,6 +174,8 @@ def base_val_loss(args, float_path, layers, workdir):
 
 def main():
     args = parse_args()
+    if args.merge:
+        return merge(args.merge)
     import mlx.core as mx
 
     from mlx_lm_optiq.lora_ranks import read_metadata
@@ -191,30 +195,47 @@ def main():
                   f"({r['trainable_params']} params, train {r['train_s']:.0f}s)", flush=True)
             results.append(r)
 
+    print_table(vars(args), base, results)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "base_val_loss": base, "runs": results}, indent=2))
+
+
+def print_table(a, base, results):
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+
     def stats(mode):
         vals = [r["val_loss"] for r in results if r["mode"] == mode]
         mean = sum(vals) / len(vals)
         sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
         return mean, sd, vals
 
-    const_mean = stats("constant")[0] if any(r["mode"] == "constant" for r in results) else None
+    const_mean = stats("constant")[0] if "constant" in modes else None
     print()
-    print(f"SmolLM2-135M, QLoRA on simulated mixed 4/6-bit, rank budget {args.rank}, num_layers {args.num_layers}, "
-          f"{args.iters} iters x batch {args.batch_size} x {args.max_seq_length} tokens, lr {args.learning_rate}, "
-          f"seeds {args.seeds}; validation: {args.valid_examples} GSM-Symbolic examples (held-out templates)")
+    print(f"SmolLM2-135M, QLoRA on simulated mixed 4/6-bit, rank budget {a['rank']}, num_layers {a['num_layers']}, "
+          f"{a['iters']} iters x batch {a['batch_size']} x {a['max_seq_length']} tokens, lr {a['learning_rate']}, "
+          f"seeds {a['seeds']}; validation: {a['valid_examples']} GSM-Symbolic examples (held-out templates)")
     print(f"validation loss before training (no adapter): {base:.4f}")
     print()
     print("| rank scaling | trainable params | ranks used | val loss (mean ± sd) | vs constant | per seed |")
     print("|---|---|---|---|---|---|")
-    for mode in args.modes.split(","):
+    for mode in modes:
         mean, sd, vals = stats(mode)
         one = next(r for r in results if r["mode"] == mode)
         ratio = f"{mean / const_mean:.4f}x" if const_mean else "-"
         print(f"| {mode} | {one['trainable_params']:,} (budget {one['budget_params']:,}) | "
               f"{min(one['ranks'])}-{max(one['ranks'])} | {mean:.4f} ± {sd:.4f} | {ratio} | "
               + ", ".join(f"{v:.4f}" for v in vals) + " |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "base_val_loss": base, "runs": results}, indent=2))
+
+
+def merge(files):
+    """Print one table from several --out files of the same settings (modes run as separate processes)."""
+    loaded = [json.loads(Path(f).read_text()) for f in files]
+    keys = [k for k in loaded[0]["args"] if k not in ("modes", "out", "merge")]
+    for d in loaded[1:]:
+        diff = [k for k in keys if d["args"].get(k) != loaded[0]["args"].get(k)]
+        if diff:
+            raise SystemExit(f"--merge: runs differ in {diff}; only runs with the same settings compare")
+    print_table(loaded[0]["args"], loaded[0]["base_val_loss"], [r for d in loaded for r in d["runs"]])
 
 
 if __name__ == "__main__":
