@@ -12,6 +12,14 @@ class OptiqFileError(ValueError):
     """A file we read is missing, malformed, or of the wrong kind/version."""
 
 
+def _umask_mode(mode):
+    # mkstemp/mkdtemp create private (0600/0700) entries; outputs are meant to be
+    # shared like any file the user writes, so apply the process umask instead.
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_json(path, payload, kind, format_version=1):
     """Write `payload` as JSON with `kind`/`format_version` first, atomically."""
     path = Path(path)
@@ -23,6 +31,7 @@ def write_json(path, payload, kind, format_version=1):
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
+        os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -72,6 +81,7 @@ def atomic_output_dir(final_path):
         )
     final_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.optiq-partial-", dir=final_path.parent))
+    os.chmod(staging, _umask_mode(0o777))
     try:
         yield staging
         os.replace(staging, final_path)

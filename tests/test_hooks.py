@@ -120,3 +120,21 @@ def test_env_route_version_gate_fails_at_import():
     )
     out = _run(code)
     assert "OptiqVersionError" in out.stdout and "0.28.0" in out.stdout, out.stdout + out.stderr
+
+
+def test_outputs_are_written_with_the_process_umask(tmp_path):
+    from mlx_lm_optiq import io_utils
+
+    old = os.umask(0o022)
+    try:
+        with io_utils.atomic_output_dir(tmp_path / "out") as staging:
+            io_utils.write_json(staging / "x.json", {"a": 1}, kind="test")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "x.json").stat().st_mode & 0o777 == 0o644
+    data = io_utils.read_json(tmp_path / "out" / "x.json", kind="test")
+    assert data["format_version"] == 1 and data["a"] == 1
+    with pytest.raises(FileExistsError):
+        with io_utils.atomic_output_dir(tmp_path / "out"):
+            pass
