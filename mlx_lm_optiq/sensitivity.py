@@ -218,12 +218,15 @@ class _Replay:
 
 
 class _Record(_Replay):
-    def __init__(self, layer, sink):
+    """Runs the real block, keeping its call arguments and its output."""
+
+    def __init__(self, layer, calls, sink):
         super().__init__(layer, None)
-        self._sink = sink
+        self._calls, self._sink = calls, sink
 
     def __call__(self, *args, **kwargs):
         out = self._layer(*args, **kwargs)
+        self._calls.append((args, kwargs))
         self._sink.append(out)
         return out
 
@@ -250,12 +253,20 @@ def _start_block(path, prefix, num_blocks):
 
 
 class _Forward:
-    """Log-probs of the model on one batch, optionally starting from a recorded block output."""
+    """Log-probs of the model on one batch, optionally starting from a recorded block output.
 
-    def __init__(self, model, reuse_hidden_states):
+    With `batch_probes`, probes of modules inside blocks are stacked: block i is run
+    once per probe on its recorded call arguments, and the perturbed outputs of
+    several probes go through blocks i+1.. and the head as ONE forward of the model
+    on the tiled tokens (see `stacked`).
+    """
+
+    def __init__(self, model, reuse_hidden_states, batch_probes=False):
         self.model = model
         self.layers, self.prefix = _block_list(model) if reuse_hidden_states else (None, None)
-        self.outputs = None
+        self.batched = bool(batch_probes and self.layers)
+        self.outputs = self.calls = None
+        self.kl_floor = None  # per-token KL of an unperturbed stacked probe (0.0: bit-identical)
 
     @property
     def num_blocks(self):
@@ -270,9 +281,9 @@ class _Forward:
 
         if not self.layers:
             return _log_probs(self.model(tokens))
-        outputs, saved = [], list(self.layers)
+        outputs, calls, saved = [], [], list(self.layers)
         try:
-            self.layers[:] = [_Record(layer, outputs) for layer in saved]
+            self.layers[:] = [_Record(layer, calls, outputs) for layer in saved]
             lp = _log_probs(self.model(tokens))
         finally:
             self.layers[:] = saved
@@ -283,7 +294,37 @@ class _Forward:
             )
         mx.eval(lp, outputs)
         self.outputs = outputs
+        # Block inputs are earlier blocks' outputs (no copy); block 0's is the embedding.
+        self.calls = calls if self.batched else None
         return lp
+
+    def block_of(self, path):
+        """Index of the block holding module `path`, or None (embedding, head, no block list)."""
+        if not self.layers or not self.prefix or not path.startswith(self.prefix):
+            return None
+        return int(path[len(self.prefix):].split(".")[0])
+
+    def block_output(self, i):
+        """Block i (with whatever weights it has now) on its recorded reference inputs."""
+        args, kwargs = self.calls[i]
+        return self.layers[i](*args, **kwargs)
+
+    def stacked(self, tokens, i, hidden):
+        """Log-probs of k probes at once: `hidden` is k outputs of block i stacked on axis 0.
+
+        The model's own forward runs on the tokens tiled k times (so masks etc. are
+        built for the stacked batch); blocks 0..i return `hidden` and blocks i+1.. run.
+        """
+        import mlx.core as mx
+
+        k = hidden.shape[0] // tokens.shape[0]
+        saved = list(self.layers)
+        try:
+            for j in range(i + 1):
+                self.layers[j] = _Replay(saved[j], hidden)
+            return _log_probs(self.model(mx.concatenate([tokens] * k, axis=0)))
+        finally:
+            self.layers[:] = saved
 
     def __call__(self, tokens, start):
         if start == 0 or not self.layers:
@@ -304,13 +345,18 @@ def _log_probs(logits):
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def _kl_sum(ref_p, ref_lp, lp):
-    """Sum over tokens of KL(ref || probe), as a Python float."""
+def _kl_sum_lazy(ref_p, ref_lp, lp):
+    """Sum over tokens of KL(ref || probe), as a lazy scalar."""
     import mlx.core as mx
 
     kl = (ref_p * (ref_lp - lp)).sum(axis=-1)
     # KL is >= 0; float32 rounding can make an exactly-zero KL come out at -1e-9.
-    return mx.maximum(kl, 0.0).sum().item()
+    return mx.maximum(kl, 0.0).sum()
+
+
+def _kl_sum(ref_p, ref_lp, lp):
+    """Sum over tokens of KL(ref || probe), as a Python float."""
+    return _kl_sum_lazy(ref_p, ref_lp, lp).item()
 
 
 # ---------------------------------------------------------------- loading
@@ -479,6 +525,7 @@ def measure_sensitivity(
     batch_size=None,
     modules=None,
     reuse_hidden_states=True,
+    batch_probes=None,
     dtype=None,
     memory_budget=None,
     seed=0,
@@ -493,8 +540,13 @@ def measure_sensitivity(
     batch_size: samples per forward (default: what fits a 1 GiB logits budget).
     modules: measure only these module paths (default: every quantizable module).
     reuse_hidden_states: False runs the full model for every probe (for checking).
+    batch_probes: stack the probes of a block's modules into shared forwards of the
+      later blocks and the head (float reference, exact method); False: one forward
+      per probe; None (default): stack on a GPU, not on the CPU (no gain there).
+      Same numbers either way (to float rounding).
     dtype: compute dtype (default float32 on CPU, the checkpoint's float dtype elsewhere).
-    memory_budget: bytes `reference="auto"` compares the float model against.
+    memory_budget: bytes `reference="auto"` compares the float model against; on a
+      GPU, stacked probe passes may use 10% of it (at least 1 GiB) for logits.
     on_probe(batch_index, module_path): called after each module finishes a batch.
     """
     import mlx.core as mx
@@ -563,6 +615,19 @@ def measure_sensitivity(
         vocab_bytes = 4 * 4 * _vocab_size(model)
         batch_size = max(1, min(calib["num_samples"], _LOGITS_BUDGET_BYTES // (vocab_bytes * calib["sequence_length"])))
     batch_size = int(batch_size)
+    # Stacked probes of one pass hold ~3 (rows, length, vocab) arrays (logits, their float32
+    # copy, log-probs) plus the reference pass's log-probs and probabilities. The CPU gains
+    # nothing from bigger passes (it is compute bound), a GPU gains from fewer, larger ones
+    # (a small model's forward is launch bound).
+    pass_bytes = _LOGITS_BUDGET_BYTES
+    if mx.default_device() != mx.cpu:
+        pass_bytes = max(pass_bytes, int(0.1 * (memory_budget or _memory_budget())))
+    if batch_probes is None:
+        batch_probes = mx.default_device() != mx.cpu
+    probes_per_pass = 1
+    if batch_probes and method == "exact" and vocab is not None:
+        # + the in-pass reference log-probs and probabilities (8 bytes)
+        probes_per_pass = max(1, pass_bytes // (20 * batch_size * calib["sequence_length"] * int(vocab)))
 
     table = {
         "model": str(model_path),
@@ -600,7 +665,11 @@ def measure_sensitivity(
             probe = _LowBitProbe(model_path, model, info, all_modules, applicable, dtype, rank, progress)
         # What the reference model occupies (the whole point of the low-bit mode).
         table["reference_model_bytes"] = _nbytes(model)
-        _exact_sweep(model, probe, mine, tokens, batch_size, ckpt, reuse_hidden_states, rank, progress, on_probe)
+        forward = _exact_sweep(model, probe, mine, tokens, batch_size, ckpt, reuse_hidden_states, rank, progress,
+                               on_probe, probes_per_pass)
+        table["probes_per_pass"] = probes_per_pass if forward.batched else 1
+        if forward.kl_floor is not None:
+            table["stacked_probe_kl_floor"] = forward.kl_floor
         sums = ckpt.sums
         if size > 1:
             sums = _all_sum_table(sums, list(all_modules), keys, applicable, group)
@@ -645,6 +714,51 @@ class _FloatProbe:
                 sums[candidate_key(**c)] = _kl_sum(ref_p, ref_lp, forward(tokens, start))
         finally:
             module.weight = weight
+        return sums
+
+    def run_block(self, paths, forward, tokens, block, probes_per_pass):
+        """{path: {key: KL sum}} for modules of one block, probes stacked in passes of the model.
+
+        All passes of a block have the same number of slots S (the last one padded with
+        the unperturbed output), and slot k of a probe pass is compared with slot k of
+        one reference pass of S unperturbed copies. Why: BLAS/GPU kernels round a row
+        differently depending on how many rows the matmul has and where the row sits, so
+        the reference must go through exactly the same kernels as its probe for the
+        unperturbed part of the model to cancel (as it does when the reference and the
+        probe are separate forwards of the same shape). Cost: one extra pass per block.
+        """
+        import mlx.core as mx
+
+        probes = []  # (path, candidate key, perturbed output of `block`)
+        for path in paths:
+            module = self.modules[path]
+            weight = module.weight
+            try:
+                for c in self.applicable[path]:
+                    module.weight = _qdq(weight.astype(self.quant_dtype), c).astype(weight.dtype)
+                    out = forward.block_output(block)
+                    mx.eval(out)
+                    probes.append((path, candidate_key(**c), out))
+            finally:
+                module.weight = weight
+        sums = {p: {} for p in paths}
+        if not probes:
+            return sums
+        n, slots = tokens.shape[0], min(probes_per_pass, len(probes))
+        unperturbed = forward.outputs[block]
+        ref_lp = forward.stacked(tokens, block, mx.concatenate([unperturbed] * slots, axis=0))
+        ref_p = mx.exp(ref_lp)
+        mx.eval(ref_lp, ref_p)
+        for s in range(0, len(probes), slots):
+            chunk = probes[s : s + slots]
+            outs = [o for _, _, o in chunk] + [unperturbed] * (slots - len(chunk))
+            lp = forward.stacked(tokens, block, mx.concatenate(outs, axis=0))
+            rows = [slice(k * n, (k + 1) * n) for k in range(len(chunk))]
+            kls = [_kl_sum_lazy(ref_p[r], ref_lp[r], lp[r]) for r in rows]
+            mx.eval(kls)
+            for (path, key, _), kl in zip(chunk, kls):
+                sums[path][key] = kl.item()
+            del lp, outs, kls
         return sums
 
 
@@ -715,11 +829,13 @@ def _nbytes(model):
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def _exact_sweep(model, probe, mine, tokens, batch_size, ckpt, reuse, rank, progress, on_probe):
+def _exact_sweep(model, probe, mine, tokens, batch_size, ckpt, reuse, rank, progress, on_probe, probes_per_pass=1):
+    """Run every pending (batch, module) probe; returns the _Forward (its kl_floor, batched flag)."""
     import mlx.core as mx
     from tqdm import tqdm
 
-    forward = _Forward(model, reuse)
+    # Stacking needs at least 2 probes a pass; the low-bit probe keeps one forward per probe.
+    forward = _Forward(model, reuse, batch_probes=probes_per_pass > 1 and hasattr(probe, "run_block"))
     num = tokens.shape[0]
     batches = [(b, tokens[s : s + batch_size]) for b, s in enumerate(range(0, num, batch_size))]
     todo = sum(1 for b, _ in batches for p in mine if (b, p) not in ckpt.done)
@@ -735,16 +851,30 @@ def _exact_sweep(model, probe, mine, tokens, batch_size, ckpt, reuse, rank, prog
         if forward.layers and not checked:
             _check_replay(forward, batch, ref_lp, rank)
             checked = True
-        for path in pending:
-            bar.set_postfix_str(path, refresh=False)
-            sums = probe.run(path, forward, batch, forward.start_block(path), ref_p, ref_lp)
-            ckpt.record(b, path, sums)
-            bar.update(1)
-            if on_probe is not None:
-                on_probe(b, path)
+        i = 0
+        while i < len(pending):
+            block = forward.block_of(pending[i]) if forward.batched else None
+            group = [pending[i]]
+            # Modules of the same block share their stacked passes.
+            while block is not None and i + len(group) < len(pending) \
+                    and forward.block_of(pending[i + len(group)]) == block:
+                group.append(pending[i + len(group)])
+            i += len(group)
+            bar.set_postfix_str(group[0] if len(group) == 1 else f"block {block} ({len(group)} modules)",
+                                refresh=False)
+            if block is None:
+                results = {group[0]: probe.run(group[0], forward, batch, forward.start_block(group[0]), ref_p, ref_lp)}
+            else:
+                results = probe.run_block(group, forward, batch, block, probes_per_pass)
+            for path in group:
+                ckpt.record(b, path, results[path])
+                bar.update(1)
+                if on_probe is not None:
+                    on_probe(b, path)
         del ref_lp, ref_p
-        forward.outputs = None
+        forward.outputs = forward.calls = None
     bar.close()
+    return forward
 
 
 def _check_replay(forward, batch, ref_lp, rank):
@@ -756,6 +886,24 @@ def _check_replay(forward, batch, ref_lp, rank):
     if not diff <= 1e-3:
         _log(f"replaying block outputs changed the log-probs by {diff:.2e}: using full forwards", rank)
         forward.layers = None
+        forward.batched = False
+        return
+    if forward.batched:
+        # A stacked pass of [recorded output, block `start` re-run on its recorded inputs] must
+        # reproduce the reference log-probs, and match a stacked pass of two recorded outputs
+        # (the in-pass reference) exactly: kl_floor is their KL, 0.0 when rounding depends only
+        # on a row's slot and the pass size, which is what run_block relies on.
+        n = batch.shape[0]
+        recorded = forward.outputs[start]
+        lp = forward.stacked(batch, start, mx.concatenate([recorded, forward.block_output(start)]))
+        ref = forward.stacked(batch, start, mx.concatenate([recorded, recorded]))
+        diff = max(mx.abs(lp[:n] - ref_lp).max().item(), mx.abs(lp[n:] - ref_lp).max().item())
+        if not diff <= 1e-3:
+            _log(f"stacking probes changed the log-probs by {diff:.2e}: one forward per probe", rank)
+            forward.batched = False
+            forward.calls = None
+            return
+        forward.kl_floor = _kl_sum(mx.exp(ref), ref, lp) / (2 * batch.size)
 
 
 def _all_sum_table(sums, paths, keys, applicable, group):
@@ -902,6 +1050,8 @@ def build_parser():
     parser.add_argument("--checkpoint", default=None, help="resume file for an interrupted sweep")
     parser.add_argument("--modules", default=None, help="comma-separated module paths (default: all)")
     parser.add_argument("--no-reuse-hidden-states", action="store_true", help="full forward per probe (slow; for checking)")
+    parser.add_argument("--batch-probes", choices=("auto", "on", "off"), default="auto",
+                        help="stack probes of one block into shared forwards (auto: on a GPU only)")
     parser.add_argument("--distributed", action="store_true", help="shard over mx.distributed ranks (mlx.launch)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -922,7 +1072,7 @@ def main(argv=None):
         model_path, tokens, args.candidates, method=args.method, reference=args.reference,
         checkpoint_path=args.checkpoint, progress=not args.quiet, group=group, batch_size=args.batch_size,
         modules=args.modules.split(",") if args.modules else None,
-        reuse_hidden_states=not args.no_reuse_hidden_states, seed=args.seed,
+        reuse_hidden_states=not args.no_reuse_hidden_states, batch_probes={"auto": None, "on": True, "off": False}[args.batch_probes], seed=args.seed,
     )
     table["calibration"]["source"] = args.calibration or "bundled"
     if group is None or group.rank() == 0:
