@@ -10,6 +10,13 @@ novel, evaluate on another). Evaluation uses simulated quantization: each
 quantized model is dequantized into fp32 (same weights as the real kernels use).
 Sweep wall times: our exact sweep and Fisher estimate, and a naive sweep (a full
 forward per module and candidate) timed on a subset of modules and extrapolated.
+
+    python benchmarks/weights.py --timing-only [--timing-blocks 0,10,20,29] [--bits 4,8 --groups 64]
+
+times only the sweeps, side by side in one run, on every module of the named blocks of
+the real model: naive (full forward per probe, reference computed once per batch), ours
+exact with block replay only (one forward per probe, as before probe stacking), ours exact
+with stacked probes, ours exact at the device default, and ours fisher (all modules).
 """
 
 import argparse
@@ -63,9 +70,17 @@ def main(argv=None):
     p.add_argument("--naive-modules", type=int, default=6, help="modules timed with the naive sweep")
     p.add_argument("--output", help="write all numbers as JSON here")
     p.add_argument("--report", help="only print the tables of a previous run's --output JSON")
+    p.add_argument("--timing-only", action="store_true", help="only time the sensitivity sweeps (see above)")
+    p.add_argument("--timing-blocks", default="0,10,20,29", help="--timing-only: blocks whose modules are timed")
     args = p.parse_args(argv)
     if args.report:
         print(report(json.loads(Path(args.report).read_text())))
+        return
+    if args.timing_only:
+        data = timing(args)
+        print(timing_report(data))
+        if args.output:
+            Path(args.output).write_text(json.dumps(data, indent=1))
         return
 
     import mlx.core as mx
@@ -173,6 +188,73 @@ def main(argv=None):
     print(report(data))
     if args.output:
         Path(args.output).write_text(json.dumps(data, indent=1))
+
+
+def timing(args):
+    """Sweep timings only, on every module of `--timing-blocks`, in one process."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_lm_optiq import calibration, plan, sensitivity
+
+    device = str(mx.default_device())
+    tokenizer = load_tokenizer(Path(args.model))
+    tmp = Path(tempfile.mkdtemp(prefix="optiq-bench-"))
+    calib = calibration.load_calibration(tokenizer, _calibration_jsonl(args.calibration_text, tmp / "calib.jsonl"),
+                                         num_samples=args.num_samples, sequence_length=args.sequence_length)
+    cands = plan.make_candidates(plan.parse_int_list(args.bits, "--bits"), plan.parse_int_list(args.groups, "--groups"))
+    blocks = plan.parse_int_list(args.timing_blocks, "--timing-blocks")
+    lazy = sensitivity._load_lazy(Path(args.model))[0]
+    num_blocks = len(lazy.layers)
+    if max(blocks) >= num_blocks:
+        raise SystemExit(f"--timing-blocks: the model has blocks 0..{num_blocks - 1}, got {blocks}")
+    modules = [m for m in sensitivity.quantizable_modules(lazy) if any(m.startswith(f"model.layers.{b}.") for b in blocks)]
+    del lazy
+    common = dict(model_path=args.model, tokens=calib, candidates=cands, reference="float", progress=False)
+    runs = [("naive", "naive: full forward per probe (reference once per batch)",
+             dict(method="exact", modules=modules, reuse_hidden_states=False, batch_probes=False)),
+            ("replay", "ours exact, block replay only (before stacking)",
+             dict(method="exact", modules=modules, batch_probes=False)),
+            ("stacked", "ours exact, replay + stacked probes",
+             dict(method="exact", modules=modules, batch_probes=True)),
+            ("fisher", "ours fisher (all modules, whole model)", dict(method="fisher"))]
+    rows, tables = {}, {}
+    for name, label, kw in runs:
+        t0, c0 = time.perf_counter(), time.process_time()
+        tables[name] = sensitivity.measure_sensitivity(**common, **kw)
+        rows[name] = dict(label=label, wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
+                          probes_per_pass=tables[name].get("probes_per_pass"))
+        print(f"  {label}: {rows[name]['wall_s']:.1f}s wall, {rows[name]['cpu_s']:.1f}s CPU", flush=True)
+    for name in ("replay", "stacked"):
+        rows[name]["max_rel_diff_vs_naive"] = max(
+            abs(tables[name]["modules"][m]["kl"][k] - v) / max(v, 1e-12)
+            for m in modules for k, v in tables["naive"]["modules"][m]["kl"].items())
+        rows[name]["max_abs_diff_vs_naive_per_token"] = max(
+            abs(tables[name]["modules"][m]["kl"][k] - v)
+            for m in modules for k, v in tables["naive"]["modules"][m]["kl"].items())
+    return {"rows": rows, "device": device, "model": args.model, "num_blocks": num_blocks, "blocks": blocks,
+            "modules": len(modules), "candidates": [plan.candidate_key(**c) for c in cands],
+            "calibration": f"{calib.shape[0]}x{calib.shape[1]} tokens of {Path(args.calibration_text).name}",
+            "mlx": mx.__version__}
+
+
+def timing_report(data):
+    rows = data["rows"]
+    naive = rows["naive"]
+    lines = [f"{'sensitivity sweep':<54} {'wall s':>8} {'CPU s':>8} {'naive/this (wall)':>18} {'(CPU)':>7}"]
+    for r in rows.values():
+        lines.append(f"{r['label']:<54} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} "
+                     f"{naive['wall_s'] / r['wall_s']:>17.2f}x {naive['cpu_s'] / r['cpu_s']:>6.2f}x")
+    lines.append(f"timed: every module of blocks {data['blocks']} of {data['num_blocks']} ({data['modules']} modules) "
+                 f"x candidates {data['candidates']}, calibration {data['calibration']}, float reference, "
+                 f"device {data['device']}, mlx {data['mlx']}; each exact run's wall time includes loading the "
+                 "model and the reference pass; fisher covers every module of the model")
+    for name in ("replay", "stacked"):
+        r = rows[name]
+        lines.append(f"{name} vs naive KL: max rel diff {r['max_rel_diff_vs_naive']:.1e}, max abs diff "
+                     f"{r['max_abs_diff_vs_naive_per_token']:.1e} nats/token; probes per pass {r['probes_per_pass']}")
+    lines.append("caveat: the float reference was dequantized from a 4-bit original (GGUF Q4_1).")
+    return "\n".join(lines)
 
 
 # A baseline is compared with ours when it uses at least our bits per weight but
