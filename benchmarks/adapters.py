@@ -214,6 +214,56 @@ def measure_idle_overhead(model_path, adapters, n_rows, max_tokens, rounds=3):
     return statistics.median(plain), statistics.median(idle)
 
 
+def measure_mixed_rows(model_path, adapters, prompt_tokens=200, steps=32, rounds=3):
+    """In-process cost of one batch with a row per adapter, for each way of computing mixed rows.
+
+    Prefill (ms) and decode (ms per step) of len(adapters) rows: all on the base, all on one
+    adapter (the single-adapter path, stock LoRA's arithmetic), and one distinct adapter
+    per row with each `MIXED_ROWS_METHODS` entry; set-ups alternate over `rounds`.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    from mlx_lm_optiq import adapters as A
+
+    model, _ = load_model(Path(model_path))
+    names = list(adapters)
+    for name in names:
+        A.mount_adapter(model, name, adapters[name])
+    x = mx.random.randint(10, 1000, (len(names), prompt_tokens), key=mx.random.key(0))
+
+    def run(row_names, method):
+        A.MIXED_ROWS_METHOD = method
+        try:
+            cache = make_prompt_cache(model)
+            with A.adapter_rows(model, row_names):
+                t0 = time.perf_counter()
+                logits = model(x, cache=cache)
+                mx.eval(logits)
+                t1 = time.perf_counter()
+                y = mx.argmax(logits[:, -1:], axis=-1)
+                for _ in range(steps):
+                    y = mx.argmax(model(y, cache=cache)[:, -1:], axis=-1)
+                    mx.eval(y)
+                t2 = time.perf_counter()
+        finally:
+            A.MIXED_ROWS_METHOD = None
+        return (t1 - t0) * 1e3, (t2 - t1) / steps * 1e3
+
+    setups = [("base rows", [None] * len(names), None), ("one adapter on every row", [names[0]] * len(names), None)]
+    setups += [(f"{len(names)} adapters, {m}", names, m) for m in A.MIXED_ROWS_METHODS]
+    times = {label: [] for label, _, _ in setups}
+    for label, row_names, method in setups:  # warm-up: kernels, allocator
+        run(row_names, method)
+    for _ in range(rounds):
+        for label, row_names, method in setups:
+            times[label].append(run(row_names, method))
+    for name in names:
+        A.unmount_adapter(model, name)
+    return {label: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+            for label, ts in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory (also the tokenizer/shape source for --random-layers)")
@@ -225,6 +275,7 @@ def main():
     parser.add_argument("--prompt-words", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-stock", action="store_true", help="only our server (stock reloads are slow on CPU)")
+    parser.add_argument("--skip-server", action="store_true", help="only the in-process measurements")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--log-dir", default=None, help="copy the server logs here")
     args = parser.parse_args()
@@ -248,6 +299,16 @@ def main():
     plain_rate, idle_rate = measure_idle_overhead(model, adapters, n, args.max_tokens)
     print(f"BatchGenerator decode, {n} base rows: {plain_rate:.1f} tok/s without adapters, "
           f"{idle_rate:.1f} tok/s with {n} mounted but idle ({idle_rate / plain_rate:.3f}x)", flush=True)
+    mixed = measure_mixed_rows(model, adapters)
+    print(f"\nin-process forward, {n} rows, {200}-token prefill + 32 decode steps (median of 3 alternating rounds)")
+    print("| rows | prefill ms | decode ms/step | decode vs base rows |\n|---|---|---|---|")
+    base_step = mixed["base rows"][1]
+    for label, (prefill_ms, step_ms) in mixed.items():
+        print(f"| {label} | {prefill_ms:.1f} | {step_ms:.2f} | {base_step / step_ms:.2f}x |", flush=True)
+    if args.skip_server:
+        return
+    print(f"our server computes mixed rows with: {os.environ.get('MLX_LM_OPTIQ_MIXED_ROWS') or 'the default'}",
+          flush=True)
     base_id = str(model.resolve())
     results = {}
     for kind in ["ours"] if args.skip_stock else ["ours", "stock"]:
@@ -305,6 +366,7 @@ def main():
             "num_adapters": n, "rank": args.rank, "max_tokens": args.max_tokens,
             "tokens_per_s": {f"{k}/{s}": v for (k, s), v in results.items()}, "memory_per_adapter": memory,
             "idle_decode_tokens_per_s": {"no_adapters": plain_rate, "adapters_mounted_idle": idle_rate},
+            "mixed_rows_in_process_ms": {k: {"prefill": a, "decode_step": b} for k, (a, b) in mixed.items()},
         }, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 

@@ -220,19 +220,19 @@ def micro(contexts):
         print(" ".join(row), flush=True)
 
 
-def memory(model_dir, contexts, decode=16):
+def memory(model_dir, contexts, plan_path, decode=16):
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
     from mlx_lm_optiq.kv_config import load_kv_config, make_plan_cache
 
     model, _ = load(str(model_dir))
-    plan = load_kv_config(Path(model_dir) / "optiq_kv_plan.json", model)
+    plan = load_kv_config(plan_path, model)
     n = len(model.layers)
     variants = [("fp16 KVCache (stock)", lambda: make_prompt_cache(model)),
                 ("ours uniform K4/V4 g64", lambda: [MixedQuantizedKVCache(4, 4, GROUP) for _ in range(n)]),
                 ("ours per-layer (~4.5 bits)", lambda: make_plan_cache(model, plan))]
-    print(f"\nmemory: random llama ({n} layers, {model.args.num_key_value_heads} KV heads x 64), prefill in 2048-token chunks + {decode} "
+    print(f"\nmemory: {Path(model_dir).name} ({n} layers, {model.args.num_key_value_heads} KV heads x 64), prefill in 2048-token chunks + {decode} "
           "decode steps, batch 1")
     print("| context | KV cache | KV bytes | peak memory above weights | decode ms/token |\n|---|---|---|---|---|")
     for L in contexts:
@@ -323,7 +323,7 @@ def _round(port, prompts, max_tokens):
     return sum(counts), time.perf_counter() - tic, errors
 
 
-def server(model_dir, out_dir, clients, prompt_tokens, max_tokens):
+def server(model_dir, out_dir, clients, prompt_tokens, max_tokens, plan_path):
     prompts = _prompts(model_dir, 2 * clients, prompt_tokens)
     warmup, prompts = prompts[:clients], prompts[clients:]
     configs = [
@@ -331,7 +331,7 @@ def server(model_dir, out_dir, clients, prompt_tokens, max_tokens):
         ("stock --kv-bits 4 (unbatched; quantized_kv_start 5000 never reached: an upper bound)",
          ["--kv-bits", "4"], False),
         ("ours --optiq-kv-config (batched, quantized from token 0)",
-         ["--optiq-kv-config", str(Path(model_dir) / "optiq_kv_plan.json")], True),
+         ["--optiq-kv-config", str(plan_path)], True),
     ]
     print(f"\nserver: {clients} concurrent clients on loopback, ~{prompt_tokens}-token prompts, "
           f"{max_tokens} new tokens each, temperature 0 (after a warm-up round of the same shape)")
@@ -367,17 +367,25 @@ def server(model_dir, out_dir, clients, prompt_tokens, max_tokens):
 
 def gpu(args):
     print(f"device: {mx.default_device()}, mlx {mx.__version__}")
-    shape = LLAMA_TINY if args.tiny else LLAMA_1B
-    model_dir = build_random_model(Path(args.work) / ("llama-tiny-random" if args.tiny else "llama-1b-random"),
-                                   args.tokenizer, shape)
+    if args.model:  # a real model and its measured plan instead of the random one
+        if not args.plan:
+            raise SystemExit("--model needs --plan (the model's kv_config.json)")
+        model_dir, plan_path = Path(args.model), Path(args.plan)
+    else:
+        if not args.tokenizer:
+            raise SystemExit("gpu: pass --tokenizer DIR (random model) or --model DIR --plan FILE")
+        shape = LLAMA_TINY if args.tiny else LLAMA_1B
+        model_dir = build_random_model(Path(args.work) / ("llama-tiny-random" if args.tiny else "llama-1b-random"),
+                                       args.tokenizer, shape)
+        plan_path = model_dir / "optiq_kv_plan.json"
     if "attention" in args.parts:
         attention(args.attention_contexts)
     if "micro" in args.parts:
         micro(args.attention_contexts)
     if "memory" in args.parts:
-        memory(model_dir, args.memory_contexts)
+        memory(model_dir, args.memory_contexts, plan_path)
     if "server" in args.parts:
-        server(model_dir, args.out, args.clients, args.prompt_tokens, args.max_tokens)
+        server(model_dir, args.out, args.clients, args.prompt_tokens, args.max_tokens, plan_path)
 
 
 def main():
@@ -391,7 +399,9 @@ def main():
     q.add_argument("--windows", type=int, default=2)
     q.add_argument("--skip", type=int, default=256, help="score positions after this many tokens of context")
     g = sub.add_parser("gpu", help="attention / memory / server benchmarks on a random 1B llama")
-    g.add_argument("--tokenizer", required=True, help="folder with tokenizer.json (SmolLM2's)")
+    g.add_argument("--tokenizer", help="folder with tokenizer.json (SmolLM2's) for the random model")
+    g.add_argument("--model", help="serve/measure this real model instead of a random one (needs --plan)")
+    g.add_argument("--plan", help="with --model: its per-layer kv_config.json")
     g.add_argument("--work", default="/tmp/kvbench")
     g.add_argument("--out", default=".")
     g.add_argument("--attention-contexts", type=int, nargs="+", default=[8192, 32768, 65536])

@@ -119,6 +119,12 @@ def main(argv=None):
         raise SystemExit("--naive-modules: time at least 2 modules (or 2 batches) so a per-probe time exists")
     # extrapolate: median seconds per (batch, module) probe x every (batch, module) of the full sweep
     t_naive = probe_naive * n_probes
+    # the naive sweep has none of reference reuse, hidden-state reuse and sample
+    # batching: one sample per forward (its reference is still computed once per sample)
+    _, _, probe_naive1, _ = _timed_sweep(
+        sensitivity.measure_sensitivity, method="exact", modules=subset, reuse_hidden_states=False,
+        batch_size=1, **common)
+    t_naive1 = probe_naive1 * len(paths) * calib.shape[0]
     agree = max(abs(table_naive["modules"][m]["kl"][k] - table_exact["modules"][m]["kl"][k])
                 / max(table_exact["modules"][m]["kl"][k], 1e-12)
                 for m in subset for k in table_naive["modules"][m]["kl"])
@@ -176,6 +182,7 @@ def main(argv=None):
 
     data = {"results": results,
             "sweeps": {"exact_s": t_exact, "fisher_s": t_fisher, "naive_extrapolated_s": t_naive,
+                       "naive1_extrapolated_s": t_naive1, "naive1_probe_s": probe_naive1,
                        "naive_subset": subset, "naive_probe_s": probe_naive, "exact_probe_s": probe_exact,
                        "probes": n_probes, "naive_vs_exact_max_rel_diff": agree, "dynamic_quant_s": t_dynamic},
             "setup": {"model": args.model, "num_modules": len(paths),
@@ -211,7 +218,12 @@ def timing(args):
     modules = [m for m in sensitivity.quantizable_modules(lazy) if any(m.startswith(f"model.layers.{b}.") for b in blocks)]
     del lazy
     common = dict(model_path=args.model, tokens=calib, candidates=cands, reference="float", progress=False)
-    runs = [("naive", "naive: full forward per probe (reference once per batch)",
+    # The three speed-ups over a naive sweep are reference reuse, hidden-state reuse and
+    # batching samples; "naive, one sample per forward" has none but the first (its reference is
+    # still computed once per sample, not once per probe), "naive" also batches samples.
+    runs = [("naive1", "naive, one sample per forward",
+             dict(method="exact", modules=modules, reuse_hidden_states=False, batch_probes=False, batch_size=1)),
+            ("naive", "naive: full forward per probe (reference once per batch)",
              dict(method="exact", modules=modules, reuse_hidden_states=False, batch_probes=False)),
             ("replay", "ours exact, block replay only (before stacking)",
              dict(method="exact", modules=modules, batch_probes=False)),
@@ -225,7 +237,7 @@ def timing(args):
         rows[name] = dict(label=label, wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
                           probes_per_pass=tables[name].get("probes_per_pass"))
         print(f"  {label}: {rows[name]['wall_s']:.1f}s wall, {rows[name]['cpu_s']:.1f}s CPU", flush=True)
-    for name in ("replay", "stacked"):
+    for name in ("naive1", "replay", "stacked"):
         rows[name]["max_rel_diff_vs_naive"] = max(
             abs(tables[name]["modules"][m]["kl"][k] - v) / max(v, 1e-12)
             for m in modules for k, v in tables["naive"]["modules"][m]["kl"].items())
@@ -241,15 +253,18 @@ def timing(args):
 def timing_report(data):
     rows = data["rows"]
     naive = rows["naive"]
-    lines = [f"{'sensitivity sweep':<54} {'wall s':>8} {'CPU s':>8} {'naive/this (wall)':>18} {'(CPU)':>7}"]
+    naive1 = rows.get("naive1")  # absent in runs before this row existed
+    lines = [f"{'sensitivity sweep':<54} {'wall s':>8} {'CPU s':>8} {'naive/this (wall)':>18} {'(CPU)':>7}"
+             + (f" {'naive-1-sample/this (wall)':>27}" if naive1 else "")]
     for r in rows.values():
         lines.append(f"{r['label']:<54} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} "
-                     f"{naive['wall_s'] / r['wall_s']:>17.2f}x {naive['cpu_s'] / r['cpu_s']:>6.2f}x")
+                     f"{naive['wall_s'] / r['wall_s']:>17.2f}x {naive['cpu_s'] / r['cpu_s']:>6.2f}x"
+                     + (f" {naive1['wall_s'] / r['wall_s']:>26.2f}x" if naive1 else ""))
     lines.append(f"timed: every module of blocks {data['blocks']} of {data['num_blocks']} ({data['modules']} modules) "
                  f"x candidates {data['candidates']}, calibration {data['calibration']}, float reference, "
                  f"device {data['device']}, mlx {data['mlx']}; each exact run's wall time includes loading the "
                  "model and the reference pass; fisher covers every module of the model")
-    for name in ("replay", "stacked"):
+    for name in [n for n in ("naive1", "replay", "stacked") if n in rows]:
         r = rows[name]
         lines.append(f"{name} vs naive KL: max rel diff {r['max_rel_diff_vs_naive']:.1e}, max abs diff "
                      f"{r['max_abs_diff_vs_naive_per_token']:.1e} nats/token; probes per pass {r['probes_per_pass']}")
@@ -282,15 +297,25 @@ def report(data):
                      f"{r['ppl'] - ref['ppl']:>+8.3f} {ratio:>9}")
     lines.append(f"KLD/best: our KLD / the lowest KLD of the baselines with BPW in [ours, ours + {SAME_POINT_BPW}]")
     naive = sw["naive_extrapolated_s"]
-    lines += ["", f"{'sensitivity sweep (all modules, all candidates)':<48} {'seconds':>9} {'naive/this':>11}",
-              f"{'naive full forward per module (extrapolated)':<48} {naive:>9.1f} {1:>10.1f}x",
-              f"{'ours exact (replay; stacked probes off-CPU)':<48} {sw['exact_s']:>9.1f} {naive / sw['exact_s']:>10.1f}x",
-              f"{'ours fisher':<48} {sw['fisher_s']:>9.1f} {naive / sw['fisher_s']:>10.1f}x",
-              f"{'mlx-lm dynamic_quant sensitivities (2 options)':<48} {sw['dynamic_quant_s']:>9.1f} "
-              f"{naive / sw['dynamic_quant_s']:>10.1f}x",
+    naive1 = sw.get("naive1_extrapolated_s")  # absent in runs before this row existed
+    sweep_rows = [("naive, one sample per forward (extrapolated)", naive1),
+                  ("naive, samples batched (extrapolated)", naive),
+                  ("ours exact (replay; stacked probes off-CPU)", sw["exact_s"]),
+                  ("ours fisher", sw["fisher_s"]),
+                  ("mlx-lm dynamic_quant sensitivities (2 options)", sw["dynamic_quant_s"])]
+    lines += ["", f"{'sensitivity sweep (all modules, all candidates)':<48} {'seconds':>9} {'naive/this':>11}"
+              + (f" {'naive-1-sample/this':>20}" if naive1 else "")]
+    for label, t in sweep_rows:
+        if t is None:
+            continue
+        lines.append(f"{label:<48} {t:>9.1f} {naive / t:>10.1f}x" + (f" {naive1 / t:>19.1f}x" if naive1 else ""))
+    lines += [
               f"naive: {sw['naive_probe_s']:.3f}s per (module, batch) probe on {len(sw['naive_subset'])} modules x "
               f"{sw['probes']} probes; its KL equals the exact sweep's (max rel diff "
               f"{sw['naive_vs_exact_max_rel_diff']:.1e}); ours exact/fisher: total wall time incl. loading"]
+    if naive1:
+        lines.append(f"naive, one sample per forward: {sw['naive1_probe_s']:.3f}s per (module, sample) probe x "
+                     f"{data['setup']['num_modules']} modules x {data['setup']['calibration'].split('x')[0]} samples")
     st = data.get("setup")
     if st:
         lines.append(f"model {st['model']} ({st['num_modules']} quantizable modules); candidates {st['candidates']}; "

@@ -12,9 +12,9 @@ parameters of the model and mounting changes nothing the stock tools save or tra
 
 Selection, in order of precedence for one forward pass:
   1. `adapter_rows(model, names)`: one adapter name (or None for the base) per batch
-     row. Rows of different adapters are computed in the same forward pass with
-     gathered matmuls (`mx.gather_mm` over stacked A/B), which measured fastest on
-     CPU against a take+matmul and a masked sum over all mounted adapters.
+     row. Rows of different adapters are computed in the same forward pass: with
+     gathered matmuls over stacked A/B (`mx.gather_mm` on the CPU, `mx.take` + batched
+     matmul elsewhere), see MIXED_ROWS_METHOD.
   2. `use_adapter(name)`: one adapter for the whole batch (a ContextVar).
 When every row uses one adapter the layer computes exactly what mlx-lm's LoRALinear
 computes (`y + (scale * ((x @ a) @ b)).astype(x.dtype)`), so a solo run matches stock.
@@ -25,6 +25,7 @@ import contextvars
 import itertools
 import json
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,7 +284,30 @@ class _Bank:
 
     def __init__(self):
         self.entries = {}  # slot -> (a, b, scale); replaced, never mutated, so readers need no lock
-        self.stacked = None  # (n_slots, A (n+1, in, r), B (n+1, r, out), scales (n+1,)) for mixed batches
+        self.stacked = None  # (n_slots, method, arrays...) for mixed batches, see MultiLoRALinear._stacked
+
+
+# How a batch whose rows use different adapters is computed (None: by device).
+#   "gather": per-row gathered A/B (`mx.gather_mm`): fewest FLOPs; fastest on the CPU.
+#   "take": the rows' A/B gathered with `mx.take`, then batched matmuls: the default off
+#     the CPU (measured on an H200: 0.47x of base-row throughput in the server on a
+#     30-layer SmolLM2-shaped model, against 0.14x for "masked").
+#   "masked": every adapter's A side by side, one matmul for all, a per-row mask that
+#     keeps each row's own adapter (scale folded in), one matmul with every B: fewer
+#     kernels per layer whatever the number of adapters, more FLOPs.
+# MLX_LM_OPTIQ_MIXED_ROWS=gather|take|masked sets it for a server process.
+MIXED_ROWS_METHODS = ("gather", "take", "masked")
+MIXED_ROWS_METHOD = os.environ.get("MLX_LM_OPTIQ_MIXED_ROWS") or None
+if MIXED_ROWS_METHOD not in (None, *MIXED_ROWS_METHODS):
+    raise ValueError(f"MLX_LM_OPTIQ_MIXED_ROWS is {MIXED_ROWS_METHOD!r}, expected one of {list(MIXED_ROWS_METHODS)}")
+
+
+def _mixed_rows_method():
+    method = MIXED_ROWS_METHOD or ("gather" if mx.default_device() == mx.cpu else "take")
+    if method not in MIXED_ROWS_METHODS:
+        raise ValueError(f"MIXED_ROWS_METHOD (or MLX_LM_OPTIQ_MIXED_ROWS) is {method!r}, "
+                         f"expected one of {list(MIXED_ROWS_METHODS)}")
+    return method
 
 
 class MultiLoRALinear(nn.Module):
@@ -297,31 +321,48 @@ class MultiLoRALinear(nn.Module):
         object.__setattr__(self, "_bank", _Bank())
         object.__setattr__(self, "_registry", registry)
 
-    def _stacked(self, n_slots):
+    def __setitem__(self, key, value):
+        # `self.linear` is a dict lookup through nn.Module.__getattr__ (~1 us, on every
+        # call of every wrapped layer: what idle adapters cost on a launch-bound GPU), so
+        # the call reads a plain attribute, kept in step with the module tree here
+        # (attribute assignment and update_modules both store through __setitem__).
+        super().__setitem__(key, value)
+        if key == "linear":
+            object.__setattr__(self, "_linear", value)
+
+    def _stacked(self, n_slots, method):
+        """The adapters of this layer stacked for mixed rows (ranks zero-padded to the largest).
+
+        gather: (A (n+1, in, r), B (n+1, r, out), scales (n+1,)); slot n is the all-zero
+        base slot that base rows point at. masked: (A (in, n*r), B (n*r, out), r, scales)
+        with slot s in columns/rows s*r..(s+1)*r.
+        """
         stacked = self._bank.stacked
-        if stacked is not None and stacked[0] == n_slots:
-            return stacked[1:]
-        entries = self._bank.entries
+        if stacked is not None and stacked[:2] == (n_slots, method):
+            return stacked[2:]
+        entries = {s: e for s, e in self._bank.entries.items() if s < n_slots}  # later mounts: not this step's
         r = max([a.shape[1] for a, _, _ in entries.values()] + [1])
         dtypes = {t.dtype for a, b, _ in entries.values() for t in (a, b)}
         dtype = dtypes.pop() if len(dtypes) == 1 else mx.float32
-        # slot n_slots is the all-zero "base" slot that base rows point at
+        scales = [0.0] * (n_slots + 1)
         a_stack = mx.zeros((n_slots + 1, self.input_dims, r), dtype=dtype)
         b_stack = mx.zeros((n_slots + 1, r, self.output_dims), dtype=dtype)
-        scales = [0.0] * (n_slots + 1)
         for slot, (a, b, scale) in entries.items():
-            if slot >= n_slots:  # mounted after this batch step's rows were resolved
-                continue
             a_stack[slot, :, : a.shape[1]] = a.astype(dtype)
             b_stack[slot, : b.shape[0], :] = b.astype(dtype)
             scales[slot] = scale
-        scales = mx.array(scales, dtype=dtype)
-        mx.eval(a_stack, b_stack, scales)
-        self._bank.stacked = (n_slots, a_stack, b_stack, scales)
-        return a_stack, b_stack, scales
+        if method in ("gather", "take"):
+            arrays = (a_stack, b_stack, mx.array(scales, dtype=dtype))
+        else:
+            a_all = a_stack[:n_slots].transpose(1, 0, 2).reshape(self.input_dims, n_slots * r)
+            b_all = b_stack[:n_slots].reshape(n_slots * r, self.output_dims)
+            arrays = (a_all, b_all, r, tuple(scales[:n_slots]))
+        mx.eval([t for t in arrays if isinstance(t, mx.array)])
+        self._bank.stacked = (n_slots, method) + arrays
+        return arrays
 
     def __call__(self, x):
-        y = self.linear(x)
+        y = self._linear(x)
         rows = _BATCH_ROWS.get()
         if rows is not None and rows.registry is self._registry:
             slot = rows.uniform
@@ -330,14 +371,17 @@ class MultiLoRALinear(nn.Module):
                     raise ValueError(
                         f"adapter_rows: {len(rows.slots)} rows were selected but the layer input has shape {x.shape}"
                     )
-                a, b, scales = self._stacked(rows.n_slots)
-                if mx.default_device() == mx.cpu:
-                    z = mx.gather_mm(mx.gather_mm(x, a, rhs_indices=rows.index), b, rhs_indices=rows.index)
-                else:
-                    # Only plain gather + batched matmul off the CPU: a gather_mm
-                    # mixed batch failed in our one GPU server run (see docs/adapters.md).
-                    z = (x @ mx.take(a, rows.index, axis=0)) @ mx.take(b, rows.index, axis=0)
-                return y + (scales[rows.index][:, None, None] * z).astype(x.dtype)
+                method = _mixed_rows_method()
+                if method != "masked":
+                    a, b, scales = self._stacked(rows.n_slots, method)
+                    if method == "gather":
+                        z = mx.gather_mm(mx.gather_mm(x, a, rhs_indices=rows.index), b, rhs_indices=rows.index)
+                    else:
+                        z = (x @ mx.take(a, rows.index, axis=0)) @ mx.take(b, rows.index, axis=0)
+                    return y + (scales[rows.index][:, None, None] * z).astype(x.dtype)
+                a_all, b_all, r, scales = self._stacked(rows.n_slots, method)
+                z = ((x @ a_all) * rows.mask(r, scales, a_all.dtype)) @ b_all
+                return y + z.astype(x.dtype)
         else:
             name = ACTIVE_ADAPTER.get()
             if name is None:
@@ -363,6 +407,21 @@ class _Rows:
         self.uniform = first if all(s == first for s in slots) else _MIXED
         if self.uniform is _MIXED:
             self.index = mx.array([self.n_slots if s is None else s for s in slots], dtype=mx.uint32)
+        self._masks = {}
+
+    def mask(self, rank, scales, dtype):
+        """(rows, 1, n_slots*rank): row i keeps the columns of its own slot, times its scale.
+        Built once per forward for all layers sharing (rank, scales, dtype)."""
+        key = (rank, scales, dtype)
+        m = self._masks.get(key)
+        if m is None:
+            cols = [0.0] * (len(self.slots) * self.n_slots * rank)
+            width = self.n_slots * rank
+            for i, s in enumerate(self.slots):
+                if s is not None and s < self.n_slots:
+                    cols[i * width + s * rank : i * width + (s + 1) * rank] = [scales[s]] * rank
+            m = self._masks[key] = mx.array(cols, dtype=dtype).reshape(len(self.slots), 1, width)
+        return m
 
 
 # ---------------------------------------------------------------------------

@@ -153,7 +153,10 @@ def test_adapters_change_generation_like_stock(tiny_float_path, trained_adapter,
     assert len(outs) == 4, "base and the three adapters should give four different continuations"
 
 
-def test_mixed_rows_in_one_forward_match_solo(tiny_float_path, random_adapters):
+@pytest.mark.parametrize("method", A.MIXED_ROWS_METHODS)
+def test_mixed_rows_in_one_forward_match_solo(tiny_float_path, random_adapters, method, monkeypatch):
+    # both ways of computing mixed rows run here on the CPU (the GPU default is "masked")
+    monkeypatch.setattr(A, "MIXED_ROWS_METHOD", method)
     model, tok = _fresh(tiny_float_path)
     for name, path in random_adapters.items():
         A.mount_adapter(model, name, path)
@@ -204,11 +207,17 @@ def test_quantized_bases_every_bit_width(tiny_float_path, random_adapters, bits,
     with A.use_adapter("alpha"):
         got = model(x)
     assert got.dtype == base.dtype
-    with A.adapter_rows(model, ["gamma", None]):
-        mixed = model(mx.concatenate([x, x]))
     with A.use_adapter("gamma"):
         solo = model(x)
-    assert mx.allclose(mixed[0], solo[0], atol=1e-4) and mx.allclose(mixed[1], base[0], atol=1e-4)
+    for method in A.MIXED_ROWS_METHODS:
+        A.MIXED_ROWS_METHOD = method
+        try:
+            with A.adapter_rows(model, ["gamma", None]):
+                mixed = model(mx.concatenate([x, x]))
+        finally:
+            A.MIXED_ROWS_METHOD = None
+        assert mixed.dtype == base.dtype, method
+        assert mx.allclose(mixed[0], solo[0], atol=1e-4) and mx.allclose(mixed[1], base[0], atol=1e-4), method
     A.unmount_adapter(model, "alpha")
     A.unmount_adapter(model, "gamma")
     assert all(dict(model.named_modules())[k] is v for k, v in before.items())
