@@ -6,7 +6,8 @@
 #
 # 1. stock mlx-lm: float reference (-d) and uniform 4-bit g64 (-q) of MODEL;
 # 2. MLX_LM_OPTIQ=1 mlx_lm.convert: measure per-module sensitivity on calibration text and pick
-#    3/4/8-bit per module at no more bits per weight than the uniform 4-bit model;
+#    3/4/5/6/8-bit x group 32/64/128 per module at no more bits per weight than the uniform
+#    4-bit model;
 # 3. python -m mlx_lm_optiq.eval: PPL, KL and top-1 vs the float model on held-out text.
 # Outputs go to out/quickstart/ (replaced on each run). Knobs (environment): OPTIQ_METHOD
 # (fisher: fast default on CPU; exact: measured KL per module, slower), OPTIQ_SAMPLES,
@@ -40,7 +41,7 @@ echo "uniform 4-bit g64: $TARGET bits per weight -> mixed-precision target"
 echo "== 2/4 sensitivity-aware conversion (MLX_LM_OPTIQ=1 mlx_lm.convert, $METHOD sensitivity)"
 # Calibrate on the bundled set (Northanger Abbey, code, chat); evaluate on another novel.
 MLX_LM_OPTIQ=1 mlx_lm.convert --hf-path "$MODEL" -q \
-  --optiq-target-bpw "$TARGET" --optiq-candidate-bits 3,4,8 --optiq-group-sizes 64 \
+  --optiq-target-bpw "$TARGET" --optiq-candidate-bits 3,4,5,6,8 --optiq-group-sizes 32,64,128 \
   --optiq-sensitivity-method "$METHOD" --optiq-num-samples "$SAMPLES" --optiq-sequence-length "$SEQ_LEN" \
   --mlx-path "$OUT/mixed"
 

@@ -421,6 +421,14 @@ class PendingKVCache(KVCache):
     def convert(self):
         return convert_cache(self, self.slot_plan)
 
+    @property
+    def merge(self):
+        # KVCache.merge would turn this slot into a float BatchKVCache that never becomes
+        # its turbo cache. Without `merge` (hasattr is False) mlx-lm's server sees the
+        # prompt cache as not batchable and serves such plans one request at a time, as
+        # it does for TurboQuantKVCache slots and for --kv-bits.
+        raise AttributeError(f"{type(self).__name__}: a slot planned as {self.slot_plan.describe()} cannot be batched")
+
 
 def apply_plan(caches, plan, model=None):
     """Apply a plan in place to a cache list (as `maybe_quantize_kv_cache` does).

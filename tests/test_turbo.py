@@ -353,6 +353,28 @@ def test_kv_config_turbo_scheme_builds_turbo_caches(attention_patched, tiny_q4_p
     assert caches[1].offset == caches[0].offset > 0 and bool(mx.isfinite(logits).all())
 
 
+def test_turbo_slots_waiting_for_quantized_kv_start_are_not_batchable(attention_patched, tiny_q4_path):
+    """mlx-lm's server batches a prompt cache when every slot has `merge`; a turbo slot still in
+    float (before quantized_kv_start) must not pass, or merging would keep it float for good."""
+    from mlx_lm import load
+
+    from mlx_lm_optiq import kv_config
+
+    model, tok = load(str(tiny_q4_path))
+    n = len(model.layers)
+    plan = kv_config.plan_from_dict({"quantized_kv_start": 4, "layers": [
+        {"layer": i, "cache_slot": i, "scheme": "turbo" if i == 1 else "none", "k_bits": 3, "v_bits": 3}
+        for i in range(n)]})
+    caches = kv_config.make_plan_cache(model, plan)
+    assert type(caches[1]).__name__ == "PendingKVCache"
+    assert not all(hasattr(c, "merge") for c in caches)  # the server's batchability test
+    with pytest.raises(AttributeError, match="turbo K3/V3 cannot be batched"):
+        caches[1].merge([caches[1]])
+    model(mx.array(tok.encode("Hello there, how are you?"))[None], cache=caches)
+    kv_config.promote_pending(caches)
+    assert type(caches[1]).__name__ == "TurboQuantKVCache" and caches[1].offset == caches[0].offset
+
+
 def test_pth_route_serves_turbo_caches_and_deepcopies(tiny_q4_path, optiq_env):
     """MLX_LM_OPTIQ=1 (the route mlx_lm.server takes) installs the dispatch; prompt-cache copies stay independent."""
     import subprocess
