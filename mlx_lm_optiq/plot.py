@@ -35,15 +35,26 @@ def _order(path):
     return (0 if "embed" in path else (1 if m else 2), int(m.group(1)) if m else 0, path)
 
 
+def cheapest_kl(layer, candidates):
+    """KL of one module at the cheapest candidate measured for it, or NaN (float modules).
+
+    A candidate whose group size does not divide the module's input dims has no KL for it
+    (e.g. group 128 on a 576-wide projection), so "cheapest" is per module."""
+    from .sensitivity import bits_per_weight
+
+    kl = layer.get("kl", {})
+    costs = {candidate_key(c["bits"], c["group_size"], c.get("mode", "affine")): bits_per_weight(
+        {"mode": "affine", **c}) for c in candidates}
+    measured = [k for k in kl if k in costs]
+    return kl[min(measured, key=costs.get)] if measured else float("nan")
+
+
 def plot_metadata(meta, output):
-    """Write a two-panel PNG: KL of each module at the cheapest candidate, and the chosen bits."""
+    """Write a two-panel PNG: KL of each module at its cheapest candidate, and the chosen bits."""
     plt = _import_pyplot()
     layers = meta["layers"]
     paths = sorted(layers, key=_order)
-    cands = meta["candidates"]
-    cheapest = min(cands, key=lambda c: (c["bits"], -c["group_size"]))
-    key = candidate_key(cheapest["bits"], cheapest["group_size"], cheapest.get("mode", "affine"))
-    kl = [layers[p].get("kl", {}).get(key, float("nan")) for p in paths]
+    kl = [cheapest_kl(layers[p], meta["candidates"]) for p in paths]
     bits = [layers[p]["bits"] for p in paths]
     groups = [layers[p].get("group_size") for p in paths]
     palette = {b: c for b, c in zip(sorted(set(bits)), ["tab:red", "tab:orange", "tab:green", "tab:blue",
@@ -53,7 +64,7 @@ def plot_metadata(meta, output):
     x = range(len(paths))
     ax1.bar(x, kl, color=colors)
     ax1.set_yscale("log")
-    ax1.set_ylabel(f"KL at {key} (nats/token)")
+    ax1.set_ylabel("KL at the module's cheapest candidate\n(nats/token)")
     ax1.set_title(f"{meta.get('base_model', '')}: target {meta['target_bpw']} bpw, "
                   f"achieved {meta['achieved_bpw']:.3f} ({meta.get('method')} sensitivity)")
     ax2.bar(x, bits, color=colors)

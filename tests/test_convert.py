@@ -84,6 +84,28 @@ def test_measured_convert_reloads_in_stock_mlx_lm_with_planned_bits(measured):
     assert all(set(e["kl"]) == {"4:32", "4:64", "8:32", "8:64"} for e in meta["layers"].values())
 
 
+def test_plot_of_a_converted_model(measured, tmp_path):
+    """python -m mlx_lm_optiq.plot writes the PNG; each module's KL is read at the cheapest
+    candidate measured for it (a group that does not divide a layer has no KL there)."""
+    pytest.importorskip("matplotlib")
+    import copy
+    import math
+
+    from mlx_lm_optiq.plot import cheapest_kl
+
+    res = subprocess.run([sys.executable, "-m", "mlx_lm_optiq.plot", str(measured), "--output", str(tmp_path / "b.png")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = _sidecar(measured)
+    q = meta["layers"]["model.layers.0.self_attn.q_proj"]
+    assert cheapest_kl(q, meta["candidates"]) == q["kl"]["4:64"]  # 4:64 is cheaper than 4:32
+    partial = copy.deepcopy(q)
+    del partial["kl"]["4:64"]  # as when 64 does not divide the layer's input dims
+    assert cheapest_kl(partial, meta["candidates"]) == q["kl"]["4:32"]
+    assert all(not math.isnan(cheapest_kl(e, meta["candidates"])) for e in meta["layers"].values() if "kl" in e)
+
+
 def test_replan_from_sidecar_with_python_api_does_not_measure(measured, tiny_q4_path, tmp_path, hooks_enabled,
                                                              monkeypatch):
     from mlx_lm import convert
