@@ -1,8 +1,9 @@
 """Many adapters on one base (issue 6): library mounting and the multi-adapter server.
 
 Adapters: three random-but-deterministic mlx-lm adapters (made with mlx-lm's own
-`linear_to_lora_layers`, different seeds/ranks/target layers) and one trained for
-a few steps with the real `mlx_lm.lora` on ../shared/data/gsm_symbolic.
+`linear_to_lora_layers`, different seeds/ranks/target layers) and two trained for
+a few steps with the real `mlx_lm.lora` on ../shared/data/gsm_symbolic (other seeds,
+block counts and learning rates).
 """
 
 import functools
@@ -52,20 +53,32 @@ def random_adapters(tiny_float_path, adapter_dir):
     }
 
 
-@pytest.fixture(scope="session")
-def trained_adapter(tiny_float_path, adapter_dir, shared_dir):
-    """A LoRA adapter trained for a few steps with the real `mlx_lm.lora`."""
-    out = adapter_dir / "trained"
+def _train_adapter(model, data, out, seed, num_layers, learning_rate):
+    """A LoRA adapter trained for a few steps with the real (stock) `mlx_lm.lora`."""
     cmd = [
-        sys.executable, "-m", "mlx_lm", "lora", "--model", str(tiny_float_path), "--train",
-        "--data", str(shared_dir / "data" / "gsm_symbolic"), "--iters", "4", "--batch-size", "1",
-        "--num-layers", "2", "--learning-rate", "1e-2", "--max-seq-length", "48", "--val-batches", "1",
-        "--steps-per-eval", "1000", "--save-every", "1000", "--adapter-path", str(out), "--seed", "3",
+        sys.executable, "-m", "mlx_lm", "lora", "--model", str(model), "--train",
+        "--data", str(data), "--iters", "4", "--batch-size", "1",
+        "--num-layers", str(num_layers), "--learning-rate", str(learning_rate), "--max-seq-length", "48",
+        "--val-batches", "1", "--steps-per-eval", "1000", "--save-every", "1000", "--adapter-path", str(out),
+        "--seed", str(seed),
     ]
     env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_float_path, adapter_dir, shared_dir):
+    return _train_adapter(tiny_float_path, shared_dir / "data" / "gsm_symbolic", adapter_dir / "trained",
+                          seed=3, num_layers=2, learning_rate=1e-2)
+
+
+@pytest.fixture(scope="session")
+def trained_adapter_2(tiny_float_path, adapter_dir, shared_dir):
+    """A second trained adapter: other seed, every block, another learning rate."""
+    return _train_adapter(tiny_float_path, shared_dir / "data" / "gsm_symbolic", adapter_dir / "trained2",
+                          seed=7, num_layers=4, learning_rate=2e-2)
 
 
 def _greedy_tokens(model, tokenizer, prompt, n=8):
@@ -97,13 +110,14 @@ def _fresh(path, adapter_path=None):
 # Library
 
 
-def test_mount_matches_stock_lora_and_unmount_restores_modules(tiny_float_path, random_adapters, trained_adapter):
+def test_mount_matches_stock_lora_and_unmount_restores_modules(tiny_float_path, random_adapters, trained_adapter,
+                                                               trained_adapter_2):
     model, tok = _fresh(tiny_float_path)
     x = mx.array([tok.encode(PROMPT)])
     base = model(x)
     modules_before = dict(model.named_modules())
     params_before = {k: v for k, v in tree_flatten(model.parameters())}
-    named = dict(random_adapters, trained=trained_adapter)
+    named = dict(random_adapters, trained=trained_adapter, trained2=trained_adapter_2)
     for name, path in named.items():
         info = A.mount_adapter(model, name, path)
         assert info.format == "mlx-lm" and info.nbytes > 0
@@ -424,7 +438,7 @@ def _complete(port, model, prompt, n=6, **extra):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_float_path, random_adapters, trained_adapter, adapter_dir, tmp_path_factory):
+def server(tiny_float_path, random_adapters, trained_adapter, trained_adapter_2, adapter_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, MLX_LM_OPTIQ="1", PYTHONUNBUFFERED="1")
@@ -432,6 +446,7 @@ def server(tiny_float_path, random_adapters, trained_adapter, adapter_dir, tmp_p
     cmd = [exe, "--model", str(tiny_float_path), "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "DEBUG", "--optiq-adapter", f"alpha={random_adapters['alpha']}",
            "--optiq-adapter", f"beta={random_adapters['beta']}", "--optiq-adapter", f"trained={trained_adapter}",
+           "--optiq-adapter", f"trained2={trained_adapter_2}",
            "--optiq-adapter-root", str(adapter_dir)]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -453,11 +468,11 @@ def server(tiny_float_path, random_adapters, trained_adapter, adapter_dir, tmp_p
 
 
 @pytest.fixture(scope="module")
-def expected_text(tiny_float_path, random_adapters, trained_adapter):
+def expected_text(tiny_float_path, random_adapters, trained_adapter, trained_adapter_2):
     """Greedy continuations from stock mlx-lm with each adapter loaded the stock way."""
     from mlx_lm import generate
 
-    paths = {None: None, "trained": trained_adapter, **random_adapters}
+    paths = {None: None, "trained": trained_adapter, "trained2": trained_adapter_2, **random_adapters}
     models, texts = {}, {}
 
     def get(name, prompt, n=6):
@@ -475,7 +490,7 @@ def test_server_openai_client_selects_adapters_by_model(server, expected_text):
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server['port']}/v1", api_key="unused")
     ids = [m.id for m in client.models.list().data]
-    assert ids[0] == server["base"] and set(ids[1:]) >= {"alpha", "beta", "trained"}
+    assert ids[0] == server["base"] and set(ids[1:]) >= {"alpha", "beta", "trained", "trained2"}
     for name in ["alpha", "trained", None, "beta"]:
         out = client.completions.create(model=name or server["base"], prompt=PROMPTS[0], max_tokens=6, temperature=0)
         assert out.choices[0].text == expected_text(name, PROMPTS[0]), name
@@ -497,14 +512,15 @@ def test_server_openai_client_selects_adapters_by_model(server, expected_text):
 
 def test_server_mixed_adapters_share_a_batch_without_cross_talk(server, expected_text):
     port = server["port"]
-    jobs = [("alpha", PROMPTS[0]), ("beta", PROMPTS[0]), ("trained", PROMPTS[0]), (None, PROMPTS[0]),
-            ("alpha", PROMPTS[1]), ("beta", PROMPTS[2]), ("trained", PROMPTS[1]), (None, PROMPTS[2])]
+    jobs = [("alpha", PROMPTS[0]), ("beta", PROMPTS[0]), ("trained", PROMPTS[0]), ("trained2", PROMPTS[0]),
+            (None, PROMPTS[0]), ("alpha", PROMPTS[1]), ("beta", PROMPTS[2]), ("trained", PROMPTS[1]),
+            ("trained2", PROMPTS[2]), (None, PROMPTS[2])]
     # solo, one at a time; the same prompt for every adapter also checks that
     # prompt-cache entries are never reused across adapters
     solo = [_complete(port, name or server["base"], prompt, n=8) for name, prompt in jobs]
-    for (name, prompt), text in zip(jobs[:4], solo[:4]):
+    for (name, prompt), text in zip(jobs[:5], solo[:5]):
         assert text == expected_text(name, prompt, 8), name
-    assert len(set(solo[:4])) == 4
+    assert len(set(solo[:5])) == 5
 
     log_start = server["log"].stat().st_size
     results = [None] * len(jobs)
