@@ -75,10 +75,15 @@ def trained_adapter(tiny_float_path, adapter_dir, shared_dir):
 
 
 @pytest.fixture(scope="session")
-def trained_adapter_2(tiny_float_path, adapter_dir, shared_dir):
-    """A second trained adapter: other seed, every block, another learning rate."""
-    return _train_adapter(tiny_float_path, shared_dir / "data" / "gsm_symbolic", adapter_dir / "trained2",
-                          seed=7, num_layers=4, learning_rate=2e-2)
+def trained_adapter_2(tiny_float_path, adapter_dir, shared_dir, tmp_path_factory):
+    """A second trained adapter: on Austen prose ({"text"} records) instead of math, every block, other seed."""
+    data = tmp_path_factory.mktemp("prose")
+    words = (shared_dir / "data" / "text" / "persuasion.txt").read_text().split()[3000:]
+    for split, start, n in (("train", 0, 8), ("valid", 400, 2)):
+        with open(data / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": " ".join(words[start + 40 * i : start + 40 * (i + 1)])}) + "\n")
+    return _train_adapter(tiny_float_path, data, adapter_dir / "trained2", seed=7, num_layers=4, learning_rate=1e-2)
 
 
 def _greedy_tokens(model, tokenizer, prompt, n=8):

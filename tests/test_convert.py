@@ -11,15 +11,16 @@ import time
 import pytest
 
 TARGET = 4.8
-CONVERT = [sys.executable, "-m", "mlx_lm", "convert"]
+CONVERT = [sys.executable, "-m", "mlx_lm", "convert"]  # the `mlx_lm convert` subcommand form
+CONVERT_SCRIPT = [os.path.join(os.path.dirname(sys.executable), "mlx_lm.convert")]  # the console script
 
 
 def _stock_env():
     return {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
 
 
-def _convert_cli(args, env):
-    return subprocess.run(CONVERT + args, env=env, capture_output=True, text=True)
+def _convert_cli(args, env, command=CONVERT):
+    return subprocess.run(command + args, env=env, capture_output=True, text=True)
 
 
 def _partials(parent):
@@ -34,7 +35,7 @@ def measured(tiny_q4_path, tmp_path_factory):
     res = _convert_cli(["--hf-path", str(tiny_q4_path), "-q", "--optiq-target-bpw", str(TARGET),
                         "--optiq-candidate-bits", "4,8", "--optiq-group-sizes", "32,64",
                         "--optiq-num-samples", "1", "--optiq-sequence-length", "64",
-                        "--mlx-path", str(out)], env)
+                        "--mlx-path", str(out)], env, command=CONVERT_SCRIPT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Sensitivity (exact)" in res.stderr  # it measured
     return out
