@@ -31,6 +31,7 @@ it holds that many tokens, then converts what it has and stores everything
 after quantized.
 """
 
+import logging
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -199,6 +200,7 @@ class BatchMixedQuantizedKVCache(_PerLayerQuantization, BatchKVCache):
         batch.keys, batch.values = merged.keys, merged.values
         batch.offset, batch.left_padding, batch._idx = merged.offset, merged.left_padding, merged._idx
         batch.packing = reference.packing if reference is not None else None
+        logging.debug("mlx_lm_optiq KV: batch of %d rows (merge)", len(caches))
         return batch
 
     def extend(self, other):
@@ -209,6 +211,7 @@ class BatchMixedQuantizedKVCache(_PerLayerQuantization, BatchKVCache):
         elif other.quantized and not self.quantized:
             self._quantize_like(other)
         super().extend(other)
+        logging.debug("mlx_lm_optiq KV: batch of %d rows (extend)", self.left_padding.size)
 
     def extract(self, idx):
         row = super().extract(idx)

@@ -115,7 +115,8 @@ def _serve(model, tmp_path_factory, *flags):
 
 @pytest.fixture(scope="module")
 def plan_server(planned_model, tmp_path_factory):
-    server = _serve(planned_model, tmp_path_factory)  # no flag: the plan in the folder is picked up
+    # no flag: the plan in the folder is picked up; DEBUG logs the per-layer caches' batch sizes
+    server = _serve(planned_model, tmp_path_factory, "--log-level", "DEBUG")
     yield server
     server.stop()
 
@@ -140,9 +141,17 @@ def reference(tiny_float_path, plan_path):
     return run
 
 
+def _largest_kv_batch(log_text):
+    import re
+
+    return max([int(n) for n in re.findall(r"mlx_lm_optiq KV: batch of (\d+) rows", log_text)] + [0])
+
+
 def test_concurrent_requests_batch_with_the_plan(plan_server, reference):
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         batched = [t for t, _ in pool.map(plan_server.complete, PROMPTS)]
+    # they really shared a batch of per-layer quantized caches
+    assert _largest_kv_batch(plan_server.log_path.read_text()) >= 2
     # a request with a seed is not batchable: stock serves it through _serve_single
     single = [plan_server.complete(p, seed=0)[0] for p in PROMPTS]
     assert batched == single
