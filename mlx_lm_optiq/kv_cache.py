@@ -35,7 +35,7 @@ import logging
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, KVCache
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -228,7 +228,85 @@ class BatchMixedQuantizedKVCache(_PerLayerQuantization, BatchKVCache):
 def _quantized_copy(cache, reference):
     if cache.quantized:
         return cache
-    copy = MixedQuantizedKVCache(**cache.plan_args())
-    copy.keys, copy.values, copy.offset = cache.keys, cache.values, cache.offset
+    if isinstance(cache, RotatingKVCache):
+        copy = MixedQuantizedRotatingKVCache(cache.max_size, cache.keep, **cache.plan_args())
+        copy.keys, copy.values, copy.offset, copy._idx = cache.keys, cache.values, cache.offset, cache._idx
+    else:
+        copy = MixedQuantizedKVCache(**cache.plan_args())
+        copy.keys, copy.values, copy.offset = cache.keys, cache.values, cache.offset
     copy._quantize_like(reference)
     return copy
+
+
+# Sliding-window layers. The same packed layout works for mlx-lm's rotating caches:
+# their trimming, rotation, temporal re-ordering, left padding and rolls also move
+# whole positions along the sequence axis, so RotatingKVCache / BatchRotatingKVCache
+# run unchanged on the packed bytes.
+
+
+class MixedQuantizedRotatingKVCache(_PerLayerQuantization, RotatingKVCache):
+    """A sliding-window layer's cache (`max_size` tokens, the first `keep` never evicted)
+    with keys at `k_bits` and values at `v_bits`."""
+
+    def __init__(self, max_size, keep=0, k_bits=8, v_bits=4, group_size=64, quantized_kv_start=0):
+        RotatingKVCache.__init__(self, max_size, keep)
+        self._init_plan(k_bits, v_bits, group_size, quantized_kv_start)
+
+    def _filled(self):
+        return self.offset
+
+    @classmethod
+    def merge(cls, caches):
+        return BatchMixedQuantizedRotatingKVCache.merge(caches)
+
+    def __repr__(self):
+        return (f"MixedQuantizedRotatingKVCache(max_size={self.max_size}, k_bits={self.k_bits}, v_bits={self.v_bits}, "
+                f"group_size={self.group_size}, offset={self.offset}, quantized={self.quantized})")
+
+
+class BatchMixedQuantizedRotatingKVCache(_PerLayerQuantization, BatchRotatingKVCache):
+    """Left-padded batch of MixedQuantizedRotatingKVCaches, as mlx-lm's BatchGenerator drives them."""
+
+    def __init__(self, max_size, left_padding, k_bits=8, v_bits=4, group_size=64, quantized_kv_start=0):
+        BatchRotatingKVCache.__init__(self, max_size, left_padding)
+        self._init_plan(k_bits, v_bits, group_size, quantized_kv_start)
+
+    def _filled(self):
+        return self._offset  # one switch for the whole batch, as in BatchMixedQuantizedKVCache
+
+    @classmethod
+    def merge(cls, caches):
+        first = caches[0]
+        for c in caches[1:]:
+            if c.plan_args() != first.plan_args():
+                raise ValueError(f"cannot batch KV caches with different plans: {first!r} vs {c!r}")
+        reference = next((c for c in caches if c.quantized), None)
+        if reference is not None:
+            caches = [_quantized_copy(c, reference) for c in caches]
+        merged = BatchRotatingKVCache.merge(caches)  # checks the window sizes agree
+        batch = cls(first.max_size, [0] * len(caches), **first.plan_args())
+        batch.state = merged.state
+        batch.packing = reference.packing if reference is not None else None
+        logging.debug("mlx_lm_optiq KV: batch of %d rows (merge, sliding window)", len(caches))
+        return batch
+
+    def extend(self, other):
+        if other.plan_args() != self.plan_args():
+            raise ValueError(f"cannot batch KV caches with different plans: {self!r} vs {other!r}")
+        if self.quantized and not other.quantized:
+            other._quantize_like(self)
+        elif other.quantized and not self.quantized:
+            self._quantize_like(other)
+        super().extend(other)
+        logging.debug("mlx_lm_optiq KV: batch of %d rows (extend, sliding window)", self.left_padding.size)
+
+    def extract(self, idx):
+        row = super().extract(idx)
+        cache = MixedQuantizedRotatingKVCache(self.max_size, 0, **self.plan_args())
+        cache.keys, cache.values, cache.offset, cache._idx = row.keys, row.values, row.offset, row._idx
+        cache.packing = self.packing
+        return cache
+
+    def __repr__(self):
+        return (f"BatchMixedQuantizedRotatingKVCache(max_size={self.max_size}, k_bits={self.k_bits}, "
+                f"v_bits={self.v_bits}, group_size={self.group_size}, size={self._offset}, quantized={self.quantized})")

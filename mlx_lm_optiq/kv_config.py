@@ -8,9 +8,10 @@ records the model layer index beside it. Each entry has a scheme:
   turbo   TurboQuant (mlx_lm_optiq.turbo): keys at `k_bits`, values at `v_bits` per channel
   none    the model's own cache, left in its float dtype
 
-Slots whose cache is not a plain `KVCache` (sliding-window `RotatingKVCache`,
-linear-attention/SSM `ArraysCache`, `CacheList`) can only be `none`: mlx-lm
-cannot quantize them (`RotatingKVCache.to_quantized` raises).
+Full-attention `KVCache` slots take any scheme; sliding-window `RotatingKVCache`
+slots take `affine` (kv_cache.MixedQuantizedRotatingKVCache; mlx-lm itself cannot
+quantize them: `RotatingKVCache.to_quantized` raises) or `none`; other caches
+(linear-attention/SSM `ArraysCache`, `CacheList`) hold no KV and can only be `none`.
 
 Scripts: `make_plan_cache(model, plan)` returns the per-slot cache list to pass
 as `prompt_cache=`; with `mlx_lm_optiq.enable()`, `generate`/`stream_generate`
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from .io_utils import OptiqFileError, read_json, write_json
 
@@ -35,8 +36,8 @@ FILENAME = "kv_config.json"
 SCHEMES = ("affine", "turbo", "none")
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize supports in affine mode
 GROUP_SIZES = (32, 64, 128)
-# Cache classes a plan may replace. RotatingKVCache cannot be quantized by mlx-lm.
-QUANTIZABLE_KINDS = ("KVCache",)
+# Cache classes a plan may replace, per scheme (turbo has no sliding-window cache).
+QUANTIZABLE_KINDS = {"affine": ("KVCache", "RotatingKVCache"), "turbo": ("KVCache",)}
 FLOAT_BITS = 16  # what a float cache costs per element (fp16/bf16 serving)
 
 
@@ -55,6 +56,7 @@ class SlotGeometry:
     k_head_dim: Optional[int] = None
     v_head_dim: Optional[int] = None
     window: Optional[int] = None  # RotatingKVCache.max_size
+    keep: int = 0  # RotatingKVCache.keep (tokens never evicted); not written to kv_config.json
 
     @property
     def holds_kv(self):
@@ -62,7 +64,8 @@ class SlotGeometry:
 
     @property
     def quantizable(self):
-        return self.kind in QUANTIZABLE_KINDS and self.n_kv_heads is not None
+        """Whether some scheme can quantize this slot (affine can quantize every KV cache)."""
+        return self.kind in QUANTIZABLE_KINDS["affine"] and self.n_kv_heads is not None
 
 
 @dataclass
@@ -140,6 +143,7 @@ def cache_geometry(model):
             g.v_head_dim = int(values.shape[-1])
         if g.kind == "RotatingKVCache":
             g.window = int(c.max_size)
+            g.keep = int(c.keep)
         out.append(g)
     return out
 
@@ -358,10 +362,13 @@ def validate_plan(plan, model, geometry=None):
                     f"{getattr(g, attr)!r}; the config was made for another model"
                 )
         if s.scheme != "none":
-            if not g.quantizable:
+            kinds = QUANTIZABLE_KINDS[s.scheme]
+            if g.kind not in kinds or g.n_kv_heads is None:
                 raise KVConfigError(
-                    f"{where}: scheme {s.scheme!r} needs a full-attention KVCache, but this slot is a "
-                    f"{g.kind}, which cannot be quantized; use scheme 'none' for it"
+                    f"{where}: scheme {s.scheme!r} needs a {' or '.join(kinds)}, but this slot is a "
+                    f"{g.kind}, which it cannot quantize; use "
+                    + ("scheme 'affine' or 'none'" if g.kind in QUANTIZABLE_KINDS["affine"] else "scheme 'none'")
+                    + " for it"
                 )
             if s.scheme == "affine":
                 for name, dim in (("k_head_dim", g.k_head_dim), ("v_head_dim", g.v_head_dim)):
@@ -378,15 +385,24 @@ def validate_plan(plan, model, geometry=None):
 # ----------------------------------------------------------------------------- caches
 
 
-def new_slot_cache(s, quantized_kv_start=0):
+def new_slot_cache(s, quantized_kv_start=0, like=None):
     """An empty cache for a planned (non-`none`) slot of a validated plan.
 
     Affine slots get kv_cache.MixedQuantizedKVCache (K and V at their own widths,
     batch-capable), which applies quantized_kv_start by itself; turbo slots get
     turbo.TurboQuantKVCache (quantized from the first token; see PendingKVCache)."""
     if s.scheme == "affine":
-        from .kv_cache import MixedQuantizedKVCache
+        from .kv_cache import MixedQuantizedKVCache, MixedQuantizedRotatingKVCache
 
+        # a sliding window comes from the cache being replaced (`like`: also what
+        # --max-kv-size makes of every slot), else from the model's geometry
+        window = keep = None
+        if isinstance(like, RotatingKVCache):
+            window, keep = like.max_size, like.keep
+        elif s.geometry is not None and s.geometry.kind == "RotatingKVCache":
+            window, keep = s.geometry.window, s.geometry.keep
+        if window is not None:
+            return MixedQuantizedRotatingKVCache(window, keep, s.k_bits, s.v_bits, s.group_size, quantized_kv_start)
         return MixedQuantizedKVCache(s.k_bits, s.v_bits, s.group_size, quantized_kv_start)
     if s.scheme == "turbo":
         g = s.geometry
@@ -399,11 +415,13 @@ def new_slot_cache(s, quantized_kv_start=0):
 
 def convert_cache(c, s, quantized_kv_start=0):
     """The planned cache for slot plan `s`, holding everything the float KVCache `c` holds."""
-    new = new_slot_cache(s, quantized_kv_start)
+    new = new_slot_cache(s, quantized_kv_start, like=c)
     if s.scheme == "affine":
-        # MixedQuantizedKVCache is a KVCache: it takes the float buffers as they are and
-        # quantizes them itself once it holds quantized_kv_start tokens.
+        # MixedQuantized(Rotating)KVCache is a (Rotating)KVCache: it takes the float buffers
+        # as they are and quantizes them itself once it holds quantized_kv_start tokens.
         new.keys, new.values, new.offset = c.keys, c.values, c.offset
+        if isinstance(c, RotatingKVCache):
+            new._idx = c._idx
     elif c.keys is not None and c.offset > 0:
         new.update_and_fetch(c.keys[..., : c.offset, :], c.values[..., : c.offset, :])
     return new
@@ -451,7 +469,12 @@ def apply_plan(caches, plan, model=None):
         if isinstance(c, PendingKVCache):
             if c.offset >= c.start:
                 caches[s.slot] = c.convert()
-        elif type(c) is KVCache:
+        elif type(c) is RotatingKVCache and s.scheme == "turbo":
+            raise KVConfigError(
+                f"{plan.source}: layers[{s.slot}] wants {s.describe()} but the prompt cache holds a sliding-window "
+                f"RotatingKVCache there (e.g. --max-kv-size makes them), which TurboQuant cannot hold"
+            )
+        elif type(c) in (KVCache, RotatingKVCache):
             if s.scheme == "turbo" and c.offset < start:
                 p = PendingKVCache(s, start)
                 p.keys, p.values, p.offset = c.keys, c.values, c.offset
@@ -461,17 +484,18 @@ def apply_plan(caches, plan, model=None):
         elif not _is_planned(c, s):
             raise KVConfigError(
                 f"{plan.source}: layers[{s.slot}] wants {s.describe()} but the prompt cache holds a "
-                f"{type(c).__name__} there (e.g. --max-kv-size makes RotatingKVCaches), which cannot be quantized"
+                f"{type(c).__name__} there, which cannot be quantized"
             )
     return caches
 
 
 def _is_planned(c, s):
     if s.scheme == "affine":
-        from .kv_cache import BatchMixedQuantizedKVCache, MixedQuantizedKVCache
+        from . import kv_cache as kc
 
-        return isinstance(c, (MixedQuantizedKVCache, BatchMixedQuantizedKVCache)) and (
-            c.k_bits, c.v_bits, c.group_size) == (s.k_bits, s.v_bits, s.group_size)
+        kinds = (kc.MixedQuantizedKVCache, kc.BatchMixedQuantizedKVCache, kc.MixedQuantizedRotatingKVCache,
+                 kc.BatchMixedQuantizedRotatingKVCache)
+        return isinstance(c, kinds) and (c.k_bits, c.v_bits, c.group_size) == (s.k_bits, s.v_bits, s.group_size)
     if s.scheme == "turbo":
         turbo = _turbo_module()
         return turbo is not None and isinstance(c, turbo.TurboQuantKVCache)

@@ -23,7 +23,7 @@ import copy
 import math
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from tqdm import tqdm
 
 from . import allocate
@@ -90,12 +90,42 @@ class SimulatedQuantizedKVCache(KVCache):
         return sim
 
 
+class SimulatedQuantizedRotatingKVCache(RotatingKVCache):
+    """The sliding-window twin of SimulatedQuantizedKVCache."""
+
+    def __init__(self, max_size, keep, k_bits, v_bits, group_size):
+        super().__init__(max_size, keep)
+        self.k_bits, self.v_bits, self.group_size = k_bits, v_bits, group_size
+
+    def update_and_fetch(self, keys, values):
+        return super().update_and_fetch(
+            fake_quantize(keys, self.k_bits, self.group_size),
+            fake_quantize(values, self.v_bits, self.group_size),
+        )
+
+    @classmethod
+    def from_float(cls, cache, k_bits, v_bits, group_size):
+        sim = cls(cache.max_size, cache.keep, k_bits, v_bits, group_size)
+        if cache.keys is not None:  # positions are independent: quantize the buffer as it lies
+            sim.keys = fake_quantize(cache.keys, k_bits, group_size)
+            sim.values = fake_quantize(cache.values, v_bits, group_size)
+        sim.offset, sim._idx = cache.offset, cache._idx
+        return sim
+
+
+def simulated_slot_cache(like, k_bits, v_bits, group_size):
+    """An empty simulated quantized cache of the same kind as the float cache `like`."""
+    if isinstance(like, RotatingKVCache):
+        return SimulatedQuantizedRotatingKVCache(like.max_size, like.keep, k_bits, v_bits, group_size)
+    return SimulatedQuantizedKVCache(k_bits, v_bits, group_size)
+
+
 def simulated_plan_cache(model, plan):
     """Float caches that simulate `plan` (affine slots only), for quality measurements on CPU."""
     caches = make_prompt_cache(model)
     for s in plan.slots:
         if s.scheme == "affine":
-            caches[s.slot] = SimulatedQuantizedKVCache(s.k_bits, s.v_bits, s.group_size)
+            caches[s.slot] = simulated_slot_cache(caches[s.slot], s.k_bits, s.v_bits, s.group_size)
         elif s.scheme != "none":
             raise ValueError(f"slot {s.slot}: scheme {s.scheme!r} cannot be simulated here")
     return caches
@@ -225,11 +255,12 @@ def measure_kv_sensitivity(model, windows, prefix_tokens, candidates=DEFAULT_CAN
         for g, (kb, vb, gs) in probes:
             if probe == "fast":
                 run = _copy_caches(caches)
-                run[g.slot] = SimulatedQuantizedKVCache.from_float(caches[g.slot], kb, vb, gs)
+                run[g.slot] = type(simulated_slot_cache(caches[g.slot], kb, vb, gs)).from_float(
+                    caches[g.slot], kb, vb, gs)
                 fn = lambda run=run: _log_probs(model, scored, run)  # noqa: E731
             else:
                 run = make_prompt_cache(model)
-                run[g.slot] = SimulatedQuantizedKVCache(kb, vb, gs)
+                run[g.slot] = simulated_slot_cache(run[g.slot], kb, vb, gs)
                 fn = lambda run=run: _log_probs(model, w, run)[prefix_tokens:]  # noqa: E731
             logp, _ = run_with(fn, replay_below=g.slot, recorded=recorded)
             key = (g.slot, candidate_key(kb, vb, gs))
@@ -277,8 +308,8 @@ def allocate_kv(table, target_bits, context_length=8192, quantized_kv_start=0, m
     """The KVPlan minimising summed KL with average bits <= target_bits.
 
     Every KV-holding slot counts in the average with its real size (heads x head_dim x
-    tokens it holds at `context_length`); slots that cannot be quantized (sliding,
-    recurrent) stay float and are charged as such.
+    tokens it holds at `context_length`, window-capped for sliding layers); slots that
+    cannot be quantized (recurrent state) stay float and are charged as such.
     """
     if not (0 < target_bits <= FLOAT_BITS):
         raise ValueError(f"target_bits is {target_bits}, expected a number in (0, {FLOAT_BITS}]")
@@ -335,7 +366,7 @@ def evaluate_plan_kl(model, windows, prefix_tokens, plan):
 
 
 def uniform_plan(geometry, k_bits, v_bits, group_size):
-    """Every quantizable slot at one candidate (what stock --kv-bits does, for comparisons)."""
+    """Every KV slot at one candidate (stock --kv-bits, which cannot quantize sliding-window slots, for comparisons)."""
     return KVPlan(slots=[
         SlotPlan(slot=g.slot, layer=g.layer, scheme="affine" if g.quantizable else "none",
                  k_bits=k_bits if g.quantizable else None, v_bits=v_bits if g.quantizable else None,

@@ -284,35 +284,126 @@ def test_mismatched_folder_config_fails_at_load(model_dir, hooks_enabled):
         mlx_lm.load(str(model_dir))
 
 
-@pytest.mark.parametrize("build,skipped_kind", [(tiny_hybrid, "ArraysCache"), (tiny_sliding, "RotatingKVCache")])
-def test_hybrid_and_sliding_models(build, skipped_kind, tmp_path, hooks_enabled):
+def test_hybrid_model_keeps_recurrent_state_float(tmp_path, hooks_enabled):
     from mlx_lm.generate import generate_step
 
-    model = build()
+    model = tiny_hybrid()
     geometry = kv_config.cache_geometry(model)
-    assert [g.kind for g in geometry] == [skipped_kind, "KVCache", skipped_kind, "KVCache"]
+    assert [g.kind for g in geometry] == ["ArraysCache", "KVCache", "ArraysCache", "KVCache"]
     windows = [mx.arange(1, 81) % 500]
     table = kv_sensitivity.measure_kv_sensitivity(model, windows, 64, [(8, 8, 64), (2, 2, 64)], progress=False)
     assert [bool(e["kl"]) for e in table["slots"]] == [False, True, False, True]
     plan = kv_sensitivity.allocate_kv(table, 3.0, context_length=1024)
     assert [s.scheme for s in plan.slots] == ["none", "affine", "none", "affine"]
-    if skipped_kind == "RotatingKVCache":  # sliding layers hold only their window, at 16 bits
-        w = 1024 * 2 * 2.5 + 32 * 2 * 16
-        assert plan.achieved_bits == pytest.approx(w / (1024 * 2 + 32 * 2), abs=1e-3)
-    else:  # recurrent state is not KV: only attention layers count
-        assert plan.achieved_bits == pytest.approx(2.5)
+    assert plan.achieved_bits == pytest.approx(2.5)  # recurrent state is not KV: only attention layers count
 
     cache = kv_config.make_plan_cache(model, plan)
-    assert [type(c).__name__ for c in cache] == [skipped_kind, "MixedQuantizedKVCache"] * 2
+    assert [type(c).__name__ for c in cache] == ["ArraysCache", "MixedQuantizedKVCache"] * 2
     with kv_config.use_kv_config(plan):
         steps = list(zip(range(4), generate_step(mx.array([1, 2, 3, 4, 5]), model)))
     assert len(steps) == 4
 
-    # quantizing a slot mlx-lm cannot quantize is refused, naming the slot
+    # quantizing a slot that holds no KV is refused, naming the slot
     bad = kv_config.KVPlan(slots=[kv_config.SlotPlan(slot=i, layer=i, scheme="affine", k_bits=8, v_bits=8,
                                                      group_size=64) for i in range(4)], source="bad.json")
-    with pytest.raises(ValueError, match=rf"bad.json: layers\[0\].*{skipped_kind}, which cannot be quantized"):
+    with pytest.raises(ValueError, match=r"bad.json: layers\[0\].*ArraysCache, which it cannot quantize; use scheme 'none'"):
         kv_config.validate_plan(bad, model)
+
+
+WINDOW = 16  # shorter than the prompts below: the sliding caches rotate and evict
+
+
+def test_sliding_window_layers_are_measured_and_quantized(hooks_enabled):
+    from mlx_lm.generate import generate_step
+
+    from mlx_lm_optiq.kv_cache import MixedQuantizedRotatingKVCache
+
+    model = tiny_sliding(window=WINDOW)
+    geometry = kv_config.cache_geometry(model)
+    assert [g.kind for g in geometry] == ["RotatingKVCache", "KVCache"] * 2 and geometry[0].window == WINDOW
+    windows = [mx.arange(1, 81) % 500]
+    table = kv_sensitivity.measure_kv_sensitivity(model, windows, 64, [(8, 8, 64), (2, 2, 64)], progress=False)
+    assert all(e["kl"] for e in table["slots"])  # sliding slots are measured too
+    for e in table["slots"]:
+        assert e["kl"]["2/2:64"] > e["kl"]["8/8:64"] >= 0
+    # budget: a sliding slot holds only its window (16 of 1024 tokens), so quantizing it buys little
+    plan = kv_sensitivity.allocate_kv(table, 3.0, context_length=1024)
+    assert plan.achieved_bits <= 3.0
+    assert kv_config.average_bits(plan.slots, geometry, 1024) == pytest.approx(plan.achieved_bits, abs=1e-4)
+
+    # a real quantized rotating cache computes what the simulation computes, through rotation
+    plan = kv_sensitivity.uniform_plan(geometry, 4, 2, 64)
+    kv_config.validate_plan(plan, model)
+    prompt = mx.arange(3, 43) % 500  # 40 tokens > WINDOW
+
+    def greedy(cache, n=12):
+        return [int(t) for t, _ in zip(range(n), generate_step(prompt, model, max_tokens=n, prompt_cache=cache))]
+
+    cache = kv_config.make_plan_cache(model, plan)
+    assert [type(c).__name__ for c in cache] == ["MixedQuantizedRotatingKVCache", "MixedQuantizedKVCache"] * 2
+    real = greedy(cache)
+    assert isinstance(cache[0], MixedQuantizedRotatingKVCache) and cache[0].quantized
+    assert cache[0].offset > 40 and cache[0].keys.shape[2] == WINDOW and cache[0].keys.dtype == mx.uint8
+    assert real == greedy(kv_sensitivity.simulated_plan_cache(model, plan))
+    x = prompt[None]
+    got = model(x, cache=kv_config.make_plan_cache(model, plan))
+    want = model(x, cache=kv_sensitivity.simulated_plan_cache(model, plan))
+    assert mx.allclose(got, want, atol=1e-4)
+    assert not mx.allclose(got, model(x), atol=1e-3)  # 2-bit values really change the outputs
+
+    # TurboQuant has no sliding-window cache: refused, naming the slot
+    turbo = kv_config.plan_from_dict({"layers": [
+        {"layer": i, "cache_slot": i, "scheme": "turbo" if i == 0 else "none", "k_bits": 3, "v_bits": 3}
+        for i in range(4)]}, source="turbo.json")
+    with pytest.raises(ValueError, match=r"turbo.json: layers\[0\].*needs a KVCache, but this slot is a RotatingKVCache"):
+        kv_config.validate_plan(turbo, model)
+
+
+@pytest.mark.parametrize("quantized_kv_start", [0, 8])
+def test_sliding_window_caches_batch_like_single_requests(quantized_kv_start, hooks_enabled):
+    """BatchGenerator (left padding, merge, extend, filter, extract) with quantized rotating caches
+    == one request at a time, with prompts longer and shorter than the window. (A batch switches
+    to quantized storage once, when its longest row reaches quantized_kv_start, as the full-attention
+    batch cache does: the start is below every prompt length here, so rows switch as they do alone.)"""
+    from mlx_lm.generate import BatchGenerator, generate_step
+
+    from mlx_lm_optiq.kv_cache import MixedQuantizedKVCache, MixedQuantizedRotatingKVCache
+
+    gen = sys.modules["mlx_lm.generate"]
+    model = tiny_sliding(window=WINDOW)
+    plan = kv_sensitivity.uniform_plan(kv_config.cache_geometry(model), 8, 4, 64)
+    plan.quantized_kv_start = quantized_kv_start
+
+    def plan_cache(*_):
+        return kv_config.make_plan_cache(model, plan)
+
+    prompts = [[int(t) for t in (mx.arange(n) * 7 + s) % 500] for n, s in ((30, 1), (9, 2), (21, 3))]
+    max_tokens = [10, 14, 6]
+    single = [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=m, prompt_cache=plan_cache())]
+              for p, m in zip(prompts, max_tokens)]
+    original = gen.make_prompt_cache
+    gen.make_prompt_cache = plan_cache
+    try:
+        batch = BatchGenerator(model, max_tokens=14)
+        uids = batch.insert(prompts[:2], max_tokens=max_tokens[:2])
+        got = {u: [] for u in uids}
+        kinds = set()
+        for r in batch.next_generated():
+            got[r.uid].append(r.token)
+        # a request joining the running batch: its caches are extended into the batch's
+        late = batch.insert(prompts[2:], max_tokens=max_tokens[2:])
+        uids += late
+        got.update({u: [] for u in late})
+        while responses := batch.next_generated():
+            for r in responses:
+                got[r.uid].append(r.token)
+                if r.finish_reason is not None:
+                    kinds |= {type(c) for c in r.prompt_cache}
+        batch.close()
+    finally:
+        gen.make_prompt_cache = original
+    assert [got[u] for u in uids] == single
+    assert kinds == {MixedQuantizedRotatingKVCache, MixedQuantizedKVCache}  # extracted rows keep their kind
 
 
 def test_turbo_scheme_builds_turbo_cache(tiny_float, tmp_path, hooks_enabled):
