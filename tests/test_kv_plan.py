@@ -232,6 +232,35 @@ def test_use_kv_config_and_quantized_kv_start(tiny_float, tmp_path, hooks_enable
     assert all(q == (off > 12) for off, q in states)
 
 
+def test_max_kv_size_keeps_the_window_on_planned_slots(tiny_float, tmp_path, hooks_enabled):
+    """--max-kv-size makes every slot a RotatingKVCache (models without make_cache): planned
+    slots become quantized sliding windows of the same size, never unbounded caches."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from mlx_lm_optiq.kv_cache import MixedQuantizedRotatingKVCache
+
+    model, tok = tiny_float
+    plan = kv_config.load_kv_config(_write_plan(tmp_path / "kv_config.json", [A84, NONE, NONE, A84]), model)
+
+    def max_kv_size_caches():  # what make_prompt_cache(model, max_kv_size=16) builds without make_cache
+        return [RotatingKVCache(max_size=16, keep=4) for _ in range(4)]
+
+    cache = kv_config.apply_plan(max_kv_size_caches(), plan)
+    assert [type(c).__name__ for c in cache] == ["MixedQuantizedRotatingKVCache", "RotatingKVCache",
+                                                  "RotatingKVCache", "MixedQuantizedRotatingKVCache"]
+    assert (cache[0].max_size, cache[0].keep, cache[0].k_bits, cache[0].v_bits) == (16, 4, 8, 4)
+    x = mx.array(tok.encode("It was a truth universally acknowledged, that a single man in possession"))[None]
+    y = model(x, cache=cache)
+    for _ in range(4):
+        y = model(mx.argmax(y[:, -1:], axis=-1), cache=cache)
+    assert isinstance(cache[0], MixedQuantizedRotatingKVCache) and cache[0].quantized
+    assert cache[0].keys.shape[2] == 16 and bool(mx.isfinite(y).all())
+    turbo = kv_config.load_kv_config(
+        _write_plan(tmp_path / "turbo.json", [{"scheme": "turbo", "k_bits": 3, "v_bits": 3}, NONE, NONE, A84]), model)
+    with pytest.raises(ValueError, match=r"turbo.json: layers\[0\] wants turbo K3/V3 but the prompt cache holds a sliding"):
+        kv_config.apply_plan(max_kv_size_caches(), turbo)
+
+
 BAD = [
     (lambda rows: rows[:3], None, "has 3 cache slots but the model builds 4"),
     (lambda rows: [rows[0], {**A84, "group_size": 128}, *rows[2:]], None, "does not divide"),
