@@ -171,18 +171,10 @@ class MixedQuantizedKVCache(_PerLayerQuantization, KVCache):
                 f"offset={self.offset}, quantized={self.quantized})")
 
 
-class BatchMixedQuantizedKVCache(_PerLayerQuantization, BatchKVCache):
-    """Left-padded batch of MixedQuantizedKVCaches, as mlx-lm's BatchGenerator drives them."""
+class _BatchPerLayerQuantization(_PerLayerQuantization):
+    """What the two batched caches share: merging rows of one plan, extending, logging sizes."""
 
-    def __init__(self, left_padding, k_bits=8, v_bits=4, group_size=64, quantized_kv_start=0):
-        BatchKVCache.__init__(self, left_padding)
-        self._init_plan(k_bits, v_bits, group_size, quantized_kv_start)
-
-    def _filled(self):
-        # One switch for the whole batch (rows share buffers): when the longest row
-        # reaches the start. Equals the single-request switch point when rows are
-        # aligned, and always when quantized_kv_start is 0.
-        return self._idx
+    _what = ""  # for the debug log
 
     @classmethod
     def merge(cls, caches):
@@ -195,12 +187,11 @@ class BatchMixedQuantizedKVCache(_PerLayerQuantization, BatchKVCache):
             # Rows share one buffer, so all must hold the same representation;
             # convert copies so the caller's (prompt-cache) entries stay untouched.
             caches = [_quantized_copy(c, reference) for c in caches]
-        merged = BatchKVCache.merge(caches)
-        batch = cls([0] * len(caches), **first.plan_args())
-        batch.keys, batch.values = merged.keys, merged.values
-        batch.offset, batch.left_padding, batch._idx = merged.offset, merged.left_padding, merged._idx
+        merged = cls._stock_merge(caches)
+        batch = cls._empty_like(first, len(caches))
+        batch.state = merged.state
         batch.packing = reference.packing if reference is not None else None
-        logging.debug("mlx_lm_optiq KV: batch of %d rows (merge)", len(caches))
+        logging.debug("mlx_lm_optiq KV: batch of %d rows (merge%s)", len(caches), cls._what)
         return batch
 
     def extend(self, other):
@@ -211,7 +202,27 @@ class BatchMixedQuantizedKVCache(_PerLayerQuantization, BatchKVCache):
         elif other.quantized and not self.quantized:
             self._quantize_like(other)
         super().extend(other)
-        logging.debug("mlx_lm_optiq KV: batch of %d rows (extend)", self.left_padding.size)
+        logging.debug("mlx_lm_optiq KV: batch of %d rows (extend%s)", self.left_padding.size, self._what)
+
+
+class BatchMixedQuantizedKVCache(_BatchPerLayerQuantization, BatchKVCache):
+    """Left-padded batch of MixedQuantizedKVCaches, as mlx-lm's BatchGenerator drives them."""
+
+    def __init__(self, left_padding, k_bits=8, v_bits=4, group_size=64, quantized_kv_start=0):
+        BatchKVCache.__init__(self, left_padding)
+        self._init_plan(k_bits, v_bits, group_size, quantized_kv_start)
+
+    def _filled(self):
+        # One switch for the whole batch (rows share buffers): when the longest row
+        # reaches the start. Equals the single-request switch point when rows are
+        # aligned, and always when quantized_kv_start is 0.
+        return self._idx
+
+    _stock_merge = staticmethod(BatchKVCache.merge)
+
+    @classmethod
+    def _empty_like(cls, first, rows):
+        return cls([0] * rows, **first.plan_args())
 
     def extract(self, idx):
         row = super().extract(idx)
@@ -264,8 +275,10 @@ class MixedQuantizedRotatingKVCache(_PerLayerQuantization, RotatingKVCache):
                 f"group_size={self.group_size}, offset={self.offset}, quantized={self.quantized})")
 
 
-class BatchMixedQuantizedRotatingKVCache(_PerLayerQuantization, BatchRotatingKVCache):
+class BatchMixedQuantizedRotatingKVCache(_BatchPerLayerQuantization, BatchRotatingKVCache):
     """Left-padded batch of MixedQuantizedRotatingKVCaches, as mlx-lm's BatchGenerator drives them."""
+
+    _what = ", sliding window"
 
     def __init__(self, max_size, left_padding, k_bits=8, v_bits=4, group_size=64, quantized_kv_start=0):
         BatchRotatingKVCache.__init__(self, max_size, left_padding)
@@ -274,31 +287,11 @@ class BatchMixedQuantizedRotatingKVCache(_PerLayerQuantization, BatchRotatingKVC
     def _filled(self):
         return self._offset  # one switch for the whole batch, as in BatchMixedQuantizedKVCache
 
-    @classmethod
-    def merge(cls, caches):
-        first = caches[0]
-        for c in caches[1:]:
-            if c.plan_args() != first.plan_args():
-                raise ValueError(f"cannot batch KV caches with different plans: {first!r} vs {c!r}")
-        reference = next((c for c in caches if c.quantized), None)
-        if reference is not None:
-            caches = [_quantized_copy(c, reference) for c in caches]
-        merged = BatchRotatingKVCache.merge(caches)  # checks the window sizes agree
-        batch = cls(first.max_size, [0] * len(caches), **first.plan_args())
-        batch.state = merged.state
-        batch.packing = reference.packing if reference is not None else None
-        logging.debug("mlx_lm_optiq KV: batch of %d rows (merge, sliding window)", len(caches))
-        return batch
+    _stock_merge = staticmethod(BatchRotatingKVCache.merge)  # also checks the windows agree
 
-    def extend(self, other):
-        if other.plan_args() != self.plan_args():
-            raise ValueError(f"cannot batch KV caches with different plans: {self!r} vs {other!r}")
-        if self.quantized and not other.quantized:
-            other._quantize_like(self)
-        elif other.quantized and not self.quantized:
-            self._quantize_like(other)
-        super().extend(other)
-        logging.debug("mlx_lm_optiq KV: batch of %d rows (extend, sliding window)", self.left_padding.size)
+    @classmethod
+    def _empty_like(cls, first, rows):
+        return cls(first.max_size, [0] * rows, **first.plan_args())
 
     def extract(self, idx):
         row = super().extract(idx)

@@ -68,12 +68,10 @@ def fake_quantize(x, bits, group_size):
     return mx.dequantize(*mx.quantize(x, group_size=group_size, bits=bits), group_size=group_size, bits=bits)
 
 
-class SimulatedQuantizedKVCache(KVCache):
-    """A float KVCache whose entries went through affine quantization (keys and values
-    at separate widths): same attention result as a real quantized cache, float speed."""
+class _FakeQuantizedEntries:
+    """Keys and values go through affine quantization (separate widths) as they enter the cache."""
 
-    def __init__(self, k_bits, v_bits, group_size):
-        super().__init__()
+    def _init_simulation(self, k_bits, v_bits, group_size):
         self.k_bits, self.v_bits, self.group_size = k_bits, v_bits, group_size
 
     def update_and_fetch(self, keys, values):
@@ -81,6 +79,15 @@ class SimulatedQuantizedKVCache(KVCache):
             fake_quantize(keys, self.k_bits, self.group_size),
             fake_quantize(values, self.v_bits, self.group_size),
         )
+
+
+class SimulatedQuantizedKVCache(_FakeQuantizedEntries, KVCache):
+    """A float KVCache whose entries went through affine quantization (keys and values
+    at separate widths): same attention result as a real quantized cache, float speed."""
+
+    def __init__(self, k_bits, v_bits, group_size):
+        KVCache.__init__(self)
+        self._init_simulation(k_bits, v_bits, group_size)
 
     @classmethod
     def from_float(cls, cache, k_bits, v_bits, group_size):
@@ -90,18 +97,12 @@ class SimulatedQuantizedKVCache(KVCache):
         return sim
 
 
-class SimulatedQuantizedRotatingKVCache(RotatingKVCache):
+class SimulatedQuantizedRotatingKVCache(_FakeQuantizedEntries, RotatingKVCache):
     """The sliding-window twin of SimulatedQuantizedKVCache."""
 
     def __init__(self, max_size, keep, k_bits, v_bits, group_size):
-        super().__init__(max_size, keep)
-        self.k_bits, self.v_bits, self.group_size = k_bits, v_bits, group_size
-
-    def update_and_fetch(self, keys, values):
-        return super().update_and_fetch(
-            fake_quantize(keys, self.k_bits, self.group_size),
-            fake_quantize(values, self.v_bits, self.group_size),
-        )
+        RotatingKVCache.__init__(self, max_size, keep)
+        self._init_simulation(k_bits, v_bits, group_size)
 
     @classmethod
     def from_float(cls, cache, k_bits, v_bits, group_size):
