@@ -177,6 +177,37 @@ def test_prompt_cache_hits_match_a_cold_run(plan_server, reference):
     assert cached > 0 and single == extended
 
 
+def test_server_serves_a_turbo_plan(tiny_float_path, tmp_path_factory, hooks_enabled):
+    """Per-layer "scheme": "turbo" through mlx_lm.server: served (one request at a time: the
+    cache has no merge) with the same tokens as the plan in this process."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    from mlx_lm_optiq.kv_config import load_kv_config, make_plan_cache
+
+    layers = [{"layer": i, "cache_slot": i, "scheme": "turbo", "k_bits": kb, "v_bits": vb}
+              for i, (kb, vb) in enumerate([(3, 3), (4, 2), (2, 2), (4, 4)])]
+    layers[1] = {"layer": 1, "cache_slot": 1, "scheme": "affine", "k_bits": 8, "v_bits": 4, "group_size": 64}
+    plan_file = write_json(tmp_path_factory.mktemp("turbo") / "turbo_plan.json",
+                           {"model": "smollm2-135m-instruct-4layer", "layers": layers}, kind="optiq-kv-config")
+    model, tok = load(str(tiny_float_path))
+    plan = load_kv_config(plan_file, model)
+
+    def in_process(prompt, planned=True):
+        cache = make_plan_cache(model, plan) if planned else None
+        return [int(t) for t, _ in generate_step(mx.array(tok.encode(prompt)), model, max_tokens=MAX_TOKENS,
+                                                  prompt_cache=cache)]
+
+    server = _serve(tiny_float_path, tmp_path_factory, "--optiq-kv-config", str(plan_file))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            served = [t for t, _ in pool.map(server.complete, PROMPTS[:2])]
+    finally:
+        server.stop()
+    assert served == [in_process(p) for p in PROMPTS[:2]]
+    assert served != [in_process(p, planned=False) for p in PROMPTS[:2]]  # 2-bit turbo slots change tokens
+
+
 def test_plan_is_reported_at_startup(plan_server, plan_path):
     assert f"per-layer KV plan {plan_path}" in plan_server.log_path.read_text()
 
