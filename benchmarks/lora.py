@@ -211,7 +211,7 @@ def print_table(a, base, results):
 
     const_mean = stats("constant")[0] if "constant" in modes else None
     print()
-    print(f"SmolLM2-135M, QLoRA on simulated mixed 4/6-bit, rank budget {a['rank']}, num_layers {a['num_layers']}, "
+    print(f"SmolLM2-135M, QLoRA on {_base_label(a)}, rank budget {a['rank']}, num_layers {a['num_layers']}, "
           f"{a['iters']} iters x batch {a['batch_size']} x {a['max_seq_length']} tokens, lr {a['learning_rate']}, "
           f"seeds {a['seeds']}; validation: {a['valid_examples']} GSM-Symbolic examples (held-out templates)")
     print(f"validation loss before training (no adapter): {base:.4f}")
@@ -225,6 +225,19 @@ def print_table(a, base, results):
         print(f"| {mode} | {one['trainable_params']:,} (budget {one['budget_params']:,}) | "
               f"{min(one['ranks'])}-{max(one['ranks'])} | {mean:.4f} ± {sd:.4f} | {ratio} | "
               + ", ".join(f"{v:.4f}" for v in vals) + " |")
+
+
+def _base_label(a):
+    """What the simulated QLoRA base was quantized with: the sidecar's bits, or mlx-lm's mixed_4_6."""
+    if not a.get("metadata"):
+        return "simulated mlx-lm mixed_4_6 (4/6-bit g64)"
+    try:
+        layers = json.loads(Path(a["metadata"]).read_text())["layers"]
+    except (OSError, ValueError, KeyError):
+        return f"simulated bits of {a['metadata']}"
+    linear = [e["bits"] for p, e in layers.items() if "embed" not in p and "lm_head" not in p]
+    counts = ", ".join(f"{linear.count(b)}x {b}-bit" for b in sorted(set(linear)))
+    return f"simulated bits of {Path(a['metadata']).name} (linear layers: {counts})"
 
 
 def merge(files):
