@@ -195,6 +195,16 @@ def test_mixed_rows_in_one_forward_match_solo(tiny_float_path, random_adapters, 
             pass
 
 
+def test_mixed_rows_method_variable_is_checked():
+    bad = subprocess.run([sys.executable, "-c", "import mlx_lm_optiq.adapters"], capture_output=True, text=True,
+                         env=dict(os.environ, MLX_LM_OPTIQ_MIXED_ROWS="fast"))
+    assert bad.returncode != 0
+    assert "MLX_LM_OPTIQ_MIXED_ROWS is 'fast', expected one of ['gather', 'take', 'masked']" in bad.stderr
+    ok = subprocess.run([sys.executable, "-c", "import mlx_lm_optiq.adapters as A; print(A._mixed_rows_method())"],
+                        capture_output=True, text=True, env=dict(os.environ, MLX_LM_OPTIQ_MIXED_ROWS="masked"))
+    assert ok.returncode == 0 and ok.stdout.strip() == "masked", ok.stderr
+
+
 def _quantized(path, bits, mode, group_size):
     """Stock mlx-lm quantization of every linear layer in the blocks (the tied embedding
     stays float: quantizing it only costs CI time and adapters never touch it)."""
