@@ -183,6 +183,7 @@ def main(argv=None):
     data = {"results": results,
             "sweeps": {"exact_s": t_exact, "fisher_s": t_fisher, "naive_extrapolated_s": t_naive,
                        "naive1_extrapolated_s": t_naive1, "naive1_probe_s": probe_naive1,
+                       "num_samples": int(calib.shape[0]),
                        "naive_subset": subset, "naive_probe_s": probe_naive, "exact_probe_s": probe_exact,
                        "probes": n_probes, "naive_vs_exact_max_rel_diff": agree, "dynamic_quant_s": t_dynamic},
             "setup": {"model": args.model, "num_modules": len(paths),
@@ -315,7 +316,7 @@ def report(data):
               f"{sw['naive_vs_exact_max_rel_diff']:.1e}); ours exact/fisher: total wall time incl. loading"]
     if naive1:
         lines.append(f"naive, one sample per forward: {sw['naive1_probe_s']:.3f}s per (module, sample) probe x "
-                     f"{data['setup']['num_modules']} modules x {data['setup']['calibration'].split('x')[0]} samples")
+                     f"{data['setup']['num_modules']} modules x {sw['num_samples']} samples")
     st = data.get("setup")
     if st:
         lines.append(f"model {st['model']} ({st['num_modules']} quantizable modules); candidates {st['candidates']}; "

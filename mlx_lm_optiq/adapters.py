@@ -284,7 +284,7 @@ class _Bank:
 
     def __init__(self):
         self.entries = {}  # slot -> (a, b, scale); replaced, never mutated, so readers need no lock
-        self.stacked = None  # (n_slots, method, arrays...) for mixed batches, see MultiLoRALinear._stacked
+        self.stacked = None  # (n_slots, layout, arrays...) for mixed batches, see MultiLoRALinear._stacked
 
 
 # How a batch whose rows use different adapters is computed (None: by device).
@@ -297,17 +297,23 @@ class _Bank:
 #     kernels per layer whatever the number of adapters, more FLOPs.
 # MLX_LM_OPTIQ_MIXED_ROWS=gather|take|masked sets it for a server process.
 MIXED_ROWS_METHODS = ("gather", "take", "masked")
+
+
+def _checked_method(method, name):
+    if method not in MIXED_ROWS_METHODS:
+        raise ValueError(f"{name} is {method!r}, expected one of {list(MIXED_ROWS_METHODS)}")
+    return method
+
+
 MIXED_ROWS_METHOD = os.environ.get("MLX_LM_OPTIQ_MIXED_ROWS") or None
-if MIXED_ROWS_METHOD not in (None, *MIXED_ROWS_METHODS):
-    raise ValueError(f"MLX_LM_OPTIQ_MIXED_ROWS is {MIXED_ROWS_METHOD!r}, expected one of {list(MIXED_ROWS_METHODS)}")
+if MIXED_ROWS_METHOD is not None:
+    _checked_method(MIXED_ROWS_METHOD, "MLX_LM_OPTIQ_MIXED_ROWS")
 
 
 def _mixed_rows_method():
-    method = MIXED_ROWS_METHOD or ("gather" if mx.default_device() == mx.cpu else "take")
-    if method not in MIXED_ROWS_METHODS:
-        raise ValueError(f"MIXED_ROWS_METHOD (or MLX_LM_OPTIQ_MIXED_ROWS) is {method!r}, "
-                         f"expected one of {list(MIXED_ROWS_METHODS)}")
-    return method
+    if MIXED_ROWS_METHOD is None:
+        return "gather" if mx.default_device() == mx.cpu else "take"
+    return _checked_method(MIXED_ROWS_METHOD, "mlx_lm_optiq.adapters.MIXED_ROWS_METHOD")
 
 
 class MultiLoRALinear(nn.Module):
@@ -333,12 +339,13 @@ class MultiLoRALinear(nn.Module):
     def _stacked(self, n_slots, method):
         """The adapters of this layer stacked for mixed rows (ranks zero-padded to the largest).
 
-        gather: (A (n+1, in, r), B (n+1, r, out), scales (n+1,)); slot n is the all-zero
+        gather, take: (A (n+1, in, r), B (n+1, r, out), scales (n+1,)); slot n is the all-zero
         base slot that base rows point at. masked: (A (in, n*r), B (n*r, out), r, scales)
         with slot s in columns/rows s*r..(s+1)*r.
         """
+        layout = "concatenated" if method == "masked" else "stacked"  # gather and take share one
         stacked = self._bank.stacked
-        if stacked is not None and stacked[:2] == (n_slots, method):
+        if stacked is not None and stacked[:2] == (n_slots, layout):
             return stacked[2:]
         entries = {s: e for s, e in self._bank.entries.items() if s < n_slots}  # later mounts: not this step's
         r = max([a.shape[1] for a, _, _ in entries.values()] + [1])
@@ -351,14 +358,14 @@ class MultiLoRALinear(nn.Module):
             a_stack[slot, :, : a.shape[1]] = a.astype(dtype)
             b_stack[slot, : b.shape[0], :] = b.astype(dtype)
             scales[slot] = scale
-        if method in ("gather", "take"):
+        if layout == "stacked":
             arrays = (a_stack, b_stack, mx.array(scales, dtype=dtype))
         else:
             a_all = a_stack[:n_slots].transpose(1, 0, 2).reshape(self.input_dims, n_slots * r)
             b_all = b_stack[:n_slots].reshape(n_slots * r, self.output_dims)
             arrays = (a_all, b_all, r, tuple(scales[:n_slots]))
         mx.eval([t for t in arrays if isinstance(t, mx.array)])
-        self._bank.stacked = (n_slots, method) + arrays
+        self._bank.stacked = (n_slots, layout) + arrays
         return arrays
 
     def __call__(self, x):

@@ -121,6 +121,12 @@ def simulated_slot_cache(like, k_bits, v_bits, group_size):
     return SimulatedQuantizedKVCache(k_bits, v_bits, group_size)
 
 
+def simulated_copy(cache, k_bits, v_bits, group_size):
+    """A simulated quantized cache holding what the float cache `cache` holds, same kind."""
+    cls = SimulatedQuantizedRotatingKVCache if isinstance(cache, RotatingKVCache) else SimulatedQuantizedKVCache
+    return cls.from_float(cache, k_bits, v_bits, group_size)
+
+
 def simulated_plan_cache(model, plan):
     """Float caches that simulate `plan` (affine slots only), for quality measurements on CPU."""
     caches = make_prompt_cache(model)
@@ -256,8 +262,7 @@ def measure_kv_sensitivity(model, windows, prefix_tokens, candidates=DEFAULT_CAN
         for g, (kb, vb, gs) in probes:
             if probe == "fast":
                 run = _copy_caches(caches)
-                run[g.slot] = type(simulated_slot_cache(caches[g.slot], kb, vb, gs)).from_float(
-                    caches[g.slot], kb, vb, gs)
+                run[g.slot] = simulated_copy(caches[g.slot], kb, vb, gs)
                 fn = lambda run=run: _log_probs(model, scored, run)  # noqa: E731
             else:
                 run = make_prompt_cache(model)

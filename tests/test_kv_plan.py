@@ -355,6 +355,8 @@ def test_sliding_window_layers_are_measured_and_quantized(hooks_enabled):
     assert all(e["kl"] for e in table["slots"])  # sliding slots are measured too
     for e in table["slots"]:
         assert e["kl"]["2/2:64"] > e["kl"]["8/8:64"] >= 0
+    fast = kv_sensitivity.measure_kv_sensitivity(model, windows, 64, [(2, 2, 64)], progress=False, probe="fast")
+    assert all(e["kl"]["2/2:64"] > 0 for e in fast["slots"])  # the float-prefix probe copies rotating caches
     # budget: a sliding slot holds only its window (16 of 1024 tokens), so quantizing it buys little
     plan = kv_sensitivity.allocate_kv(table, 3.0, context_length=1024)
     assert plan.achieved_bits <= 3.0
