@@ -92,7 +92,7 @@ def http(port, path, body=None, timeout=600):
 
 
 class Server:
-    def __init__(self, kind, model, adapters, log_dir, extra=()):
+    def __init__(self, kind, model, adapters, log_dir, extra=(), log_name=None):
         self.port = free_port()
         cmd = [sys.executable, "-c", SERVER_CODE, kind, "--model", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), *extra]
@@ -100,7 +100,7 @@ class Server:
             for name, path in adapters.items():
                 cmd += ["--optiq-adapter", f"{name}={path}"]
         env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
-        self.log = Path(log_dir) / f"server-{kind}.log"
+        self.log = Path(log_dir) / (log_name or f"server-{kind}.log")
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
         self.kind = kind
         deadline = time.time() + 300
@@ -232,8 +232,9 @@ def measure_mixed_rows(model_path, adapters, prompt_tokens=200, steps=32, rounds
         A.mount_adapter(model, name, adapters[name])
     x = mx.random.randint(10, 1000, (len(names), prompt_tokens), key=mx.random.key(0))
 
-    def run(row_names, method):
+    def run(row_names, method, compiled=True):
         A.MIXED_ROWS_METHOD = method
+        A.COMPILE_DECODE = compiled
         try:
             cache = make_prompt_cache(model)
             with A.adapter_rows(model, row_names):
@@ -248,20 +249,34 @@ def measure_mixed_rows(model_path, adapters, prompt_tokens=200, steps=32, rounds
                 t2 = time.perf_counter()
         finally:
             A.MIXED_ROWS_METHOD = None
+            A.COMPILE_DECODE = True
         return (t1 - t0) * 1e3, (t2 - t1) / steps * 1e3
 
-    setups = [("base rows", [None] * len(names), None), ("one adapter on every row", [names[0]] * len(names), None)]
-    setups += [(f"{len(names)} adapters, {m}", names, m) for m in A.MIXED_ROWS_METHODS]
-    times = {label: [] for label, _, _ in setups}
-    for label, row_names, method in setups:  # warm-up: kernels, allocator
-        run(row_names, method)
+    setups = [("base rows", [None] * len(names), None, True),
+              ("one adapter on every row", [names[0]] * len(names), None, True)]
+    setups += [(f"{len(names)} adapters, {m}{'' if c else ' (eager decode)'}", names, m, c)
+               for m in A.MIXED_ROWS_METHODS for c in (True, False)]
+    times = {label: [] for label, *_ in setups}
+    failed = {}
+    for label, row_names, method, compiled in setups:  # warm-up: kernels, allocator
+        try:
+            run(row_names, method, compiled)
+        except Exception as e:  # e.g. an op without a kernel on this backend: reported, not fatal
+            failed[label] = f"{type(e).__name__}: {str(e)[:200]}"
+    setups = [s for s in setups if s[0] not in failed]
     for _ in range(rounds):
-        for label, row_names, method in setups:
-            times[label].append(run(row_names, method))
+        for label, row_names, method, compiled in setups:
+            times[label].append(run(row_names, method, compiled))
     for name in names:
         A.unmount_adapter(model, name)
-    return {label: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
-            for label, ts in times.items()}
+    out = {label: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+           for label, ts in times.items() if ts}
+    out.update({label: error for label, error in failed.items()})
+    return out
+
+
+def _mixed_json(mixed):
+    return {k: {"failed": v} if isinstance(v, str) else {"prefill": v[0], "decode_step": v[1]} for k, v in mixed.items()}
 
 
 def main():
@@ -276,6 +291,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-stock", action="store_true", help="only our server (stock reloads are slow on CPU)")
     parser.add_argument("--skip-server", action="store_true", help="only the in-process measurements")
+    parser.add_argument("--server-mixed-rows", choices=["default", "fastest"], default="default",
+                        help="fastest: serve with the mixed-rows method that decoded fastest in-process "
+                             "(MLX_LM_OPTIQ_MIXED_ROWS, when it is not set already)")
+    parser.add_argument("--server-variants", default=None,
+                        help="comma-separated METHOD[:eager] list: run our server once per mixed-rows variant "
+                             "(MLX_LM_OPTIQ_MIXED_ROWS / MLX_LM_OPTIQ_COMPILE_DECODE=0), e.g. take,take:eager,masked")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--log-dir", default=None, help="copy the server logs here")
     args = parser.parse_args()
@@ -303,16 +324,47 @@ def main():
     print(f"\nin-process forward, {n} rows, {200}-token prefill + 32 decode steps (median of 3 alternating rounds)")
     print("| rows | prefill ms | decode ms/step | decode vs base rows |\n|---|---|---|---|")
     base_step = mixed["base rows"][1]
-    for label, (prefill_ms, step_ms) in mixed.items():
+    for label, value in mixed.items():
+        if isinstance(value, str):
+            print(f"| {label} | failed: {value} | | |", flush=True)
+            continue
+        prefill_ms, step_ms = value
         print(f"| {label} | {prefill_ms:.1f} | {step_ms:.2f} | {base_step / step_ms:.2f}x |", flush=True)
     if args.skip_server:
+        if args.out:
+            Path(args.out).write_text(json.dumps({"device": str(mx.default_device()), "model": args.model,
+                                                  "random_layers": args.random_layers, "num_adapters": n,
+                                                  "rank": args.rank, "memory_per_adapter": memory,
+                                                  "idle_decode_tokens_per_s": {"no_adapters": plain_rate,
+                                                                               "adapters_mounted_idle": idle_rate},
+                                                  "mixed_rows_in_process_ms": _mixed_json(mixed)}, indent=2))
         return
-    print(f"our server computes mixed rows with: {os.environ.get('MLX_LM_OPTIQ_MIXED_ROWS') or 'the default'}",
-          flush=True)
+    from mlx_lm_optiq.adapters import MIXED_ROWS_METHODS
+
+    if args.server_mixed_rows == "fastest" and not os.environ.get("MLX_LM_OPTIQ_MIXED_ROWS"):
+        timed = {m: mixed[f"{n} adapters, {m}"][1] for m in MIXED_ROWS_METHODS
+                 if not isinstance(mixed.get(f"{n} adapters, {m}", ""), str)}
+        os.environ["MLX_LM_OPTIQ_MIXED_ROWS"] = min(timed, key=timed.get)
+    variants = [None]  # our server as configured by the environment
+    if args.server_variants:
+        variants = [v.strip() for v in args.server_variants.split(",") if v.strip()]
+        for v in variants:
+            if v.split(":")[0] not in MIXED_ROWS_METHODS or v.count(":") > 1 or (":" in v and not v.endswith(":eager")):
+                raise SystemExit(f"--server-variants: {v!r} is not METHOD or METHOD:eager with METHOD in {MIXED_ROWS_METHODS}")
+    runs = [("ours", v) for v in variants] + ([] if args.skip_stock else [("stock", None)])
     base_id = str(model.resolve())
     results = {}
-    for kind in ["ours"] if args.skip_stock else ["ours", "stock"]:
-        server = Server(kind, model, adapters, work)
+    saved_env = dict(os.environ)
+    for kind, variant in runs:
+        if variant is not None:
+            os.environ["MLX_LM_OPTIQ_MIXED_ROWS"] = variant.split(":")[0]
+            os.environ["MLX_LM_OPTIQ_COMPILE_DECODE"] = "0" if variant.endswith(":eager") else "1"
+        label = kind if kind == "stock" else (
+            f"ours ({os.environ.get('MLX_LM_OPTIQ_MIXED_ROWS') or 'default'}"
+            f"{', eager decode' if os.environ.get('MLX_LM_OPTIQ_COMPILE_DECODE') == '0' else ''})")
+        print(f"server: {label}", flush=True)
+        server = Server(kind, model, adapters, work,
+                        log_name="server-" + "".join(c if c.isalnum() else "-" for c in label) + ".log")
         try:
             def bodies(run, scenario):
                 out = []
@@ -334,28 +386,30 @@ def main():
                 for run in range(args.repeats):
                     toks, wall = concurrent(server.port, bodies(run + (0 if scenario == "base" else 100), scenario))
                     rates.append(toks / wall)
-                    print(f"{kind:5s} {scenario:8s} run {run}: {toks} tokens in {wall:.2f}s = {toks / wall:.1f} tok/s",
+                    print(f"{label} {scenario:8s} run {run}: {toks} tokens in {wall:.2f}s = {toks / wall:.1f} tok/s",
                           flush=True)
-                results[(kind, scenario)] = statistics.median(rates)
+                results[(label, scenario)] = statistics.median(rates)
         finally:
             server.stop(keep_log_in=args.log_dir)
+            os.environ.clear()
+            os.environ.update(saved_env)
 
     device = str(mx.default_device())
     print()
-    print(f"| server | {n} requests on | aggregate tok/s | vs ours, base |")
+    print(f"| server | {n} requests on | aggregate tok/s | vs the same server, base |")
     print("|---|---|---|---|")
-    ours_base = results[("ours", "base")]
-    for (kind, scenario), rate in results.items():
+    for (label, scenario), rate in results.items():
         what = "the base" if scenario == "base" else f"{n} distinct adapters"
-        label = "mlx_lm_optiq" if kind == "ours" else "stock mlx_lm.server"
-        print(f"| {label} | {what} | {rate:.1f} | {rate / ours_base:.2f}x |")
+        print(f"| {'stock mlx_lm.server' if label == 'stock' else label} | {what} | {rate:.1f} | "
+              f"{rate / results[(label, 'base')]:.2f}x |")
     print()
-    print(f"ours, {n} adapters / ours, base: {results[('ours', 'adapters')] / ours_base:.2f}x (goal >= 0.8x)")
-    if ("stock", "base") in results:
-        print(f"ours, base with {n} adapters mounted but idle / stock, base: "
-              f"{ours_base / results[('stock', 'base')]:.2f}x")
-        print(f"ours, {n} adapters / stock, {n} adapters: "
-              f"{results[('ours', 'adapters')] / results[('stock', 'adapters')]:.2f}x")
+    for label in dict.fromkeys(label for label, _ in results):
+        if label == "stock":
+            continue
+        line = f"{label}, {n} adapters / base: {results[(label, 'adapters')] / results[(label, 'base')]:.2f}x (goal >= 0.8x)"
+        if ("stock", "adapters") in results:
+            line += f"; / stock, {n} adapters: {results[(label, 'adapters')] / results[('stock', 'adapters')]:.2f}x"
+        print(line)
     print(f"idle adapters, in-process BatchGenerator decode: {idle_rate / plain_rate:.3f}x of no adapters (goal >= 0.97x)")
     print(f"memory per adapter (rank {args.rank}): file {memory['file_mb']:.2f} MB, mounted "
           f"{memory['mounted_mb']:.2f} MB, with mixed-batch stacks {memory['with_stacks_mb']:.2f} MB")
@@ -364,9 +418,10 @@ def main():
         Path(args.out).write_text(json.dumps({
             "device": device, "model": args.model, "random_layers": args.random_layers,
             "num_adapters": n, "rank": args.rank, "max_tokens": args.max_tokens,
-            "tokens_per_s": {f"{k}/{s}": v for (k, s), v in results.items()}, "memory_per_adapter": memory,
+            "server_mixed_rows": os.environ.get("MLX_LM_OPTIQ_MIXED_ROWS") or "default",
+            "tokens_per_s": {f"{k}/{sc}": v for (k, sc), v in results.items()}, "memory_per_adapter": memory,
             "idle_decode_tokens_per_s": {"no_adapters": plain_rate, "adapters_mounted_idle": idle_rate},
-            "mixed_rows_in_process_ms": {k: {"prefill": a, "decode_step": b} for k, (a, b) in mixed.items()},
+            "mixed_rows_in_process_ms": _mixed_json(mixed),
         }, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 

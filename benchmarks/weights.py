@@ -22,7 +22,6 @@ with stacked probes, ours exact at the device default, and ours fisher (all modu
 import argparse
 import copy
 import json
-import math
 import platform
 import statistics
 import sys
@@ -67,6 +66,9 @@ def main(argv=None):
     p.add_argument("--eval-sequence-length", type=int, default=512)
     p.add_argument("--bits", default="3,4,5,6,8", help="our candidate bits")
     p.add_argument("--groups", default="32,64,128", help="our candidate group sizes")
+    p.add_argument("--extra-candidates", default="nvfp4:16",
+                   help="our candidates in mlx's other formats ('' for none); 'ours (exact, affine only)' plans "
+                        "without them from the same sweep")
     p.add_argument("--naive-modules", type=int, default=6, help="modules timed with the naive sweep")
     p.add_argument("--output", help="write all numbers as JSON here")
     p.add_argument("--report", help="only print the tables of a previous run's --output JSON")
@@ -106,7 +108,9 @@ def main(argv=None):
     eval_tokens = ev.text_tokens(tokenizer, args.eval_text, args.eval_tokens, args.eval_sequence_length)
 
     # --- sensitivity sweeps -------------------------------------------------
-    cands = plan.make_candidates(plan.parse_int_list(args.bits, "--bits"), plan.parse_int_list(args.groups, "--groups"))
+    affine = plan.make_candidates(plan.parse_int_list(args.bits, "--bits"), plan.parse_int_list(args.groups, "--groups"))
+    extra = plan.parse_candidates(args.extra_candidates, "--extra-candidates") if args.extra_candidates else []
+    cands = plan.parse_candidates([plan.candidate_key(**c) for c in affine + extra])
     common = dict(model_path=args.model, tokens=calib, candidates=cands, reference="float", progress=False)
     table_exact, t_exact, probe_exact, n_probes = _timed_sweep(sensitivity.measure_sensitivity, method="exact", **common)
     table_fisher, t_fisher, _, _ = _timed_sweep(sensitivity.measure_sensitivity, method="fisher", **common)
@@ -135,9 +139,9 @@ def main(argv=None):
     # --- configurations ------------------------------------------------------
     results = {}
 
-    def build(name, group_size, bits, predicate=None, target=None, layers=None):
+    def build(name, group_size, bits, predicate=None, target=None, layers=None, mode="affine"):
         model = copy.deepcopy(base)
-        model, _ = quantize_model(model, copy.deepcopy(config), group_size, bits, quant_predicate=predicate)
+        model, _ = quantize_model(model, copy.deepcopy(config), group_size, bits, mode=mode, quant_predicate=predicate)
         if layers is not None:
             plan.check_quantized(model, layers)
         bpw = compute_bits_per_weight(model)
@@ -155,6 +159,8 @@ def main(argv=None):
     build("uniform 4-bit g64", 64, 4)
     build("uniform 4-bit g32", 32, 4)
     build("mlx-lm mixed_4_6", 64, 4, mixed_quant_predicate_builder("mixed_4_6", base, 64))
+    for c in extra:  # stock mlx-lm offers these too (`-q --q-mode nvfp4`): a baseline at their size
+        build(f"uniform {plan.candidate_key(**c)}", c["group_size"], c["bits"], mode=c["mode"])
     targets = {"uniform 4-bit g64": results["uniform 4-bit g64"]["bpw"],
                "mlx-lm mixed_4_6": results["mlx-lm mixed_4_6"]["bpw"],
                "uniform 4-bit g32": results["uniform 4-bit g32"]["bpw"]}
@@ -163,7 +169,6 @@ def main(argv=None):
     t0 = time.perf_counter()
     dq_sens = dict(estimate_sensitivities(copy.deepcopy(reference), calib, 4, 64, 5, 64))
     t_dynamic = time.perf_counter() - t0
-    gs = math.gcd(*[c["group_size"] for c in cands])
     for at, target in targets.items():
         threshold = estimate_threshold(base, dq_sens, target, 4, 64, 5, 64)
 
@@ -175,10 +180,13 @@ def main(argv=None):
         # its threshold search may overshoot the target a little: recorded as measured, not enforced
         build(f"mlx-lm dynamic_quant @ {at}", 64, 4, dq_predicate)
         results[f"mlx-lm dynamic_quant @ {at}"]["target"] = target
-        for method, table in (("exact", table_exact), ("fisher", table_fisher)):
-            pl = plan.make_plan(base, config, table, cands, target)
-            build(f"ours ({method}) @ {at}", gs, min(c["bits"] for c in cands),
-                  plan.quant_predicate(pl["layers"]), target, pl["layers"])
+        runs = [("exact", table_exact, cands), ("fisher", table_fisher, cands)]
+        if extra:
+            runs.append(("exact, affine only", table_exact, affine))
+        for method, table, options in runs:
+            pl = plan.make_plan(base, config, table, options, target)
+            gs, bits, mode = plan.top_level_quantization(options)
+            build(f"ours ({method}) @ {at}", gs, bits, plan.quant_predicate(pl["layers"]), target, pl["layers"], mode)
 
     data = {"results": results,
             "sweeps": {"exact_s": t_exact, "fisher_s": t_fisher, "naive_extrapolated_s": t_naive,
@@ -283,20 +291,29 @@ def report(data):
     results, sw = data["results"], data["sweeps"]
     ref = results["reference"]
     baselines = [n for n in results if n != "reference" and not n.startswith("ours")]
-    lines = [f"{'configuration':<42} {'BPW':>7} {'KLD':>9} {'top-1':>7} {'PPL':>8} {'ΔPPL':>8} {'KLD/best':>9}",
-             f"{'float reference':<42} {'':>7} {'':>9} {'':>7} {ref['ppl']:>8.3f} {'':>8} {'':>9}"]
+    # the issue's baselines are affine; "uniform nvfp4:16" and the like are extra (a second column)
+    issue_baselines = [n for n in baselines if not n.startswith("uniform") or "-bit" in n]
+    extra = len(issue_baselines) < len(baselines)
+    lines = [f"{'configuration':<44} {'BPW':>7} {'KLD':>9} {'top-1':>7} {'PPL':>8} {'ΔPPL':>8} {'KLD/best':>9}"
+             + (f" {'KLD/best (all)':>15}" if extra else ""),
+             f"{'float reference':<44} {'':>7} {'':>9} {'':>7} {ref['ppl']:>8.3f}"]
+
+    def ratio(r, names):
+        # conservative: a baseline that landed slightly below our BPW (dynamic_quant's threshold
+        # search does) still counts as the same point
+        rivals = [results[b]["kl"] for b in names if abs(results[b]["bpw"] - r["bpw"]) <= SAME_POINT_BPW]
+        return f"{r['kl'] / min(rivals):.3f}" if rivals else ""
+
     for name, r in results.items():
         if name == "reference":
             continue
-        ratio = ""
-        if name.startswith("ours"):
-            rivals = [results[b]["kl"] for b in baselines
-                      if r["bpw"] <= results[b]["bpw"] <= r["bpw"] + SAME_POINT_BPW]
-            if rivals:
-                ratio = f"{r['kl'] / min(rivals):.3f}"
-        lines.append(f"{name:<42} {r['bpw']:>7.4f} {r['kl']:>9.5f} {r['top1']:>7.4f} {r['ppl']:>8.3f} "
-                     f"{r['ppl'] - ref['ppl']:>+8.3f} {ratio:>9}")
-    lines.append(f"KLD/best: our KLD / the lowest KLD of the baselines with BPW in [ours, ours + {SAME_POINT_BPW}]")
+        ours = name.startswith("ours")
+        lines.append(f"{name:<44} {r['bpw']:>7.4f} {r['kl']:>9.5f} {r['top1']:>7.4f} {r['ppl']:>8.3f} "
+                     f"{r['ppl'] - ref['ppl']:>+8.3f} {ratio(r, issue_baselines) if ours else '':>9}"
+                     + (f" {ratio(r, baselines) if ours else '':>15}" if extra else ""))
+    lines.append(f"KLD/best: our KLD / the lowest KLD of the issue's baselines (uniform 4-bit g64/g32, mixed_4_6, "
+                 f"dynamic_quant) with BPW within ±{SAME_POINT_BPW} of ours"
+                 + ("; (all): also counting the uniform float-format baselines" if extra else ""))
     naive = sw["naive_extrapolated_s"]
     naive1 = sw.get("naive1_extrapolated_s")  # absent in runs before this row existed
     sweep_rows = [("naive, one sample per forward (extrapolated)", naive1),

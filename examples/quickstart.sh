@@ -6,8 +6,8 @@
 #
 # 1. stock mlx-lm: float reference (-d) and uniform 4-bit g64 (-q) of MODEL;
 # 2. MLX_LM_OPTIQ=1 mlx_lm.convert: measure per-module sensitivity on calibration text and pick
-#    3/4/5/6/8-bit x group 32/64/128 per module at no more bits per weight than the uniform
-#    4-bit model;
+#    3/4/5/6/8-bit x group 32/64/128 or nvfp4 per module at no more bits per weight than the
+#    uniform 4-bit model;
 # 3. python -m mlx_lm_optiq.eval: PPL, KL and top-1 vs the float model on held-out text.
 # Outputs go to out/quickstart/ (replaced on each run). Knobs (environment): OPTIQ_METHOD
 # (fisher: fast default on CPU; exact: measured KL per module, slower), OPTIQ_SAMPLES,
@@ -41,7 +41,8 @@ echo "uniform 4-bit g64: $TARGET bits per weight -> mixed-precision target"
 echo "== 2/4 sensitivity-aware conversion (MLX_LM_OPTIQ=1 mlx_lm.convert, $METHOD sensitivity)"
 # Calibrate on the bundled set (Northanger Abbey, code, chat); evaluate on another novel.
 MLX_LM_OPTIQ=1 mlx_lm.convert --hf-path "$MODEL" -q \
-  --optiq-target-bpw "$TARGET" --optiq-candidate-bits 3,4,5,6,8 --optiq-group-sizes 32,64,128 \
+  --optiq-target-bpw "$TARGET" \
+  --optiq-candidates 3:32,3:64,3:128,4:32,4:64,4:128,5:32,5:64,5:128,6:32,6:64,6:128,8:32,8:64,8:128,nvfp4:16 \
   --optiq-sensitivity-method "$METHOD" --optiq-num-samples "$SAMPLES" --optiq-sequence-length "$SEQ_LEN" \
   --mlx-path "$OUT/mixed"
 

@@ -288,10 +288,12 @@ class _Bank:
 
 
 # How a batch whose rows use different adapters is computed (None: by device).
-#   "gather": per-row gathered A/B (`mx.gather_mm`): fewest FLOPs; fastest on the CPU.
+#   "gather": per-row gathered A/B (`mx.gather_mm`): fewest FLOPs; fastest on the CPU
+#     (mlx 0.32.4 has no working CUDA path for it: cuGraphAddKernelNode fails).
 #   "take": the rows' A/B gathered with `mx.take`, then batched matmuls: the default off
 #     the CPU (measured on an H200: 0.47x of base-row throughput in the server on a
-#     30-layer SmolLM2-shaped model, against 0.14x for "masked").
+#     30-layer SmolLM2-shaped model, against 0.14x for "masked", whose prefill stalls
+#     there; masked decodes faster in-process and served a 1B shape at 0.73x).
 #   "masked": every adapter's A side by side, one matmul for all, a per-row mask that
 #     keeps each row's own adapter (scale folded in), one matmul with every B: fewer
 #     kernels per layer whatever the number of adapters, more FLOPs.
@@ -314,6 +316,33 @@ def _mixed_rows_method():
     if MIXED_ROWS_METHOD is None:
         return "gather" if mx.default_device() == mx.cpu else "take"
     return _checked_method(MIXED_ROWS_METHOD, "mlx_lm_optiq.adapters.MIXED_ROWS_METHOD")
+
+
+def _rows_gather(y, x, a, b, scales, index):
+    z = mx.gather_mm(mx.gather_mm(x, a, rhs_indices=index), b, rhs_indices=index)
+    return y + (scales[index][:, None, None] * z).astype(x.dtype)
+
+
+def _rows_take(y, x, a, b, scales, index):
+    z = (x @ mx.take(a, index, axis=0)) @ mx.take(b, index, axis=0)
+    return y + (scales[index][:, None, None] * z).astype(x.dtype)
+
+
+def _rows_masked(y, x, a_all, b_all, mask):
+    return y + (((x @ a_all) * mask) @ b_all).astype(x.dtype)
+
+
+_ROWS_EAGER = {"gather": _rows_gather, "take": _rows_take, "masked": _rows_masked}
+# A decode step calls every adapted layer once on one token per row: there the few
+# small ops above cost more in graph building and kernel launches than in arithmetic,
+# so they run as one compiled function (traced once per batch size). Prefill shapes
+# vary with every prompt, so prefill runs them eagerly. False (MLX_LM_OPTIQ_COMPILE_DECODE=0):
+# always eager.
+_COMPILE_ENV = os.environ.get("MLX_LM_OPTIQ_COMPILE_DECODE", "1")
+if _COMPILE_ENV not in ("0", "1"):
+    raise ValueError(f"MLX_LM_OPTIQ_COMPILE_DECODE is {_COMPILE_ENV!r}, expected 0 or 1")
+COMPILE_DECODE = _COMPILE_ENV == "1"
+_ROWS_COMPILED = {name: mx.compile(fn) for name, fn in _ROWS_EAGER.items()}
 
 
 class MultiLoRALinear(nn.Module):
@@ -379,16 +408,12 @@ class MultiLoRALinear(nn.Module):
                         f"adapter_rows: {len(rows.slots)} rows were selected but the layer input has shape {x.shape}"
                     )
                 method = _mixed_rows_method()
+                fn = (_ROWS_COMPILED if COMPILE_DECODE and x.shape[1] == 1 else _ROWS_EAGER)[method]
                 if method != "masked":
                     a, b, scales = self._stacked(rows.n_slots, method)
-                    if method == "gather":
-                        z = mx.gather_mm(mx.gather_mm(x, a, rhs_indices=rows.index), b, rhs_indices=rows.index)
-                    else:
-                        z = (x @ mx.take(a, rows.index, axis=0)) @ mx.take(b, rows.index, axis=0)
-                    return y + (scales[rows.index][:, None, None] * z).astype(x.dtype)
+                    return fn(y, x, a, b, scales, rows.index)
                 a_all, b_all, r, scales = self._stacked(rows.n_slots, method)
-                z = ((x @ a_all) * rows.mask(r, scales, a_all.dtype)) @ b_all
-                return y + z.astype(x.dtype)
+                return fn(y, x, a_all, b_all, rows.mask(r, scales, a_all.dtype))
         else:
             name = ACTIVE_ADAPTER.get()
             if name is None:

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from .io_utils import OptiqFileError, read_json
+from .sensitivity import FORMAT_BITS as _FORMAT_BITS
 
 MODES = ("constant", "by_bits", "by_kl")
 METADATA_FILE = "optiq_metadata.json"
@@ -146,6 +147,8 @@ def layer_sensitivity(entry):
         return None
     def bits_of(key):
         head = str(key).split(":")[0]
+        if head in _FORMAT_BITS:  # "nvfp4:16" is a 4-bit candidate
+            return float(_FORMAT_BITS[head])
         return float(head) if head.replace(".", "", 1).isdigit() else math.inf
     key = min(kl, key=bits_of)
     return kl[key]

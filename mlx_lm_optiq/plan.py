@@ -26,17 +26,71 @@ def candidate_key(bits, group_size, mode="affine"):
     return f"{bits}:{group_size}" if mode == "affine" else f"{mode}:{group_size}"
 
 
+_AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+_AFFINE_GROUPS = (32, 64, 128)
+# mlx's floating-point formats have one fixed group size each.
+FORMAT_GROUPS = {"nvfp4": 16, "mxfp4": 32, "mxfp8": 32}
+
+
+def _check_candidate(c, flag):
+    if c["mode"] == "affine":
+        if c["bits"] not in _AFFINE_BITS:
+            raise PlanError(f"{flag}: candidate bits must be among {','.join(map(str, _AFFINE_BITS))}, got {c['bits']}")
+        if c["group_size"] not in _AFFINE_GROUPS:
+            raise PlanError(f"{flag}: candidate group sizes must be among 32,64,128, got {c['group_size']}")
+    elif c["mode"] in FORMAT_GROUPS:
+        if c["group_size"] != FORMAT_GROUPS[c["mode"]]:
+            raise PlanError(f"{flag}: {c['mode']} has group size {FORMAT_GROUPS[c['mode']]}, got {c['group_size']}")
+    else:
+        raise PlanError(f"{flag}: unknown quantization mode {c['mode']!r}")
+
+
+def _cheapest_first(cands):
+    return sorted(cands, key=lambda c: (quantized_bits(c["group_size"], c["bits"], c["group_size"], c["mode"]), c["bits"]))
+
+
 def make_candidates(bits_list, group_sizes, mode="affine"):
     """Every (bits, group_size) pair as candidate dicts, cheapest first."""
     if mode != "affine":
-        raise PlanError(f"only affine quantization is supported for mixed precision, got q_mode {mode!r}")
+        raise PlanError(f"only affine quantization is supported for mixed precision, got q_mode {mode!r} "
+                        "(other formats go in --optiq-candidates, e.g. 4:64,nvfp4:16,8:64)")
     cands = [{"bits": int(b), "group_size": int(g), "mode": mode} for b in bits_list for g in group_sizes]
     for c in cands:
-        if c["bits"] not in (2, 3, 4, 5, 6, 8):
-            raise PlanError(f"candidate bits must be among 2,3,4,5,6,8, got {c['bits']}")
-        if c["group_size"] not in (32, 64, 128):
-            raise PlanError(f"candidate group sizes must be among 32,64,128, got {c['group_size']}")
+        _check_candidate(c, "--optiq-candidate-bits/--optiq-group-sizes")
     return sorted(cands, key=lambda c: (c["bits"], -c["group_size"]))
+
+
+def parse_candidates(spec, flag="--optiq-candidates"):
+    """Candidate dicts from "4:64,nvfp4:16,8:64" (table keys: BITS:GROUP affine, MODE:GROUP), cheapest first."""
+    from .sensitivity import SensitivityError, parse_candidate
+
+    keys = [k.strip() for k in spec.split(",") if k.strip()] if isinstance(spec, str) else list(spec)
+    if not keys:
+        raise PlanError(f"{flag}: no candidates given")
+    out, seen = [], set()
+    for k in keys:
+        try:
+            c = parse_candidate(k)
+        except SensitivityError as e:
+            raise PlanError(f"{flag}: {e}") from None
+        _check_candidate(c, flag)
+        if candidate_key(**c) not in seen:
+            seen.add(candidate_key(**c))
+            out.append(c)
+    return _cheapest_first(out)
+
+
+def top_level_quantization(candidates):
+    """(group_size, bits, mode) for the config's top-level "quantization" entry.
+
+    Stock `quantize_model` skips a module whose input dim the top-level group size
+    does not divide, so it is the smallest candidate group (group sizes are powers of
+    two: that is their gcd); bits and mode are the cheapest candidate with that group,
+    so the entry is itself a valid quantization. Every planned module has its own entry.
+    """
+    smallest = min(c["group_size"] for c in candidates)
+    c = _cheapest_first([c for c in candidates if c["group_size"] == smallest])[0]
+    return c["group_size"], c["bits"], c["mode"]
 
 
 def dtype_bits(dtype):

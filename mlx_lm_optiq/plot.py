@@ -49,6 +49,14 @@ def cheapest_kl(layer, candidates):
     return kl[min(measured, key=costs.get)] if measured else float("nan")
 
 
+def format_label(layer):
+    """Legend label of a module's quantization: "4-bit" (affine), "nvfp4", "mxfp4", ... or "float"."""
+    if "group_size" not in layer:
+        return "float"
+    mode = layer.get("mode", "affine")
+    return f"{layer['bits']}-bit" if mode == "affine" else mode
+
+
 def plot_metadata(meta, output):
     """Write a two-panel PNG: KL of each module at its cheapest candidate, and the chosen bits."""
     plt = _import_pyplot()
@@ -57,9 +65,12 @@ def plot_metadata(meta, output):
     kl = [cheapest_kl(layers[p], meta["candidates"]) for p in paths]
     bits = [layers[p]["bits"] for p in paths]
     groups = [layers[p].get("group_size") for p in paths]
-    palette = {b: c for b, c in zip(sorted(set(bits)), ["tab:red", "tab:orange", "tab:green", "tab:blue",
-                                                         "tab:purple", "tab:gray", "black"])}
-    colors = [palette[b] for b in bits]
+    # one colour per format: "4-bit" (affine) and "nvfp4" are both 4 bits, stored differently
+    formats = [format_label(layers[p]) for p in paths]
+    order = sorted(set(zip(bits, formats)), key=lambda bf: (bf[0], bf[1] != f"{bf[0]}-bit", bf[1]))
+    palette = {f: c for (_, f), c in zip(order, ["tab:red", "tab:orange", "tab:olive", "tab:green", "tab:blue",
+                                                 "tab:purple", "tab:gray", "black", "tab:brown", "tab:pink"])}
+    colors = [palette.get(f, "black") for f in formats]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(paths) * 0.09), 7), sharex=True)
     x = range(len(paths))
     ax1.bar(x, kl, color=colors)
@@ -77,7 +88,7 @@ def plot_metadata(meta, output):
     ax2.set_xticks(ticks)
     ax2.set_xticklabels([_short(paths[i]) for i in ticks], rotation=90, fontsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
-    ax1.legend(handles, [f"{b}-bit" for b in palette], loc="upper right", fontsize=8)
+    ax1.legend(handles, list(palette), loc="upper right", fontsize=8)
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ TABLE_KIND = "optiq-sensitivity"
 CHECKPOINT_KIND = "optiq-sensitivity-checkpoint"
 METHODS = ("exact", "fisher")
 REFERENCES = ("auto", "float", "low-bit")
-_MODE_BITS = {"mxfp4": 4, "mxfp8": 8, "nvfp4": 4}
+FORMAT_BITS = {"mxfp4": 4, "mxfp8": 8, "nvfp4": 4}
 # Memory for the (batch, length, vocab) float32 arrays a probe holds at once
 # (reference log-probs and probabilities, probe logits/log-probs).
 _LOGITS_BUDGET_BYTES = 1 << 30
@@ -96,8 +96,8 @@ def parse_candidate(spec):
         group_size = int(gs)
         if head.isdigit():
             bits, mode = int(head), "affine"
-        elif head in _MODE_BITS:
-            bits, mode = _MODE_BITS[head], head
+        elif head in FORMAT_BITS:
+            bits, mode = FORMAT_BITS[head], head
         else:
             raise SensitivityError(f"candidate {spec!r}: unknown mode {head!r}")
     else:
@@ -105,8 +105,8 @@ def parse_candidate(spec):
             f"candidate {spec!r}: expected 'BITS:GROUP' (e.g. 4:64), 'MODE:GROUP' (e.g. mxfp4:32), "
             "a (bits, group_size[, mode]) pair or a dict"
         )
-    if mode in _MODE_BITS and bits != _MODE_BITS[mode]:
-        raise SensitivityError(f"candidate {spec!r}: mode {mode} has {_MODE_BITS[mode]} bits, got {bits}")
+    if mode in FORMAT_BITS and bits != FORMAT_BITS[mode]:
+        raise SensitivityError(f"candidate {spec!r}: mode {mode} has {FORMAT_BITS[mode]} bits, got {bits}")
     return {"bits": bits, "group_size": group_size, "mode": mode}
 
 
@@ -132,7 +132,7 @@ def normalize_candidates(candidates):
             continue
         seen.add(key)
         try:
-            mx.eval(mx.quantize(mx.zeros((1, c["group_size"])), c["group_size"], c["bits"], mode=c["mode"]))
+            mx.eval(mx.quantize(mx.zeros((32, 128)), c["group_size"], c["bits"], mode=c["mode"]))  # nvfp4 rejects tiny shapes
         except (ValueError, RuntimeError) as e:
             raise SensitivityError(f"candidate {key}: mx.quantize rejects it ({e})") from None
         out.append(c)

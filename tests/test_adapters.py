@@ -174,22 +174,35 @@ def test_adapters_change_generation_like_stock(tiny_float_path, trained_adapter,
 
 @pytest.mark.parametrize("method", A.MIXED_ROWS_METHODS)
 def test_mixed_rows_in_one_forward_match_solo(tiny_float_path, random_adapters, method, monkeypatch):
-    # both ways of computing mixed rows run here on the CPU (the GPU default is "masked")
+    # every way of computing mixed rows runs here on the CPU; prefill is eager, the
+    # one-token decode step runs the compiled function (and eagerly, to compare)
+    from mlx_lm.models.cache import make_prompt_cache
+
     monkeypatch.setattr(A, "MIXED_ROWS_METHOD", method)
     model, tok = _fresh(tiny_float_path)
     for name, path in random_adapters.items():
         A.mount_adapter(model, name, path)
     names = ["beta", None, "alpha", "gamma", "beta"]
     ids = [tok.encode(p) for p in (PROMPTS * 2)[: len(names)]]
-    length = min(len(i) for i in ids)
+    length = min(len(i) for i in ids) - 1
     x = mx.array([i[:length] for i in ids])
-    with A.adapter_rows(model, names):
-        mixed = model(x)
+    step = mx.array([[i[length]] for i in ids])
+    decoded = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(A, "COMPILE_DECODE", compiled)
+        cache = make_prompt_cache(model)
+        with A.adapter_rows(model, names):
+            mixed = model(x, cache=cache)
+            decoded[compiled] = model(step, cache=cache)
+    assert mx.allclose(decoded[True], decoded[False], atol=1e-5)
     for row, name in enumerate(names):
+        cache = make_prompt_cache(model)
         with A.use_adapter(name):
-            solo = model(x[row : row + 1])
+            solo = model(x[row : row + 1], cache=cache)
+            solo_step = model(step[row : row + 1], cache=cache)
         assert mx.allclose(mixed[row], solo[0], atol=1e-4), (row, name)
         assert mx.array_equal(mixed[row].argmax(-1), solo[0].argmax(-1))
+        assert mx.allclose(decoded[True][row], solo_step[0], atol=1e-4), (row, name)
     with pytest.raises(A.UnknownAdapterError, match="mounted adapters: \\['alpha', 'beta', 'gamma'\\]"):
         with A.adapter_rows(model, ["alpha", "nope"]):
             pass
@@ -203,6 +216,12 @@ def test_mixed_rows_method_variable_is_checked():
     ok = subprocess.run([sys.executable, "-c", "import mlx_lm_optiq.adapters as A; print(A._mixed_rows_method())"],
                         capture_output=True, text=True, env=dict(os.environ, MLX_LM_OPTIQ_MIXED_ROWS="masked"))
     assert ok.returncode == 0 and ok.stdout.strip() == "masked", ok.stderr
+    bad = subprocess.run([sys.executable, "-c", "import mlx_lm_optiq.adapters"], capture_output=True, text=True,
+                         env=dict(os.environ, MLX_LM_OPTIQ_COMPILE_DECODE="yes"))
+    assert bad.returncode != 0 and "MLX_LM_OPTIQ_COMPILE_DECODE is 'yes', expected 0 or 1" in bad.stderr
+    ok = subprocess.run([sys.executable, "-c", "import mlx_lm_optiq.adapters as A; print(A.COMPILE_DECODE)"],
+                        capture_output=True, text=True, env=dict(os.environ, MLX_LM_OPTIQ_COMPILE_DECODE="0"))
+    assert ok.returncode == 0 and ok.stdout.strip() == "False", ok.stderr
 
 
 def _quantized(path, bits, mode, group_size):

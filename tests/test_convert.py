@@ -49,8 +49,9 @@ from mlx_lm.utils import compute_bits_per_weight
 assert 'mlx_lm_optiq' not in sys.modules
 model, tok = load(sys.argv[1])
 layers = {p: [m.bits, m.group_size] for p, m in model.named_modules() if hasattr(m, 'bits')}
+modes = {p: m.mode for p, m in model.named_modules() if hasattr(m, 'bits')}
 logits = model(mx.array([tok.encode('It was a truth universally acknowledged')]))
-print(json.dumps({'layers': layers, 'bpw': compute_bits_per_weight(model),
+print(json.dumps({'layers': layers, 'modes': modes, 'bpw': compute_bits_per_weight(model),
                   'finite': bool(mx.isfinite(logits).all().item())}))
 """
 
@@ -83,6 +84,50 @@ def test_measured_convert_reloads_in_stock_mlx_lm_with_planned_bits(measured):
     assert set(meta["sensitivity"]["modules"]) == set(meta["layers"])
     assert meta["sensitivity"]["calibration"]["tokens"] == 64
     assert all(set(e["kl"]) == {"4:32", "4:64", "8:32", "8:64"} for e in meta["layers"].values())
+
+
+def test_explicit_candidates_mix_float_formats_and_reload_in_stock_mlx_lm(measured, tiny_q4_path, tmp_path,
+                                                                           hooks_enabled):
+    """--optiq-candidates mixes nvfp4 (group 16, one fp8 scale per group: 4.5 bits) with affine
+    8-bit; the config's top-level entry is itself valid (nvfp4:16, the smallest group)."""
+    from mlx_lm import convert
+
+    out = tmp_path / "nvfp4-mix"
+    convert(str(tiny_q4_path), mlx_path=str(out), quantize=True, optiq_target_bpw=5.0,
+            optiq_candidates="nvfp4:16,8:64", optiq_sensitivity_method="fisher",
+            optiq_num_samples=1, optiq_sequence_length=64)
+    meta = _sidecar(out)
+    config = json.loads((out / "config.json").read_text())
+    got = _stock_reload(out)
+    planned = {p: (c["bits"], c["group_size"], c["mode"]) for p, c in meta["layers"].items() if "group_size" in c}
+    assert {(b, g, got["modes"][p]) for p, (b, g) in got["layers"].items()} == set(planned.values())
+    assert {p: (*got["layers"][p], got["modes"][p]) for p in got["layers"]} == planned
+    assert set(planned.values()) == {(4, 16, "nvfp4"), (8, 64, "affine")}  # it really mixes formats
+    assert {k: config["quantization"][k] for k in ("bits", "group_size", "mode")} == \
+        {"bits": 4, "group_size": 16, "mode": "nvfp4"}
+    assert 4.9 < got["bpw"] <= 5.0 and got["finite"]
+    assert all(set(e["kl"]) == {"nvfp4:16", "8:64"} for e in meta["layers"].values())
+    from mlx_lm_optiq.plot import format_label  # the plot tells the two formats apart
+
+    assert {format_label(c) for c in meta["layers"].values()} == {"nvfp4", "8-bit"}
+
+
+def test_bad_explicit_candidates_are_clear_errors(tiny_q4_path, tmp_path, hooks_enabled):
+    from mlx_lm import convert
+
+    from mlx_lm_optiq.plan import PlanError
+
+    for spec, message in (("nvfp4:32", "--optiq-candidates: nvfp4 has group size 16, got 32"),
+                          ("4:48", "--optiq-candidates: candidate group sizes must be among 32,64,128, got 48"),
+                          ("fp4:16", "--optiq-candidates: candidate 'fp4:16': unknown mode 'fp4'"),
+                          ("", "--optiq-candidates: no candidates given")):
+        with pytest.raises(PlanError, match=message):
+            convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_target_bpw=5.0,
+                    optiq_candidates=spec)
+    with pytest.raises(PlanError, match="--optiq-candidates lists every candidate: drop --optiq-candidate-bits"):
+        convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_target_bpw=5.0,
+                optiq_candidates="4:64,8:64", optiq_candidate_bits="4,8")
+    assert not (tmp_path / "o").exists()
 
 
 def test_plot_of_a_converted_model(measured, tmp_path):

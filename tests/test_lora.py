@@ -406,3 +406,11 @@ def test_by_kl_on_a_model_converted_by_optiq(tiny_float_path, data_dir, tmp_path
         assert entry["kl"] == lora_ranks.layer_sensitivity(sidecar["layers"][path])
     assert record["trainable_params"] <= record["budget_params"]
     assert len({m["rank"] for m in record["modules"].values()}) > 2
+
+
+def test_layer_sensitivity_reads_the_lowest_bit_candidate_whatever_its_format():
+    from mlx_lm_optiq import lora_ranks
+
+    # nvfp4 is a 4-bit candidate: lower than 8-bit, higher than 3-bit
+    assert lora_ranks.layer_sensitivity({"kl": {"8:64": 0.01, "nvfp4:16": 0.3}}) == 0.3
+    assert lora_ranks.layer_sensitivity({"kl": {"nvfp4:16": 0.3, "3:64": 0.9, "8:64": 0.01}}) == 0.9

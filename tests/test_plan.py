@@ -155,3 +155,18 @@ def test_parse_lists_name_the_flag():
         plan.parse_int_list("64,abc", "--optiq-group-sizes")
     with pytest.raises(plan.PlanError, match="candidate bits must be among"):
         plan.make_candidates([7], [64])
+
+
+def test_explicit_candidates_and_the_top_level_entry():
+    cands = plan.parse_candidates("8:64, nvfp4:16,4:64,4:64")
+    # cheapest first (4:64 and nvfp4:16 both cost 4.5 bits: given order), deduplicated
+    assert [plan.candidate_key(**c) for c in cands] == ["nvfp4:16", "4:64", "8:64"]
+    assert cands[0] == {"bits": 4, "group_size": 16, "mode": "nvfp4"}
+    # the smallest group (stock quantize_model skips modules it does not divide), cheapest format at it
+    assert plan.top_level_quantization(cands) == (16, 4, "nvfp4")
+    assert plan.top_level_quantization(plan.parse_candidates("3:64,4:32,8:32")) == (32, 4, "affine")
+    assert plan.top_level_quantization(plan.parse_candidates("mxfp4:32,4:32,4:64")) == (32, 4, "mxfp4")
+    with pytest.raises(plan.PlanError, match="--optiq-candidates: mxfp8 has group size 32, got 64"):
+        plan.parse_candidates("mxfp8:64")
+    with pytest.raises(plan.PlanError, match="other formats go in --optiq-candidates"):
+        plan.make_candidates([4], [64], mode="nvfp4")

@@ -9,7 +9,6 @@ write optiq_metadata.json. Optionally rewrite a multi-modal checkpoint as text o
 
 import shutil
 import sys
-from math import gcd
 from pathlib import Path
 
 from .. import metadata, plan
@@ -18,7 +17,7 @@ _FLOAT_SOURCE = ".optiq-float-source"
 
 # Every flag this extension owns (dest without the optiq_ prefix): the flow only
 # runs when one of them is set, and the others then need --optiq-target-bpw.
-_PLAN_OPTIONS = ("candidate_bits", "group_sizes", "calibration", "num_samples", "sequence_length",
+_PLAN_OPTIONS = ("candidate_bits", "group_sizes", "candidates", "calibration", "num_samples", "sequence_length",
                  "sensitivity", "sensitivity_method", "reference", "checkpoint", "protect")
 
 
@@ -30,6 +29,9 @@ def add_arguments(group):
                        help="Comma-separated bit widths to choose from per module (default 4,8).")
     group.add_argument("--optiq-group-sizes", default=None,
                        help="Comma-separated group sizes to choose from (default: --q-group-size or 64).")
+    group.add_argument("--optiq-candidates", default=None,
+                       help="Explicit comma-separated candidates instead of bits x group sizes: BITS:GROUP "
+                            "(affine) or MODE:GROUP for mlx's float formats, e.g. 3:64,4:64,nvfp4:16,8:64.")
     group.add_argument("--optiq-calibration", default=None,
                        help="Calibration JSONL, one {'text': ...} or {'messages': [...]} per line (default: the bundled set).")
     group.add_argument("--optiq-num-samples", type=int, default=None, help="Calibration sequences (default 16).")
@@ -69,9 +71,17 @@ def before_convert(call, options):
     if call.get("quant_predicate") is not None:
         raise plan.PlanError("--optiq-target-bpw chooses the bits per layer: it cannot be combined with --quant-predicate")
     mode = call.get("q_mode") or "affine"
-    bits = plan.parse_int_list(options.get("candidate_bits") or "4,8", "--optiq-candidate-bits")
-    groups = plan.parse_int_list(options.get("group_sizes"), "--optiq-group-sizes") or [call.get("q_group_size") or 64]
-    candidates = plan.make_candidates(bits, groups, mode)
+    if options.get("candidates") is not None:
+        both = [f for f in ("candidate_bits", "group_sizes") if options.get(f) is not None]
+        if both:
+            raise plan.PlanError(f"--optiq-candidates lists every candidate: drop --optiq-{both[0].replace('_', '-')}")
+        if mode != "affine":
+            raise plan.PlanError(f"--optiq-candidates names each candidate's format: drop --q-mode {mode}")
+        candidates = plan.parse_candidates(options["candidates"])
+    else:
+        bits = plan.parse_int_list(options.get("candidate_bits") or "4,8", "--optiq-candidate-bits")
+        groups = plan.parse_int_list(options.get("group_sizes"), "--optiq-group-sizes") or [call.get("q_group_size") or 64]
+        candidates = plan.make_candidates(bits, groups, mode)
     protect = plan.parse_protect(options.get("protect"))
 
     base_model = call["hf_path"]
@@ -105,9 +115,7 @@ def before_convert(call, options):
           f"(target {options['target_bpw']}, cheapest possible {result['min_bpw']:.4f})", file=sys.stderr)
     state.update(table=table, plan=result, candidates=candidates, base_model=str(base_model))
     call["quantize"] = True
-    call["q_mode"] = mode
-    call["q_group_size"] = gcd(*[c["group_size"] for c in candidates])  # never skips a planned module
-    call["q_bits"] = min(c["bits"] for c in candidates)
+    call["q_group_size"], call["q_bits"], call["q_mode"] = plan.top_level_quantization(candidates)
     call["quant_predicate"] = plan.quant_predicate(result["layers"])
 
 
