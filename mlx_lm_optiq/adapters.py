@@ -407,7 +407,7 @@ class MultiLoRALinear(nn.Module):
                     raise ValueError(
                         f"adapter_rows: {len(rows.slots)} rows were selected but the layer input has shape {x.shape}"
                     )
-                method = _mixed_rows_method()
+                method = rows.method
                 fn = (_ROWS_COMPILED if COMPILE_DECODE and x.shape[1] == 1 else _ROWS_EAGER)[method]
                 if method != "masked":
                     a, b, scales = self._stacked(rows.n_slots, method)
@@ -439,6 +439,7 @@ class _Rows:
         self.uniform = first if all(s == first for s in slots) else _MIXED
         if self.uniform is _MIXED:
             self.index = mx.array([self.n_slots if s is None else s for s in slots], dtype=mx.uint32)
+            self.method = _mixed_rows_method()  # once per forward, not in every adapted layer
         self._masks = {}
 
     def mask(self, rank, scales, dtype):

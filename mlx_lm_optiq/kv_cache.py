@@ -133,7 +133,8 @@ class _PerLayerQuantization:
             self._start_quantizing(pk.dtype, pk.dim, pv.dim)
 
     def _filled(self):
-        raise NotImplementedError
+        # a single request's cache: its own token count (the batched caches override this)
+        return self.offset
 
     def update_and_fetch(self, keys, values):
         if not self.quantized and self._filled() >= self.quantized_kv_start:
@@ -159,9 +160,6 @@ class MixedQuantizedKVCache(_PerLayerQuantization, KVCache):
         KVCache.__init__(self)
         self._init_plan(k_bits, v_bits, group_size, quantized_kv_start)
 
-    def _filled(self):
-        return self.offset
-
     @classmethod
     def merge(cls, caches):
         return BatchMixedQuantizedKVCache.merge(caches)
@@ -172,7 +170,8 @@ class MixedQuantizedKVCache(_PerLayerQuantization, KVCache):
 
 
 class _BatchPerLayerQuantization(_PerLayerQuantization):
-    """What the two batched caches share: merging rows of one plan, extending, logging sizes."""
+    """What the two batched caches share: merging rows of one plan, extending, extracting a
+    row, logging sizes."""
 
     _what = ""  # for the debug log
 
@@ -204,6 +203,12 @@ class _BatchPerLayerQuantization(_PerLayerQuantization):
         super().extend(other)
         logging.debug("mlx_lm_optiq KV: batch of %d rows (extend%s)", self.left_padding.size, self._what)
 
+    def extract(self, idx):
+        # mlx-lm's extract gives the row as a KVCache (or a RotatingKVCache with keep 0)
+        cache = _with_positions_of(super().extract(idx), self.plan_args())
+        cache.packing = self.packing
+        return cache
+
 
 class BatchMixedQuantizedKVCache(_BatchPerLayerQuantization, BatchKVCache):
     """Left-padded batch of MixedQuantizedKVCaches, as mlx-lm's BatchGenerator drives them."""
@@ -224,27 +229,27 @@ class BatchMixedQuantizedKVCache(_BatchPerLayerQuantization, BatchKVCache):
     def _empty_like(cls, first, rows):
         return cls([0] * rows, **first.plan_args())
 
-    def extract(self, idx):
-        row = super().extract(idx)
-        cache = MixedQuantizedKVCache(**self.plan_args())
-        cache.keys, cache.values, cache.offset = row.keys, row.values, row.offset
-        cache.packing = self.packing
-        return cache
-
     def __repr__(self):
         return (f"BatchMixedQuantizedKVCache(k_bits={self.k_bits}, v_bits={self.v_bits}, group_size={self.group_size}, "
                 f"size={self._idx}, quantized={self.quantized})")
 
 
+def _with_positions_of(src, plan_args):
+    """A single-request per-layer cache of `src`'s kind (plain or sliding window) holding
+    `src`'s buffers and position (`src` itself is any KVCache / RotatingKVCache)."""
+    if isinstance(src, RotatingKVCache):
+        cache = MixedQuantizedRotatingKVCache(src.max_size, src.keep, **plan_args)
+        cache._idx = src._idx
+    else:
+        cache = MixedQuantizedKVCache(**plan_args)
+    cache.keys, cache.values, cache.offset = src.keys, src.values, src.offset
+    return cache
+
+
 def _quantized_copy(cache, reference):
     if cache.quantized:
         return cache
-    if isinstance(cache, RotatingKVCache):
-        copy = MixedQuantizedRotatingKVCache(cache.max_size, cache.keep, **cache.plan_args())
-        copy.keys, copy.values, copy.offset, copy._idx = cache.keys, cache.values, cache.offset, cache._idx
-    else:
-        copy = MixedQuantizedKVCache(**cache.plan_args())
-        copy.keys, copy.values, copy.offset = cache.keys, cache.values, cache.offset
+    copy = _with_positions_of(cache, cache.plan_args())
     copy._quantize_like(reference)
     return copy
 
@@ -262,9 +267,6 @@ class MixedQuantizedRotatingKVCache(_PerLayerQuantization, RotatingKVCache):
     def __init__(self, max_size, keep=0, k_bits=8, v_bits=4, group_size=64, quantized_kv_start=0):
         RotatingKVCache.__init__(self, max_size, keep)
         self._init_plan(k_bits, v_bits, group_size, quantized_kv_start)
-
-    def _filled(self):
-        return self.offset
 
     @classmethod
     def merge(cls, caches):
@@ -292,13 +294,6 @@ class BatchMixedQuantizedRotatingKVCache(_BatchPerLayerQuantization, BatchRotati
     @classmethod
     def _empty_like(cls, first, rows):
         return cls(first.max_size, [0] * rows, **first.plan_args())
-
-    def extract(self, idx):
-        row = super().extract(idx)
-        cache = MixedQuantizedRotatingKVCache(self.max_size, 0, **self.plan_args())
-        cache.keys, cache.values, cache.offset, cache._idx = row.keys, row.values, row.offset, row._idx
-        cache.packing = self.packing
-        return cache
 
     def __repr__(self):
         return (f"BatchMixedQuantizedRotatingKVCache(max_size={self.max_size}, k_bits={self.k_bits}, "

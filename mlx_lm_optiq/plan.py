@@ -45,10 +45,6 @@ def _check_candidate(c, flag):
         raise PlanError(f"{flag}: unknown quantization mode {c['mode']!r}")
 
 
-def _cheapest_first(cands):
-    return sorted(cands, key=lambda c: (quantized_bits(c["group_size"], c["bits"], c["group_size"], c["mode"]), c["bits"]))
-
-
 def make_candidates(bits_list, group_sizes, mode="affine"):
     """Every (bits, group_size) pair as candidate dicts, cheapest first."""
     if mode != "affine":
@@ -62,7 +58,7 @@ def make_candidates(bits_list, group_sizes, mode="affine"):
 
 def parse_candidates(spec, flag="--optiq-candidates"):
     """Candidate dicts from "4:64,nvfp4:16,8:64" (table keys: BITS:GROUP affine, MODE:GROUP), cheapest first."""
-    from .sensitivity import SensitivityError, parse_candidate
+    from .sensitivity import SensitivityError, cheapest_first, parse_candidate
 
     keys = [k.strip() for k in spec.split(",") if k.strip()] if isinstance(spec, str) else list(spec)
     if not keys:
@@ -77,7 +73,7 @@ def parse_candidates(spec, flag="--optiq-candidates"):
         if candidate_key(**c) not in seen:
             seen.add(candidate_key(**c))
             out.append(c)
-    return _cheapest_first(out)
+    return cheapest_first(out)
 
 
 def top_level_quantization(candidates):
@@ -88,8 +84,10 @@ def top_level_quantization(candidates):
     two: that is their gcd); bits and mode are the cheapest candidate with that group,
     so the entry is itself a valid quantization. Every planned module has its own entry.
     """
+    from .sensitivity import cheapest_first
+
     smallest = min(c["group_size"] for c in candidates)
-    c = _cheapest_first([c for c in candidates if c["group_size"] == smallest])[0]
+    c = cheapest_first([c for c in candidates if c["group_size"] == smallest])[0]
     return c["group_size"], c["bits"], c["mode"]
 
 

@@ -116,6 +116,11 @@ def bits_per_weight(cand):
     return quantized_bits(g, cand["bits"], g, cand["mode"]) / g
 
 
+def cheapest_first(cands):
+    """Candidates ordered by storage cost (bits per weight), then bits; ties keep their order."""
+    return sorted(cands, key=lambda c: (bits_per_weight(c), c["bits"]))
+
+
 def normalize_candidates(candidates):
     """Validated candidate dicts, cheapest first; each is tried once with mx.quantize."""
     import mlx.core as mx
@@ -136,7 +141,7 @@ def normalize_candidates(candidates):
         except (ValueError, RuntimeError) as e:
             raise SensitivityError(f"candidate {key}: mx.quantize rejects it ({e})") from None
         out.append(c)
-    return sorted(out, key=lambda c: (bits_per_weight(c), c["bits"]))
+    return cheapest_first(out)
 
 
 def _applicable(module_shape, cands):
