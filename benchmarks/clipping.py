@@ -3,15 +3,15 @@
     python benchmarks/clipping.py --float out/quickstart/float \
         --table docs/results/weights-h200-32x512.json --target 5.0071
 
-Not a product path (yet): it measures what choosing each group's range by a clipping search
-would buy on top of a mixed-precision plan. The plan comes from a saved sensitivity table
-(`benchmarks/weights.py --output` JSON, key table_exact, or an optiq_metadata.json) at --target
-BPW, or is uniform (--uniform 4:64). For every quantizable linear layer each group's
-[min, max] is shrunk by a factor alpha in {1, 0.975, ..., 0.7}, the alpha with the least error
-kept, then the clipped weight is quantized by mx.quantize as stock would:
-  - mse: error = sum (w - q)^2
+The quantizer alone, on a fixed plan: what choosing each group's range by a clipping search
+buys (the product's clipping.py; convert clips by default, `--optiq-clipping none` does not).
+The plan comes from a saved sensitivity table (`benchmarks/weights.py --output` JSON, key
+table_exact, or an optiq_metadata.json) at --target BPW, or is uniform (--uniform 4:64). For
+every affine linear layer each group's [min, max] is shrunk by the alpha in {1, 0.975, ...,
+0.7} with the least error, then the clipped weight is quantized by mx.quantize as stock would:
+  - mse: error = sum (w - q)^2 (clipping.Clipper with unit moments)
   - activation: error = sum E[x^2] (w - q)^2, with E[x^2] the layer's input second moments
-    on --calibration-text (AWQ's clipping criterion)
+    on --calibration-text (AWQ's clipping criterion; what convert does)
 The embedding keeps the stock quantization. All three models are evaluated side by side
 against the float model on held-out text (simulated quantization, fp32).
 """
@@ -24,63 +24,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
-GRID = tuple(1 - 0.025 * i for i in range(13))
-
-
-def input_moments(model, modules, tokens):
-    """{path: mean x^2 over calibration tokens} of the input of every nn.Linear in `modules`."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    from mlx_lm_optiq.sensitivity import _set_module
-
-    class Recorder(nn.Module):
-        def __init__(self, linear, store, path):
-            super().__init__()
-            self.linear = linear
-            object.__setattr__(self, "_at", (store, path))
-
-        def __call__(self, x):
-            store, path = self._at
-            store[path] = store.get(path, 0) + (x.astype(mx.float32) ** 2).reshape(-1, x.shape[-1]).sum(0)
-            return self.linear(x)
-
-    store = {}
-    linears = {p: m for p, m in modules.items() if isinstance(m, nn.Linear)}
-    for p, m in linears.items():
-        _set_module(model, p, Recorder(m, store, p))
-    try:
-        for i in range(tokens.shape[0]):
-            mx.eval(model(tokens[i : i + 1]), list(store.values()))
-    finally:
-        for p, m in linears.items():
-            _set_module(model, p, m)
-    return {p: v / tokens.size for p, v in store.items()}
-
-
-def clipped_qdq(w, cand, weights=None):
-    """Quantize-dequantize of `w` with each group's range clipped by the best alpha of GRID."""
-    import mlx.core as mx
-
-    from mlx_lm_optiq.sensitivity import _qdq
-
-    g = cand["group_size"]
-    groups = w.astype(mx.float32).reshape(-1, g)
-    if weights is None:
-        weights = mx.ones((w.shape[-1],))
-    wg = mx.broadcast_to(weights.reshape(1, -1, g), (w.shape[0], w.shape[-1] // g, g)).reshape(-1, g)
-    lo, hi = groups.min(-1, keepdims=True), groups.max(-1, keepdims=True)
-    best_err = best_alpha = None
-    for alpha in GRID:
-        err = (wg * (_qdq(mx.clip(groups, lo * alpha, hi * alpha), cand) - groups) ** 2).sum(-1)
-        if best_err is None:
-            best_err, best_alpha = err, mx.full(err.shape, alpha)
-        else:
-            better = err < best_err
-            best_err, best_alpha = mx.where(better, err, best_err), mx.where(better, alpha, best_alpha)
-        mx.eval(best_err, best_alpha)
-    a = best_alpha[:, None]
-    return _qdq(mx.clip(groups, lo * a, hi * a), cand).reshape(w.shape).astype(w.dtype)
 
 
 def main(argv=None):
@@ -100,6 +43,7 @@ def main(argv=None):
 
     import mlx.core as mx
 
+    from mlx_lm_optiq import clipping
     from mlx_lm_optiq import eval as ev
     from mlx_lm_optiq import plan
     from mlx_lm_optiq.sensitivity import _qdq, quantizable_modules
@@ -126,20 +70,22 @@ def main(argv=None):
     calib = ev.text_tokens(tokenizer, args.calibration_text, args.calibration_tokens, 256)
     eval_tokens = ev.text_tokens(tokenizer, args.eval_text, args.eval_tokens, 512)
     models = {}
-    moments = None
+    clippers = None
     for name in ("stock min/max", "mse clipping", "activation clipping"):
         model, _, _ = ev.load_reference(args.float)
         modules = quantizable_modules(model)
-        if moments is None:
-            moments = input_moments(model, modules, calib)
+        if clippers is None:
+            moments = clipping.input_moments(model, list(modules), calib)
+            clippers = {"mse clipping": clipping.Clipper({p: mx.ones_like(m) for p, m in moments.items()}),
+                        "activation clipping": clipping.Clipper(moments)}
         for path, module in modules.items():
             c = choice(path)
             if "group_size" not in c:  # a module the plan keeps in float
                 continue
-            if name == "stock min/max" or path not in moments:
-                module.weight = _qdq(module.weight, c).astype(module.weight.dtype)
-            else:
-                module.weight = clipped_qdq(module.weight, c, moments[path] if name.startswith("activation") else None)
+            w = module.weight
+            if name in clippers:
+                w = clippers[name](path, w, c)
+            module.weight = _qdq(w, c).astype(module.weight.dtype)
         mx.eval(model.parameters())
         models[name] = model
         print(f"built: {name}", flush=True)

@@ -8,8 +8,11 @@ One run, side by side: every configuration is built from the same float model
 then evaluated against the float model on held-out text (calibrate on one Austen
 novel, evaluate on another). Evaluation uses simulated quantization: each
 quantized model is dequantized into fp32 (same weights as the real kernels use).
-Sweep wall times: our exact sweep and Fisher estimate, and a naive sweep (a full
-forward per module and candidate) timed on a subset of modules and extrapolated.
+Ours clips group ranges by activation-weighted error (convert's default; in the sweep and
+the written model alike); "ours (exact, stock ranges)" is planned from a second exact sweep
+without clipping, to show what the clipping adds. Sweep wall times: our exact sweep and
+Fisher estimate, and a naive sweep (a full forward per module and candidate) timed on a
+subset of modules and extrapolated.
 
     python benchmarks/weights.py --timing-only [--timing-blocks 0,10,20,29] [--bits 4,8 --groups 64]
 
@@ -70,6 +73,10 @@ def main(argv=None):
                    help="our candidates in mlx's other formats ('' for none); 'ours (exact, affine only)' plans "
                         "without them from the same sweep")
     p.add_argument("--naive-modules", type=int, default=6, help="modules timed with the naive sweep")
+    p.add_argument("--clipping", choices=("activation", "none"), default="activation",
+                   help="group ranges of our sweeps and models (convert's --optiq-clipping)")
+    p.add_argument("--skip-stock-ranges", action="store_true",
+                   help="with --clipping activation: skip the extra exact sweep behind 'ours (exact, stock ranges)'")
     p.add_argument("--output", help="write all numbers as JSON here")
     p.add_argument("--report", help="only print the tables of a previous run's --output JSON")
     p.add_argument("--timing-only", action="store_true", help="only time the sensitivity sweeps (see above)")
@@ -90,7 +97,7 @@ def main(argv=None):
     from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
     from mlx_lm.utils import compute_bits_per_weight, dequantize_model, load, quantize_model
 
-    from mlx_lm_optiq import calibration, plan, sensitivity
+    from mlx_lm_optiq import calibration, clipping, plan, sensitivity
     from mlx_lm_optiq import eval as ev
 
     device = str(mx.default_device())
@@ -111,8 +118,16 @@ def main(argv=None):
     affine = plan.make_candidates(plan.parse_int_list(args.bits, "--bits"), plan.parse_int_list(args.groups, "--groups"))
     extra = plan.parse_candidates(args.extra_candidates, "--extra-candidates") if args.extra_candidates else []
     cands = plan.parse_candidates([plan.candidate_key(**c) for c in affine + extra])
-    common = dict(model_path=args.model, tokens=calib, candidates=cands, reference="float", progress=False)
+    common = dict(model_path=args.model, tokens=calib, candidates=cands, reference="float", progress=False,
+                  clipping=args.clipping)
+    # Untimed warm-up: the backend builds its kernels once per process (MLX-CUDA JIT-compiles
+    # them: ~15 s on the H200), which neither the timed sweeps below nor the naive one should pay.
+    sensitivity.measure_sensitivity(**dict(common, tokens=calib[:1]), method="exact",
+                                    modules=list(sensitivity.quantizable_modules(base))[1:3])
     table_exact, t_exact, probe_exact, n_probes = _timed_sweep(sensitivity.measure_sensitivity, method="exact", **common)
+    table_stock_ranges = None
+    if args.clipping != "none" and not args.skip_stock_ranges:
+        table_stock_ranges = sensitivity.measure_sensitivity(**dict(common, clipping="none"), method="exact")
     table_fisher, t_fisher, _, _ = _timed_sweep(sensitivity.measure_sensitivity, method="fisher", **common)
     paths = list(table_exact["modules"])
     step = max(1, len(paths) // args.naive_modules)
@@ -183,10 +198,13 @@ def main(argv=None):
         runs = [("exact", table_exact, cands), ("fisher", table_fisher, cands)]
         if extra:
             runs.append(("exact, affine only", table_exact, affine))
+        if table_stock_ranges is not None:
+            runs.append(("exact, stock ranges", table_stock_ranges, cands))
         for method, table, options in runs:
             pl = plan.make_plan(base, config, table, options, target)
             gs, bits, mode = plan.top_level_quantization(options)
-            build(f"ours ({method}) @ {at}", gs, bits, plan.quant_predicate(pl["layers"]), target, pl["layers"], mode)
+            build(f"ours ({method}) @ {at}", gs, bits, plan.quant_predicate(pl["layers"], clipping.from_table(table)),
+                  target, pl["layers"], mode)
 
     data = {"results": results,
             "sweeps": {"exact_s": t_exact, "fisher_s": t_fisher, "naive_extrapolated_s": t_naive,
@@ -195,11 +213,12 @@ def main(argv=None):
                        "naive_subset": subset, "naive_probe_s": probe_naive, "exact_probe_s": probe_exact,
                        "probes": n_probes, "naive_vs_exact_max_rel_diff": agree, "dynamic_quant_s": t_dynamic},
             "setup": {"model": args.model, "num_modules": len(paths),
-                      "candidates": [plan.candidate_key(**c) for c in cands],
+                      "candidates": [plan.candidate_key(**c) for c in cands], "clipping": args.clipping,
                       "calibration": f"{calib.shape[0]}x{calib.shape[1]} tokens of {Path(args.calibration_text).name}",
                       "evaluation": f"{eval_tokens.size} tokens of {Path(args.eval_text).name}",
                       "device": device, "total_s": time.perf_counter() - t_start},
-            "device": device, "table_exact": table_exact, "table_fisher": table_fisher}
+            "device": device, "table_exact": table_exact, "table_fisher": table_fisher,
+            "table_exact_stock_ranges": table_stock_ranges}
     print()
     print(report(data))
     if args.output:
@@ -337,6 +356,7 @@ def report(data):
     st = data.get("setup")
     if st:
         lines.append(f"model {st['model']} ({st['num_modules']} quantizable modules); candidates {st['candidates']}; "
+                     f"our group ranges: {st.get('clipping', 'none (stock min/max)')}; "
                      f"calibration {st['calibration']}; evaluation {st['evaluation']}; device {st['device']}; "
                      f"simulated quantization (dequantized to fp32); total {st['total_s']:.0f}s")
     lines.append("caveat: the float reference was dequantized from a 4-bit original (GGUF Q4_1), so absolute losses "

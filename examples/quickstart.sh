@@ -7,7 +7,7 @@
 # 1. stock mlx-lm: float reference (-d) and uniform 4-bit g64 (-q) of MODEL;
 # 2. MLX_LM_OPTIQ=1 mlx_lm.convert: measure per-module sensitivity on calibration text and pick
 #    3/4/5/6/8-bit x group 32/64/128 or nvfp4 per module at no more bits per weight than the
-#    uniform 4-bit model;
+#    uniform 4-bit model (group ranges clipped by activation-weighted error, the default);
 # 3. python -m mlx_lm_optiq.eval: PPL, KL and top-1 vs the float model on held-out text.
 # Outputs go to out/quickstart/ (replaced on each run). Knobs (environment): OPTIQ_METHOD
 # (fisher: fast default on CPU; exact: measured KL per module, slower), OPTIQ_SAMPLES,

@@ -8,6 +8,7 @@ again (`--optiq-sensitivity OUT/optiq_metadata.json`).
 import math
 from pathlib import Path
 
+from . import clipping
 from .io_utils import OptiqFileError, read_json, write_json
 
 METADATA_FILE = "optiq_metadata.json"
@@ -37,6 +38,7 @@ def write_metadata(out_dir, *, base_model, table, plan, target_bpw, achieved_bpw
         "base_model": str(base_model),
         "method": table.get("method"),
         "reference": table.get("reference"),
+        "clipping": clipping.method_of(table),
         "target_bpw": float(target_bpw),
         "achieved_bpw": float(achieved_bpw),
         "candidates": candidates,
@@ -87,6 +89,8 @@ def validate_table(table, where):
         for key, v in kl.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise OptiqFileError(f"{where}: field 'modules.{name}.kl.{key}' must be a finite number, got {v!r}")
+    if "clipping" in table:
+        clipping.validate_table_entry(table["clipping"], table["modules"], where)
     return table
 
 

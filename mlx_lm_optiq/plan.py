@@ -243,13 +243,20 @@ def plan(table, candidates, target_bpw, total_params, fixed_bits, float_weight_b
     }
 
 
-def quant_predicate(layers):
-    """A stock `quant_predicate` applying a plan: a dict for planned layers, False otherwise."""
+def quant_predicate(layers, clip=None):
+    """A stock `quant_predicate` applying a plan: a dict for planned layers, False otherwise.
+
+    clip: the table's clipping.Clipper (clipping.from_table), or None for stock ranges.
+    """
 
     def predicate(path, module, config=None):
         choice = layers.get(path)
         if choice is None or "group_size" not in choice:
             return False
+        if clip is not None:
+            # Stock quantizes the module right after asking: handing it the clipped float
+            # weight makes its own to_quantized write the clipped ranges the sweep measured.
+            module.weight = clip(path, module.weight, choice)
         return dict(choice)
 
     return predicate

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import clipping as clip
 from .allocate import quantized_bits
 from .io_utils import OptiqFileError, read_json, write_json
 
@@ -535,6 +536,7 @@ def measure_sensitivity(
     memory_budget=None,
     seed=0,
     on_probe=None,
+    clipping="activation",
 ):
     """Measure the sensitivity table of the model at `model_path` (see the module docstring).
 
@@ -553,6 +555,10 @@ def measure_sensitivity(
     memory_budget: bytes `reference="auto"` compares the float model against; on a
       GPU, stacked probe passes may use 10% of it (at least 1 GiB) for logits.
     on_probe(batch_index, module_path): called after each module finishes a batch.
+    clipping: "activation" (default): every probe quantizes the module's weight with
+      group ranges clipped by activation-weighted error (clipping.py), input moments
+      measured on `tokens` and stored in the table so the writer clips identically;
+      "none": stock min/max ranges.
     """
     import mlx.core as mx
     from tqdm import tqdm
@@ -561,6 +567,8 @@ def measure_sensitivity(
         raise SensitivityError(f"method must be one of {METHODS}, got {method!r}")
     if reference not in REFERENCES:
         raise SensitivityError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    if clipping not in clip.METHODS:
+        raise SensitivityError(f"clipping must be one of {clip.METHODS}, got {clipping!r}")
     cands = normalize_candidates(candidates)
     keys = [candidate_key(**c) for c in cands]
     tokens = mx.array(tokens)
@@ -648,13 +656,28 @@ def measure_sensitivity(
 
     quant_dtype = info["float_dtype"]
     started = time.perf_counter(), time.process_time()
+    moments = None
+
+    def measure_moments():
+        # Every rank measures on all tokens: identical moments, so identical clipping.
+        nonlocal moments
+        moments = clip.input_moments(model, list(all_modules), tokens, batch_size)
+        _log(f"clipping: input moments of {len(moments)} modules measured on {calib['tokens']} tokens", rank)
+        return clip.Clipper(moments)
+
     if method == "fisher":
-        sums = _fisher_sweep(model, all_modules, applicable, tokens, dtype, quant_dtype, rank, size, group, progress, seed)
+        clipper = None
+        if clipping != "none":
+            model.set_dtype(dtype)
+            mx.eval(model.parameters())
+            clipper = measure_moments()
+        sums = _fisher_sweep(model, all_modules, applicable, tokens, dtype, quant_dtype, rank, size, group, progress,
+                             seed, clipper)
     else:
         fingerprint = dict(
             model=str(model_path), method=method, reference=reference, candidates=keys,
             calibration_sha256=calib["sha256"], batch_size=batch_size, modules=list(all_modules),
-            dtype=str(dtype), rank=rank, size=size,
+            dtype=str(dtype), rank=rank, size=size, clipping=clipping,
         )
         ckpt_path = checkpoint_path
         if ckpt_path is not None and size > 1:
@@ -666,8 +689,14 @@ def measure_sensitivity(
             model.set_dtype(dtype)
             mx.eval(model.parameters())
             probe = _FloatProbe(model, all_modules, applicable, quant_dtype)
+            if clipping != "none":
+                probe.clip = measure_moments()
         else:
             probe = _LowBitProbe(model_path, model, info, all_modules, applicable, dtype, rank, progress)
+            if clipping != "none":
+                # The float model is never resident here: the moments come from the low-bit
+                # reference, which is then rebuilt with clipped ranges.
+                probe.rebuild_clipped(measure_moments(), all_modules, progress and rank == 0)
         # What the reference model occupies (the whole point of the low-bit mode).
         table["reference_model_bytes"] = _nbytes(model)
         forward = _exact_sweep(model, probe, mine, tokens, batch_size, ckpt, reuse_hidden_states, rank, progress,
@@ -685,6 +714,7 @@ def measure_sensitivity(
         f"{time.process_time() - started[1]:.1f}s CPU",
         rank,
     )
+    table["clipping"] = clip.to_table(clipping, moments)
     num_tokens = calib["tokens"]
     for p in all_modules:
         table["modules"][p] = {
@@ -706,8 +736,16 @@ def _vocab_size(model):
 class _FloatProbe:
     """Float reference: a probe swaps in the simulated-quantized weight of one module."""
 
-    def __init__(self, model, modules, applicable, quant_dtype):
+    def __init__(self, model, modules, applicable, quant_dtype, clip=None):
         self.model, self.modules, self.applicable, self.quant_dtype = model, modules, applicable, quant_dtype
+        self.clip = clip
+
+    def probe_weight(self, path, weight, cand):
+        """`weight` as the writer will quantize it (in the checkpoint's dtype, clipped), dequantized."""
+        w = weight.astype(self.quant_dtype)
+        if self.clip is not None:
+            w = self.clip(path, w, cand)
+        return _qdq(w, cand).astype(weight.dtype)
 
     def run(self, path, forward, tokens, start, ref_p, ref_lp):
         module = self.modules[path]
@@ -715,7 +753,7 @@ class _FloatProbe:
         sums = {}
         try:
             for c in self.applicable[path]:
-                module.weight = _qdq(weight.astype(self.quant_dtype), c).astype(weight.dtype)
+                module.weight = self.probe_weight(path, weight, c)
                 sums[candidate_key(**c)] = _kl_sum(ref_p, ref_lp, forward(tokens, start))
         finally:
             module.weight = weight
@@ -740,7 +778,7 @@ class _FloatProbe:
             weight = module.weight
             try:
                 for c in self.applicable[path]:
-                    module.weight = _qdq(weight.astype(self.quant_dtype), c).astype(weight.dtype)
+                    module.weight = self.probe_weight(path, weight, c)
                     out = forward.block_output(block)
                     mx.eval(out)
                     probes.append((path, candidate_key(**c), out))
@@ -798,7 +836,24 @@ class _LowBitProbe:
             del weight
         model.set_dtype(dtype)
         mx.eval(model.parameters())
+        self.clip = None
         _log(f"low-bit reference built: {_nbytes(model) / 2**20:.1f} MiB", rank)
+
+    def quantized(self, path, weight, cand):
+        if self.clip is not None:
+            weight = self.clip(path, weight, cand)
+        return _quantized_module(self.templates[path], weight, cand, self.dtype)
+
+    def rebuild_clipped(self, clipper, modules, progress):
+        """Re-quantize the reference's modules with clipped ranges (one float weight at a time)."""
+        from tqdm import tqdm
+
+        self.clip = clipper
+        for path in tqdm([p for p in modules if self.applicable[p] and p in clipper.moments],
+                         desc="Clipping the low-bit reference", disable=not progress):
+            q = self.quantized(path, self.float_weights(path), self.applicable[path][0])
+            self.low[path] = q
+            _set_module(self.model, path, q)
 
     def run(self, path, forward, tokens, start, ref_p, ref_lp):
         import mlx.core as mx
@@ -808,18 +863,17 @@ class _LowBitProbe:
             return {}
         if len(cands) == 1:
             return {candidate_key(**cands[0]): 0.0}
-        template = self.templates[path]
         weight = self.float_weights(path)
         sums = {}
         try:
-            top = _quantized_module(template, weight, cands[-1], self.dtype)
+            top = self.quantized(path, weight, cands[-1])
             _set_module(self.model, path, top)
             top_lp = forward(tokens, start)
             top_p = mx.exp(top_lp)
             mx.eval(top_lp, top_p)
             sums[candidate_key(**cands[-1])] = 0.0
             for c in cands[1:-1]:
-                _set_module(self.model, path, _quantized_module(template, weight, c, self.dtype))
+                _set_module(self.model, path, self.quantized(path, weight, c))
                 sums[candidate_key(**c)] = _kl_sum(top_p, top_lp, forward(tokens, start))
             # The cheapest candidate is the reference model itself: no forward needed.
             sums[candidate_key(**cands[0])] = _kl_sum(top_p, top_lp, ref_lp)
@@ -928,7 +982,8 @@ def _all_sum_table(sums, paths, keys, applicable, group):
     }
 
 
-def _fisher_sweep(model, modules, applicable, tokens, dtype, quant_dtype, rank, size, group, progress, seed):
+def _fisher_sweep(model, modules, applicable, tokens, dtype, quant_dtype, rank, size, group, progress, seed,
+                  clipper=None):
     """Diagonal Fisher from one backward per sample; returns {path: {key: predicted KL sum}}."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -961,11 +1016,12 @@ def _fisher_sweep(model, modules, applicable, tokens, dtype, quant_dtype, rank, 
         for p in modules:
             fisher[p] = mx.distributed.all_sum(fisher[p], group=group, stream=mx.cpu)
     sums = {}
-    for p, m in modules.items():
+    desc = "Fisher: clipped quantization errors" if clipper is not None else "Fisher: quantization errors"
+    for p, m in tqdm(modules.items(), desc=desc, unit="module", disable=not progress or rank != 0):
         w = m.weight.astype(quant_dtype)
         sums[p] = {}
         for c in applicable[p]:
-            err = (w - _qdq(w, c)).astype(mx.float32)
+            err = (w - _qdq(clipper(p, w, c) if clipper is not None else w, c)).astype(mx.float32)
             sums[p][candidate_key(**c)] = 0.5 * (fisher[p] * err * err).sum().item()
     return sums
 
@@ -1032,6 +1088,8 @@ def _validate_table(table, path):
                 bad(f"{where}.kl[{k!r}]'", f"is not one of the table's candidates {sorted(keys)}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(f"{where}.kl[{k!r}]'", f"must be a finite number >= 0, got {v!r}")
+    if "clipping" in table:
+        clip.validate_table_entry(table["clipping"], mods, path)
 
 
 # ---------------------------------------------------------------- command line
@@ -1047,6 +1105,8 @@ def build_parser():
     parser.add_argument("--candidates", default="4:64,8:64", help="comma-separated, e.g. 2:64,4:64,8:64 or mxfp4:32")
     parser.add_argument("--method", choices=METHODS, default="exact")
     parser.add_argument("--reference", choices=REFERENCES, default="auto")
+    parser.add_argument("--clipping", choices=clip.METHODS, default="activation",
+                        help="group ranges of every probe: clipped by activation-weighted error, or stock min/max")
     parser.add_argument("--calibration", default=None, help="JSONL with 'text' or 'messages' (default: bundled set)")
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--sequence-length", type=int, default=512)
@@ -1078,6 +1138,7 @@ def main(argv=None):
         checkpoint_path=args.checkpoint, progress=not args.quiet, group=group, batch_size=args.batch_size,
         modules=args.modules.split(",") if args.modules else None,
         reuse_hidden_states=not args.no_reuse_hidden_states, batch_probes={"auto": None, "on": True, "off": False}[args.batch_probes], seed=args.seed,
+        clipping=args.clipping,
     )
     table["calibration"]["source"] = args.calibration or "bundled"
     if group is None or group.rank() == 0:

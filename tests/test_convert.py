@@ -82,6 +82,9 @@ def test_measured_convert_reloads_in_stock_mlx_lm_with_planned_bits(measured):
     # the sidecar carries the whole sensitivity table and its provenance
     assert meta["method"] == "exact" and meta["reference"] == "float"
     assert set(meta["sensitivity"]["modules"]) == set(meta["layers"])
+    # clipped group ranges by default; the moments of every linear module travel with the table
+    assert meta["clipping"] == "activation" and meta["sensitivity"]["clipping"]["method"] == "activation"
+    assert set(meta["sensitivity"]["clipping"]["moments"]) == set(meta["layers"]) - {"model.embed_tokens"}
     assert meta["sensitivity"]["calibration"]["tokens"] == 64
     assert all(set(e["kl"]) == {"4:32", "4:64", "8:32", "8:64"} for e in meta["layers"].values())
 
@@ -172,6 +175,18 @@ def test_replan_from_sidecar_with_python_api_does_not_measure(measured, tiny_q4_
     eights = lambda m: sum(c["bits"] == 8 for c in m["layers"].values())  # noqa: E731
     assert eights(meta) < eights(_sidecar(measured))  # a lower target buys fewer 8-bit layers
     assert not _partials(tmp_path)
+    # re-planning clips from the table's moments exactly as the measured convert did: a module
+    # planned the same in both is written bit for bit the same
+    import mlx.core as mx
+
+    first, again = mx.load(str(measured / "model.safetensors")), mx.load(str(out / "model.safetensors"))
+    same = [p for p, c in meta["layers"].items() if p != "model.embed_tokens"
+            and {k: c.get(k) for k in ("bits", "group_size")} ==
+            {k: _sidecar(measured)["layers"][p].get(k) for k in ("bits", "group_size")}]
+    assert same
+    for p in same:
+        for part in ("weight", "scales", "biases"):
+            assert mx.array_equal(first[f"{p}.{part}"], again[f"{p}.{part}"]).item(), (p, part)
 
 
 def test_protections_keep_modules_at_their_most_precise_candidate(measured, tiny_q4_path, tmp_path, hooks_enabled):
@@ -225,6 +240,9 @@ def test_optiq_flags_without_target_are_refused(tiny_q4_path, tmp_path, hooks_en
     with pytest.raises(PlanError, match="--optiq-num-samples configure measuring, which --optiq-sensitivity skips"):
         convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_target_bpw=4.8,
                 optiq_sensitivity=str(tmp_path / "t.json"), optiq_num_samples=4)
+    with pytest.raises(PlanError, match="--optiq-clipping configure measuring, which --optiq-sensitivity skips"):
+        convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_target_bpw=4.8,
+                optiq_sensitivity=str(tmp_path / "t.json"), optiq_clipping="none")
     assert not (tmp_path / "o").exists()
 
 

@@ -11,14 +11,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from .. import metadata, plan
+from .. import clipping, metadata, plan
 
 _FLOAT_SOURCE = ".optiq-float-source"
 
 # Every flag this extension owns (dest without the optiq_ prefix): the flow only
 # runs when one of them is set, and the others then need --optiq-target-bpw.
 _PLAN_OPTIONS = ("candidate_bits", "group_sizes", "candidates", "calibration", "num_samples", "sequence_length",
-                 "sensitivity", "sensitivity_method", "reference", "checkpoint", "protect")
+                 "sensitivity", "sensitivity_method", "reference", "checkpoint", "protect", "clipping")
 
 
 def add_arguments(group):
@@ -43,6 +43,10 @@ def add_arguments(group):
                        help="exact: measured KL per module and candidate; fisher: fast second-order estimate.")
     group.add_argument("--optiq-reference", choices=["auto", "float", "low-bit"], default=None,
                        help="Reference model of the KL measurement (default auto).")
+    group.add_argument("--optiq-clipping", choices=["activation", "none"], default=None,
+                       help="Group ranges, measured and written alike: clipped where the calibration "
+                            "activations say it lowers the layer's output error (default activation), or "
+                            "stock min/max (none).")
     group.add_argument("--optiq-checkpoint", default=None,
                        help="Resume file for the sensitivity sweep (written as it goes).")
     group.add_argument("--optiq-protect", default=None,
@@ -88,7 +92,7 @@ def before_convert(call, options):
     table = None
     if options.get("sensitivity") is not None:  # read first: a bad file fails before any work
         measuring = [k for k in ("calibration", "num_samples", "sequence_length", "sensitivity_method",
-                                 "reference", "checkpoint") if options.get(k) is not None]
+                                 "reference", "checkpoint", "clipping") if options.get(k) is not None]
         if measuring:
             flags = ", ".join("--optiq-" + k.replace("_", "-") for k in measuring)
             raise plan.PlanError(f"{flags} configure measuring, which --optiq-sensitivity skips: drop one or the other")
@@ -116,7 +120,7 @@ def before_convert(call, options):
     state.update(table=table, plan=result, candidates=candidates, base_model=str(base_model))
     call["quantize"] = True
     call["q_group_size"], call["q_bits"], call["q_mode"] = plan.top_level_quantization(candidates)
-    call["quant_predicate"] = plan.quant_predicate(result["layers"])
+    call["quant_predicate"] = plan.quant_predicate(result["layers"], clipping.from_table(table))
 
 
 def _measure(model_path, candidates, options):
@@ -135,6 +139,7 @@ def _measure(model_path, candidates, options):
         method=options.get("sensitivity_method") or "exact",
         reference=options.get("reference") or "auto",
         checkpoint_path=options.get("checkpoint"),
+        clipping=options.get("clipping") or "activation",
     )
     calib = options.get("calibration")
     table["calibration"]["source"] = str(Path(calib).resolve()) if calib else "bundled"
