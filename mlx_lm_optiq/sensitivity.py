@@ -33,6 +33,11 @@ Methods:
            Fisher F = sum over samples of (d log p(y)/dW)^2 with y sampled from the
            model, and kl[m][c] ~= 0.5 * sum(F * (W - Q_c(W))^2) / num_tokens — the
            second-order estimate of the same KL, in the same units.
+
+Group ranges (clipping="activation", the default): every probe quantizes with each
+affine group's range clipped by activation-weighted error (clipping.py), from input
+moments measured on the calibration tokens and stored in the table, so the writer
+clips exactly what was measured. clipping="none": stock min/max ranges.
 """
 
 import argparse
