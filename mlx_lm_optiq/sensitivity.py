@@ -661,22 +661,22 @@ def measure_sensitivity(
 
     quant_dtype = info["float_dtype"]
     started = time.perf_counter(), time.process_time()
-    moments = None
 
     def measure_moments():
         # Every rank measures on all tokens: identical moments, so identical clipping.
-        nonlocal moments
         moments = clip.input_moments(model, list(all_modules), tokens, batch_size)
         _log(f"clipping: input moments of {len(moments)} modules measured on {calib['tokens']} tokens", rank)
         return clip.Clipper(moments)
 
-    if method == "fisher":
-        clipper = None
+    clipper = None
+    if reference == "float":  # both methods; fisher needs it (checked above)
+        info["quantized_modules"] = {}  # the dequantized weights are all we need
+        model.set_dtype(dtype)
+        mx.eval(model.parameters())
         if clipping != "none":
-            model.set_dtype(dtype)
-            mx.eval(model.parameters())
             clipper = measure_moments()
-        sums = _fisher_sweep(model, all_modules, applicable, tokens, dtype, quant_dtype, rank, size, group, progress,
+    if method == "fisher":
+        sums = _fisher_sweep(model, all_modules, applicable, tokens, quant_dtype, rank, size, group, progress,
                              seed, clipper)
     else:
         fingerprint = dict(
@@ -690,18 +690,14 @@ def measure_sensitivity(
         ckpt = _Checkpoint(ckpt_path, fingerprint)
         mine = [p for i, p in enumerate(all_modules) if i % size == rank]
         if reference == "float":
-            info["quantized_modules"] = {}  # the dequantized weights are all we need
-            model.set_dtype(dtype)
-            mx.eval(model.parameters())
-            probe = _FloatProbe(model, all_modules, applicable, quant_dtype)
-            if clipping != "none":
-                probe.clip = measure_moments()
+            probe = _FloatProbe(model, all_modules, applicable, quant_dtype, clipper)
         else:
             probe = _LowBitProbe(model_path, model, info, all_modules, applicable, dtype, rank, progress)
             if clipping != "none":
                 # The float model is never resident here: the moments come from the low-bit
                 # reference, which is then rebuilt with clipped ranges.
-                probe.rebuild_clipped(measure_moments(), all_modules, progress and rank == 0)
+                clipper = measure_moments()
+                probe.rebuild_clipped(clipper, all_modules, progress and rank == 0)
         # What the reference model occupies (the whole point of the low-bit mode).
         table["reference_model_bytes"] = _nbytes(model)
         forward = _exact_sweep(model, probe, mine, tokens, batch_size, ckpt, reuse_hidden_states, rank, progress,
@@ -719,7 +715,7 @@ def measure_sensitivity(
         f"{time.process_time() - started[1]:.1f}s CPU",
         rank,
     )
-    table["clipping"] = clip.to_table(clipping, moments)
+    table["clipping"] = clip.to_table(clipping, clipper.moments if clipper is not None else None)
     num_tokens = calib["tokens"]
     for p in all_modules:
         table["modules"][p] = {
@@ -987,16 +983,14 @@ def _all_sum_table(sums, paths, keys, applicable, group):
     }
 
 
-def _fisher_sweep(model, modules, applicable, tokens, dtype, quant_dtype, rank, size, group, progress, seed,
-                  clipper=None):
-    """Diagonal Fisher from one backward per sample; returns {path: {key: predicted KL sum}}."""
+def _fisher_sweep(model, modules, applicable, tokens, quant_dtype, rank, size, group, progress, seed, clipper=None):
+    """Diagonal Fisher from one backward per sample (model already at its compute dtype);
+    returns {path: {key: predicted KL sum}}."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
     from tqdm import tqdm
 
-    model.set_dtype(dtype)
-    mx.eval(model.parameters())
     model.freeze()
     for m in modules.values():
         m.unfreeze(keys=["weight"], recurse=False)

@@ -1,6 +1,7 @@
 """Activation-aware clipping on the real 4-layer SmolLM2: the search's error model, input
 moments, that the sweep measures exactly the model the writer writes, and the table field."""
 
+import base64
 import copy
 import json
 
@@ -164,7 +165,7 @@ def test_table_field_round_trip_and_errors(tiny_float_path, tokens, tmp_path):
     save_table(table, tmp_path / "t.json")
     loaded = load_table(tmp_path / "t.json")
     clip = clipping.from_table(loaded)
-    raw = mx.array(np.frombuffer(__import__("base64").b64decode(table["clipping"]["moments"][MODULE]), dtype="<f4"))
+    raw = mx.array(np.frombuffer(base64.b64decode(table["clipping"]["moments"][MODULE]), dtype="<f4"))
     assert mx.array_equal(clip.moments[MODULE], raw).item()
     assert clipping.from_table({k: v for k, v in loaded.items() if k != "clipping"}) is None  # older tables
 
@@ -182,7 +183,7 @@ def test_table_field_round_trip_and_errors(tiny_float_path, tokens, tmp_path):
     corrupt(lambda c: c["moments"].update({MODULE: "not base64!"}), r"is not base64")
     corrupt(lambda c: c["moments"].update({"model.nope": c["moments"][MODULE]}), r"names no module of the table")
     corrupt(lambda c: c.update(grid=[1.0, 0.5]), r"field 'clipping.grid' must be")
-    neg = __import__("base64").b64encode(np.full(width, -1.0, dtype="<f4").tobytes()).decode()
+    neg = base64.b64encode(np.full(width, -1.0, dtype="<f4").tobytes()).decode()
     corrupt(lambda c: c["moments"].update({MODULE: neg}), r"must be finite second moments >= 0")
     with pytest.raises(Exception, match="clipping must be one of"):
         measure_sensitivity(tiny_float_path, tokens, "4:64", modules=[MODULE], progress=False, clipping="mse")
