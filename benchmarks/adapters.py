@@ -14,23 +14,24 @@ Memory per adapter is measured in-process (mx.get_active_memory) around mounting
     python benchmarks/adapters.py --model M --random-layers 30   # random weights, M's shapes and tokenizer
 """
 
+from __future__ import annotations
+
 import argparse
 import gc
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.helpers
+from tests.helpers import ServerProcess, request_json, write_random_adapter
 
 SERVER_CODE = (
     "import sys\n"
@@ -41,16 +42,18 @@ SERVER_CODE = (
     "sys.modules['mlx_lm.server'].main()\n"
 )
 
-WORDS = ("the quiet garden behind the old house was full of late roses and the sound of bees "
-         "while the letters from town arrived each morning with news of ships and weddings").split()
+WORDS = (
+    "the quiet garden behind the old house was full of late roses and the sound of bees "
+    "while the letters from town arrived each morning with news of ships and weddings"
+).split()
 
 
-def prompt_text(i, run, n_words):
+def prompt_text(i: int, run: int, n_words: int) -> str:
     words = [WORDS[(i * 7 + run * 13 + k) % len(WORDS)] for k in range(n_words)]
     return f"Note {run}-{i}: " + " ".join(words)
 
 
-def build_random_model(src, dst, num_layers, bits):
+def build_random_model(src: str | Path, dst: str | Path, num_layers: int, bits: int) -> Path:
     """A model with `src`'s architecture and tokenizer, `num_layers` blocks, random weights."""
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
@@ -77,51 +80,43 @@ def build_random_model(src, dst, num_layers, bits):
     return dst
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def http(port: int, path: str, body: dict | None = None, timeout: float = 600) -> dict:
+    status, out = request_json(port, "POST" if body is not None else "GET", path, body, timeout=timeout)
+    if status != 200:
+        raise RuntimeError(f"{path}: HTTP {status}: {out}")
+    return out
 
 
-def http(port, path, body=None, timeout=600):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+class Server(ServerProcess):
+    """Our server (`kind` "ours": the hooks enabled in-process) or stock mlx_lm.server on a free port."""
 
-
-class Server:
-    def __init__(self, kind, model, adapters, log_dir, extra=(), log_name=None):
-        self.port = free_port()
-        cmd = [sys.executable, "-c", SERVER_CODE, kind, "--model", str(model), "--host", "127.0.0.1",
-               "--port", str(self.port), *extra]
+    def __init__(
+        self,
+        kind: str,
+        model: Path,
+        adapters: dict[str, Path],
+        log_dir: str | Path,
+        extra: tuple[str, ...] = (),
+        log_name: str | None = None,
+    ) -> None:
+        flags = list(extra)
         if kind == "ours":
             for name, path in adapters.items():
-                cmd += ["--optiq-adapter", f"{name}={path}"]
+                flags += ["--optiq-adapter", f"{name}={path}"]
         env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
-        self.log = Path(log_dir) / (log_name or f"server-{kind}.log")
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
         self.kind = kind
-        deadline = time.time() + 300
-        while True:
-            try:
-                if http(self.port, "/health", timeout=5)["status"] == "ok":
-                    return
-            except (OSError, ValueError, KeyError):
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"{kind} server did not start; log {self.log}:\n{self.log.read_text()[-2000:]}")
-            time.sleep(0.5)
+        log = Path(log_dir) / (log_name or f"server-{kind}.log")
+        super().__init__(
+            model, *flags, env=env, log_path=log, command=[sys.executable, "-c", SERVER_CODE, kind], timeout=300
+        )
 
-    def stop(self, keep_log_in=None):
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+    def stop(self, keep_log_in: str | Path | None = None) -> None:
+        super().stop(timeout=60)
         if keep_log_in:
-            shutil.copy(self.log, Path(keep_log_in) / self.log.name)
+            shutil.copy(self.log_path, Path(keep_log_in) / self.log_path.name)
 
 
-def concurrent(port, bodies):
+def concurrent(port: int, bodies: list[dict]) -> tuple[int, float]:
     """Send the bodies at once; (total completion tokens, wall seconds)."""
     tokens = [0] * len(bodies)
     errors = []
@@ -144,7 +139,7 @@ def concurrent(port, bodies):
     return sum(tokens), wall
 
 
-def measure_memory(model_path, adapters):
+def measure_memory(model_path: Path, adapters: dict[str, Path]) -> dict[str, float]:
     from mlx_lm.utils import load_model
 
     from mlx_lm_optiq.adapters import adapter_rows, mount_adapter, read_adapter
@@ -169,19 +164,24 @@ def measure_memory(model_path, adapters):
     gc.collect()
     mx.clear_cache()
     n = len(adapters)
-    return {"file_mb": file_bytes / n / 1e6, "mounted_mb": (mounted - before) / n / 1e6,
-            "with_stacks_mb": (stacked - before) / n / 1e6}
+    return {
+        "file_mb": file_bytes / n / 1e6,
+        "mounted_mb": (mounted - before) / n / 1e6,
+        "with_stacks_mb": (stacked - before) / n / 1e6,
+    }
 
 
-def measure_idle_overhead(model_path, adapters, n_rows, max_tokens, rounds=3):
+def measure_idle_overhead(
+    model_path: Path, adapters: dict[str, Path], n_rows: int, max_tokens: int, rounds: int = 3
+) -> tuple[float, float]:
     """Decode tokens/s of mlx-lm's BatchGenerator on base rows: no adapters vs N mounted but idle.
 
     In-process (hooks on, as in the server), alternating the two set-ups so both see the
     same machine load; returns (tok/s without, tok/s with idle adapters).
     """
-    import mlx_lm_optiq
     from mlx_lm.utils import load_model
 
+    import mlx_lm_optiq
     from mlx_lm_optiq.adapters import mount_adapter, unmount_adapter
 
     mlx_lm_optiq.enable()
@@ -214,7 +214,9 @@ def measure_idle_overhead(model_path, adapters, n_rows, max_tokens, rounds=3):
     return statistics.median(plain), statistics.median(idle)
 
 
-def measure_mixed_rows(model_path, adapters, prompt_tokens=200, steps=32, rounds=3):
+def measure_mixed_rows(
+    model_path: Path, adapters: dict[str, Path], prompt_tokens: int = 200, steps: int = 32, rounds: int = 3
+) -> dict[str, tuple[float, float] | str]:
     """In-process cost of one batch with a row per adapter, for each way of computing mixed rows.
 
     Prefill (ms) and decode (ms per step) of len(adapters) rows: all on the base, all on one
@@ -224,20 +226,20 @@ def measure_mixed_rows(model_path, adapters, prompt_tokens=200, steps=32, rounds
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load_model
 
-    from mlx_lm_optiq import adapters as A
+    from mlx_lm_optiq.adapters import mounting, rows
 
     model, _ = load_model(Path(model_path))
     names = list(adapters)
     for name in names:
-        A.mount_adapter(model, name, adapters[name])
+        mounting.mount_adapter(model, name, adapters[name])
     x = mx.random.randint(10, 1000, (len(names), prompt_tokens), key=mx.random.key(0))
 
     def run(row_names, method, compiled=True):
-        A.MIXED_ROWS_METHOD = method
-        A.COMPILE_DECODE = compiled
+        rows.MIXED_ROWS_METHOD = method
+        rows.COMPILE_DECODE = compiled
         try:
             cache = make_prompt_cache(model)
-            with A.adapter_rows(model, row_names):
+            with mounting.adapter_rows(model, row_names):
                 t0 = time.perf_counter()
                 logits = model(x, cache=cache)
                 mx.eval(logits)
@@ -248,14 +250,19 @@ def measure_mixed_rows(model_path, adapters, prompt_tokens=200, steps=32, rounds
                     mx.eval(y)
                 t2 = time.perf_counter()
         finally:
-            A.MIXED_ROWS_METHOD = None
-            A.COMPILE_DECODE = True
+            rows.MIXED_ROWS_METHOD = None
+            rows.COMPILE_DECODE = True
         return (t1 - t0) * 1e3, (t2 - t1) / steps * 1e3
 
-    setups = [("base rows", [None] * len(names), None, True),
-              ("one adapter on every row", [names[0]] * len(names), None, True)]
-    setups += [(f"{len(names)} adapters, {m}{'' if c else ' (eager decode)'}", names, m, c)
-               for m in A.MIXED_ROWS_METHODS for c in (True, False)]
+    setups = [
+        ("base rows", [None] * len(names), None, True),
+        ("one adapter on every row", [names[0]] * len(names), None, True),
+    ]
+    setups += [
+        (f"{len(names)} adapters, {m}{'' if c else ' (eager decode)'}", names, m, c)
+        for m in rows.MIXED_ROWS_METHODS
+        for c in (True, False)
+    ]
     times = {label: [] for label, *_ in setups}
     failed = {}
     for label, row_names, method, compiled in setups:  # warm-up: kernels, allocator
@@ -268,21 +275,30 @@ def measure_mixed_rows(model_path, adapters, prompt_tokens=200, steps=32, rounds
         for label, row_names, method, compiled in setups:
             times[label].append(run(row_names, method, compiled))
     for name in names:
-        A.unmount_adapter(model, name)
-    out = {label: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
-           for label, ts in times.items() if ts}
+        mounting.unmount_adapter(model, name)
+    out = {
+        label: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+        for label, ts in times.items()
+        if ts
+    }
     out.update({label: error for label, error in failed.items()})
     return out
 
 
 def _mixed_json(mixed):
-    return {k: {"failed": v} if isinstance(v, str) else {"prefill": v[0], "decode_step": v[1]} for k, v in mixed.items()}
+    return {
+        k: {"failed": v} if isinstance(v, str) else {"prefill": v[0], "decode_step": v[1]} for k, v in mixed.items()
+    }
 
 
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory (also the tokenizer/shape source for --random-layers)")
-    parser.add_argument("--random-layers", type=int, default=None, help="benchmark a random-weight model with this many blocks")
+    parser.add_argument(
+        "--model", required=True, help="model directory (also the tokenizer/shape source for --random-layers)"
+    )
+    parser.add_argument(
+        "--random-layers", type=int, default=None, help="benchmark a random-weight model with this many blocks"
+    )
     parser.add_argument("--random-bits", type=int, default=4, help="quantize the random model (0: keep fp16)")
     parser.add_argument("--num-adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
@@ -291,17 +307,22 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-stock", action="store_true", help="only our server (stock reloads are slow on CPU)")
     parser.add_argument("--skip-server", action="store_true", help="only the in-process measurements")
-    parser.add_argument("--server-mixed-rows", choices=["default", "fastest"], default="default",
-                        help="fastest: serve with the mixed-rows method that decoded fastest in-process "
-                             "(MLX_LM_OPTIQ_MIXED_ROWS, when it is not set already)")
-    parser.add_argument("--server-variants", default=None,
-                        help="comma-separated METHOD[:eager] list: run our server once per mixed-rows variant "
-                             "(MLX_LM_OPTIQ_MIXED_ROWS / MLX_LM_OPTIQ_COMPILE_DECODE=0), e.g. take,take:eager,masked")
+    parser.add_argument(
+        "--server-mixed-rows",
+        choices=["default", "fastest"],
+        default="default",
+        help="fastest: serve with the mixed-rows method that decoded fastest in-process "
+        "(MLX_LM_OPTIQ_MIXED_ROWS, when it is not set already)",
+    )
+    parser.add_argument(
+        "--server-variants",
+        default=None,
+        help="comma-separated METHOD[:eager] list: run our server once per mixed-rows variant "
+        "(MLX_LM_OPTIQ_MIXED_ROWS / MLX_LM_OPTIQ_COMPILE_DECODE=0), e.g. take,take:eager,masked",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--log-dir", default=None, help="copy the server logs here")
     args = parser.parse_args()
-
-    from mlx_lm_optiq.adapters import write_random_adapter
 
     work = Path(tempfile.mkdtemp(prefix="optiq-adapters-bench-"))
     model = Path(args.model)
@@ -313,13 +334,19 @@ def main():
     print(f"{args.num_adapters} adapters of rank {args.rank} on every linear layer of every block", flush=True)
 
     memory = measure_memory(model, adapters)
-    print(f"memory per adapter: file {memory['file_mb']:.2f} MB, mounted {memory['mounted_mb']:.2f} MB, "
-          f"with mixed-batch stacks {memory['with_stacks_mb']:.2f} MB", flush=True)
+    print(
+        f"memory per adapter: file {memory['file_mb']:.2f} MB, mounted {memory['mounted_mb']:.2f} MB, "
+        f"with mixed-batch stacks {memory['with_stacks_mb']:.2f} MB",
+        flush=True,
+    )
 
     n = args.num_adapters
     plain_rate, idle_rate = measure_idle_overhead(model, adapters, n, args.max_tokens)
-    print(f"BatchGenerator decode, {n} base rows: {plain_rate:.1f} tok/s without adapters, "
-          f"{idle_rate:.1f} tok/s with {n} mounted but idle ({idle_rate / plain_rate:.3f}x)", flush=True)
+    print(
+        f"BatchGenerator decode, {n} base rows: {plain_rate:.1f} tok/s without adapters, "
+        f"{idle_rate:.1f} tok/s with {n} mounted but idle ({idle_rate / plain_rate:.3f}x)",
+        flush=True,
+    )
     mixed = measure_mixed_rows(model, adapters)
     print(f"\nin-process forward, {n} rows, {200}-token prefill + 32 decode steps (median of 3 alternating rounds)")
     print("| rows | prefill ms | decode ms/step | decode vs base rows |\n|---|---|---|---|")
@@ -332,25 +359,39 @@ def main():
         print(f"| {label} | {prefill_ms:.1f} | {step_ms:.2f} | {base_step / step_ms:.2f}x |", flush=True)
     if args.skip_server:
         if args.out:
-            Path(args.out).write_text(json.dumps({"device": str(mx.default_device()), "model": args.model,
-                                                  "random_layers": args.random_layers, "num_adapters": n,
-                                                  "rank": args.rank, "memory_per_adapter": memory,
-                                                  "idle_decode_tokens_per_s": {"no_adapters": plain_rate,
-                                                                               "adapters_mounted_idle": idle_rate},
-                                                  "mixed_rows_in_process_ms": _mixed_json(mixed)}, indent=2))
+            Path(args.out).write_text(
+                json.dumps(
+                    {
+                        "device": str(mx.default_device()),
+                        "model": args.model,
+                        "random_layers": args.random_layers,
+                        "num_adapters": n,
+                        "rank": args.rank,
+                        "memory_per_adapter": memory,
+                        "idle_decode_tokens_per_s": {"no_adapters": plain_rate, "adapters_mounted_idle": idle_rate},
+                        "mixed_rows_in_process_ms": _mixed_json(mixed),
+                    },
+                    indent=2,
+                )
+            )
         return
-    from mlx_lm_optiq.adapters import MIXED_ROWS_METHODS
+    from mlx_lm_optiq.adapters.rows import MIXED_ROWS_METHODS
 
     if args.server_mixed_rows == "fastest" and not os.environ.get("MLX_LM_OPTIQ_MIXED_ROWS"):
-        timed = {m: mixed[f"{n} adapters, {m}"][1] for m in MIXED_ROWS_METHODS
-                 if not isinstance(mixed.get(f"{n} adapters, {m}", ""), str)}
+        timed = {
+            m: mixed[f"{n} adapters, {m}"][1]
+            for m in MIXED_ROWS_METHODS
+            if not isinstance(mixed.get(f"{n} adapters, {m}", ""), str)
+        }
         os.environ["MLX_LM_OPTIQ_MIXED_ROWS"] = min(timed, key=timed.get)
     variants = [None]  # our server as configured by the environment
     if args.server_variants:
         variants = [v.strip() for v in args.server_variants.split(",") if v.strip()]
         for v in variants:
             if v.split(":")[0] not in MIXED_ROWS_METHODS or v.count(":") > 1 or (":" in v and not v.endswith(":eager")):
-                raise SystemExit(f"--server-variants: {v!r} is not METHOD or METHOD:eager with METHOD in {MIXED_ROWS_METHODS}")
+                raise SystemExit(
+                    f"--server-variants: {v!r} is not METHOD or METHOD:eager with METHOD in {MIXED_ROWS_METHODS}"
+                )
     runs = [("ours", v) for v in variants] + ([] if args.skip_stock else [("stock", None)])
     base_id = str(model.resolve())
     results = {}
@@ -359,18 +400,29 @@ def main():
         if variant is not None:
             os.environ["MLX_LM_OPTIQ_MIXED_ROWS"] = variant.split(":")[0]
             os.environ["MLX_LM_OPTIQ_COMPILE_DECODE"] = "0" if variant.endswith(":eager") else "1"
-        label = kind if kind == "stock" else (
-            f"ours ({os.environ.get('MLX_LM_OPTIQ_MIXED_ROWS') or 'default'}"
-            f"{', eager decode' if os.environ.get('MLX_LM_OPTIQ_COMPILE_DECODE') == '0' else ''})")
+        label = (
+            kind
+            if kind == "stock"
+            else (
+                f"ours ({os.environ.get('MLX_LM_OPTIQ_MIXED_ROWS') or 'default'}"
+                f"{', eager decode' if os.environ.get('MLX_LM_OPTIQ_COMPILE_DECODE') == '0' else ''})"
+            )
+        )
         print(f"server: {label}", flush=True)
-        server = Server(kind, model, adapters, work,
-                        log_name="server-" + "".join(c if c.isalnum() else "-" for c in label) + ".log")
+        server = Server(
+            kind, model, adapters, work, log_name="server-" + "".join(c if c.isalnum() else "-" for c in label) + ".log"
+        )
         try:
+
             def bodies(run, scenario):
                 out = []
                 for i in range(n):
-                    body = {"prompt": prompt_text(i, run, args.prompt_words), "max_tokens": args.max_tokens,
-                            "temperature": 0.0, "model": base_id}
+                    body = {
+                        "prompt": prompt_text(i, run, args.prompt_words),
+                        "max_tokens": args.max_tokens,
+                        "temperature": 0.0,
+                        "model": base_id,
+                    }
                     if scenario == "adapters":
                         if kind == "ours":
                             body["model"] = f"ad{i}"
@@ -386,8 +438,10 @@ def main():
                 for run in range(args.repeats):
                     toks, wall = concurrent(server.port, bodies(run + (0 if scenario == "base" else 100), scenario))
                     rates.append(toks / wall)
-                    print(f"{label} {scenario:8s} run {run}: {toks} tokens in {wall:.2f}s = {toks / wall:.1f} tok/s",
-                          flush=True)
+                    print(
+                        f"{label} {scenario:8s} run {run}: {toks} tokens in {wall:.2f}s = {toks / wall:.1f} tok/s",
+                        flush=True,
+                    )
                 results[(label, scenario)] = statistics.median(rates)
         finally:
             server.stop(keep_log_in=args.log_dir)
@@ -400,8 +454,10 @@ def main():
     print("|---|---|---|---|")
     for (label, scenario), rate in results.items():
         what = "the base" if scenario == "base" else f"{n} distinct adapters"
-        print(f"| {'stock mlx_lm.server' if label == 'stock' else label} | {what} | {rate:.1f} | "
-              f"{rate / results[(label, 'base')]:.2f}x |")
+        print(
+            f"| {'stock mlx_lm.server' if label == 'stock' else label} | {what} | {rate:.1f} | "
+            f"{rate / results[(label, 'base')]:.2f}x |"
+        )
     print()
     for label in dict.fromkeys(label for label, _ in results):
         if label == "stock":
@@ -410,19 +466,36 @@ def main():
         if ("stock", "adapters") in results:
             line += f"; / stock, {n} adapters: {results[(label, 'adapters')] / results[('stock', 'adapters')]:.2f}x"
         print(line)
-    print(f"idle adapters, in-process BatchGenerator decode: {idle_rate / plain_rate:.3f}x of no adapters (goal >= 0.97x)")
-    print(f"memory per adapter (rank {args.rank}): file {memory['file_mb']:.2f} MB, mounted "
-          f"{memory['mounted_mb']:.2f} MB, with mixed-batch stacks {memory['with_stacks_mb']:.2f} MB")
-    print(f"device: {device}; model: {args.model}" + (f" (random weights, {args.random_layers} layers)" if args.random_layers else ""))
+    print(
+        f"idle adapters, in-process BatchGenerator decode: {idle_rate / plain_rate:.3f}x of no adapters (goal >= 0.97x)"
+    )
+    print(
+        f"memory per adapter (rank {args.rank}): file {memory['file_mb']:.2f} MB, mounted "
+        f"{memory['mounted_mb']:.2f} MB, with mixed-batch stacks {memory['with_stacks_mb']:.2f} MB"
+    )
+    print(
+        f"device: {device}; model: {args.model}"
+        + (f" (random weights, {args.random_layers} layers)" if args.random_layers else "")
+    )
     if args.out:
-        Path(args.out).write_text(json.dumps({
-            "device": device, "model": args.model, "random_layers": args.random_layers,
-            "num_adapters": n, "rank": args.rank, "max_tokens": args.max_tokens,
-            "server_mixed_rows": os.environ.get("MLX_LM_OPTIQ_MIXED_ROWS") or "default",
-            "tokens_per_s": {f"{k}/{sc}": v for (k, sc), v in results.items()}, "memory_per_adapter": memory,
-            "idle_decode_tokens_per_s": {"no_adapters": plain_rate, "adapters_mounted_idle": idle_rate},
-            "mixed_rows_in_process_ms": _mixed_json(mixed),
-        }, indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "model": args.model,
+                    "random_layers": args.random_layers,
+                    "num_adapters": n,
+                    "rank": args.rank,
+                    "max_tokens": args.max_tokens,
+                    "server_mixed_rows": os.environ.get("MLX_LM_OPTIQ_MIXED_ROWS") or "default",
+                    "tokens_per_s": {f"{k}/{sc}": v for (k, sc), v in results.items()},
+                    "memory_per_adapter": memory,
+                    "idle_decode_tokens_per_s": {"no_adapters": plain_rate, "adapters_mounted_idle": idle_rate},
+                    "mixed_rows_in_process_ms": _mixed_json(mixed),
+                },
+                indent=2,
+            )
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -43,13 +43,14 @@ def main(argv=None):
 
     import mlx.core as mx
 
-    from mlx_lm_optiq import clipping
-    from mlx_lm_optiq import eval as ev
-    from mlx_lm_optiq import plan
-    from mlx_lm_optiq.sensitivity import _qdq, quantizable_modules
+    from mlx_lm_optiq import quality
+    from mlx_lm_optiq.core.formats import candidate_key, parse_candidates
+    from mlx_lm_optiq.core.model_tree import load_float_model, quantizable_modules
+    from mlx_lm_optiq.weights import clipping, plan
+    from mlx_lm_optiq.weights.probes import qdq
 
     if args.uniform:
-        cand = plan.parse_candidates(args.uniform, "--uniform")[0]
+        cand = parse_candidates(args.uniform)[0]
         choice = lambda path: cand  # noqa: E731
         what = f"uniform {args.uniform}"
     else:
@@ -59,25 +60,27 @@ def main(argv=None):
         table = data.get("table_exact") or data.get("sensitivity")
         if table is None:
             raise SystemExit(f"{args.table}: no 'table_exact' (weights.py JSON) or 'sensitivity' (sidecar) field")
-        cands = plan.parse_candidates([plan.candidate_key(**c) for c in table["candidates"]])
-        float_model, config = plan.load_float_model(args.float)
-        layers = plan.make_plan(float_model, config, table, cands, args.target)["layers"]
+        cands = parse_candidates([candidate_key(**c) for c in table["candidates"]])
+        float_model, config = load_float_model(args.float)
+        layers = plan.plan_for_model(float_model, config, table, cands, args.target)["layers"]
         del float_model
         choice = layers.__getitem__
         what = f"plan at {args.target} BPW from {args.table}"
 
-    reference, tokenizer, _ = ev.load_reference(args.float)
-    calib = ev.text_tokens(tokenizer, args.calibration_text, args.calibration_tokens, 256)
-    eval_tokens = ev.text_tokens(tokenizer, args.eval_text, args.eval_tokens, 512)
+    reference, tokenizer, _ = quality.load_reference(args.float)
+    calib = quality.text_tokens(tokenizer, args.calibration_text, args.calibration_tokens, 256)
+    eval_tokens = quality.text_tokens(tokenizer, args.eval_text, args.eval_tokens, 512)
     models = {}
     clippers = None
     for name in ("stock min/max", "mse clipping", "activation clipping"):
-        model, _, _ = ev.load_reference(args.float)
+        model, _, _ = quality.load_reference(args.float)
         modules = quantizable_modules(model)
         if clippers is None:
             moments = clipping.input_moments(model, list(modules), calib)
-            clippers = {"mse clipping": clipping.Clipper({p: mx.ones_like(m) for p, m in moments.items()}),
-                        "activation clipping": clipping.Clipper(moments)}
+            clippers = {
+                "mse clipping": clipping.Clipper({p: mx.ones_like(m) for p, m in moments.items()}),
+                "activation clipping": clipping.Clipper(moments),
+            }
         for path, module in modules.items():
             c = choice(path)
             if "group_size" not in c:  # a module the plan keeps in float
@@ -85,14 +88,16 @@ def main(argv=None):
             w = module.weight
             if name in clippers:
                 w = clippers[name](path, w, c)
-            module.weight = _qdq(w, c).astype(module.weight.dtype)
+            module.weight = qdq(w, c).astype(module.weight.dtype)
         mx.eval(model.parameters())
         models[name] = model
         print(f"built: {name}", flush=True)
-    results = ev.evaluate(reference, models, eval_tokens, progress=False)
+    results = quality.evaluate(reference, models, eval_tokens, progress=False)
     base = results["stock min/max"]["kl"]
-    print(f"\n{what}; moments from {calib.size} tokens of {Path(args.calibration_text).name}; "
-          f"evaluated on {eval_tokens.size} tokens of {Path(args.eval_text).name}")
+    print(
+        f"\n{what}; moments from {calib.size} tokens of {Path(args.calibration_text).name}; "
+        f"evaluated on {eval_tokens.size} tokens of {Path(args.eval_text).name}"
+    )
     print(f"{'quantizer':<22} {'KLD':>9} {'top-1':>7} {'PPL':>8} {'KLD vs stock':>13}")
     for name in models:
         r = results[name]

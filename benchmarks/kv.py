@@ -19,10 +19,7 @@ Examples (docs/kv.md has the latest tables):
 
 import argparse
 import json
-import math
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -35,7 +32,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlx_lm_optiq.kv_cache import MixedQuantizedKVCache, Packing  # noqa: E402
+from mlx_lm_optiq.kv.caches import MixedQuantizedKVCache, Packing
+from tests.helpers import ServerProcess
 
 GROUP = 64
 
@@ -44,18 +42,28 @@ GROUP = 64
 
 
 def _variants(model, plan_path):
-    from mlx_lm_optiq.kv_config import average_bits, cache_geometry, load_kv_config, make_plan_cache, plan_from_dict
+    from mlx_lm_optiq.kv.apply import make_plan_cache
+    from mlx_lm_optiq.kv.geometry import average_bits, cache_geometry
+    from mlx_lm_optiq.kv.plan_file import load_kv_config, plan_from_dict
 
     geometry = cache_geometry(model)
     n = len(geometry)
 
     def uniform(k, v):
-        data = {"layers": [{"layer": i, "cache_slot": i, "scheme": "affine", "k_bits": k, "v_bits": v,
-                            "group_size": GROUP} for i in range(n)]}
+        data = {
+            "layers": [
+                {"layer": i, "cache_slot": i, "scheme": "affine", "k_bits": k, "v_bits": v, "group_size": GROUP}
+                for i in range(n)
+            ]
+        }
         return plan_from_dict(data, source=f"uniform K{k}/V{v} g{GROUP}")
 
-    plans = [("float KV (reference)", None), ("uniform K8/V8 g64", uniform(8, 8)),
-             ("uniform K4/V4 g64", uniform(4, 4)), (f"per-layer {Path(plan_path).name}", load_kv_config(plan_path, model))]
+    plans = [
+        ("float KV (reference)", None),
+        ("uniform K8/V8 g64", uniform(8, 8)),
+        ("uniform K4/V4 g64", uniform(4, 4)),
+        (f"per-layer {Path(plan_path).name}", load_kv_config(plan_path, model)),
+    ]
     out = []
     for name, plan in plans:
         bits = 16.0 if plan is None else average_bits(plan.slots, geometry)
@@ -70,7 +78,7 @@ def quality(args):
     model, tok = load(args.model)
     ids = tok.encode(Path(args.text).read_text())
     step = len(ids) // (args.windows + 1)
-    windows = [ids[(w + 1) * step - args.context // 2:][: args.context] for w in range(args.windows)]
+    windows = [ids[(w + 1) * step - args.context // 2 :][: args.context] for w in range(args.windows)]
     variants = _variants(model, args.plan)
     rows = {name: {"kl": 0.0, "top1": 0.0, "n": 0, "bits": bits} for name, bits, _ in variants}
     for window in tqdm(windows, desc="windows"):
@@ -78,7 +86,7 @@ def quality(args):
         ref = None
         for name, _, make in variants:
             cache = make() or make_prompt_cache(model)
-            logits = model(x, cache=cache)[0, args.skip:].astype(mx.float32)
+            logits = model(x, cache=cache)[0, args.skip :].astype(mx.float32)
             logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             if ref is None:
                 ref = logp
@@ -88,8 +96,10 @@ def quality(args):
             r["kl"] += kl.sum().item()
             r["top1"] += agree.sum().item()
             r["n"] += kl.size
-    print(f"\nquality: {args.model}, {args.windows} windows x {args.context} tokens of {Path(args.text).name}, "
-          f"scored after token {args.skip} (vs the float KV cache, same weights)")
+    print(
+        f"\nquality: {args.model}, {args.windows} windows x {args.context} tokens of {Path(args.text).name}, "
+        f"scored after token {args.skip} (vs the float KV cache, same weights)"
+    )
     print("| KV cache | avg bits/elem | mean KLD | top-1 agree |\n|---|---|---|---|")
     for name, bits, _ in variants:
         r = rows[name]
@@ -98,17 +108,29 @@ def quality(args):
 
 # ----------------------------------------------------------------------------- GPU helpers
 
-LLAMA_1B = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
-                vocab_size=49152, rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=131072)
+LLAMA_1B = dict(
+    model_type="llama",
+    hidden_size=2048,
+    num_hidden_layers=16,
+    intermediate_size=8192,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    vocab_size=49152,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+    max_position_embeddings=131072,
+)
 
 # A ~4.5-bit per-layer plan for the 16-layer model (fp16 scales: K4/V4 g64 = 4.5 bits):
 # layer 0 kept at 8 bits, a few K8/V4, the rest K4/V4 and K4/V2. Speed and memory depend
 # on the bit mix only; the real model's plan (quality) comes from `python -m mlx_lm_optiq.kv`.
 SYNTHETIC_PLAN = [(8, 8)] + [(8, 4)] * 2 + [(4, 4)] * 6 + [(4, 2)] * 7
 # --tiny: a CPU smoke run of the gpu command (same code paths, toy sizes)
-LLAMA_TINY = dict(LLAMA_1B, hidden_size=256, num_hidden_layers=4, intermediate_size=512,
-                  num_attention_heads=4, num_key_value_heads=2)
+LLAMA_TINY = dict(
+    LLAMA_1B, hidden_size=256, num_hidden_layers=4, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def synthetic_plan(n):
@@ -123,7 +145,7 @@ def build_random_model(out_dir, tokenizer_dir, shape=LLAMA_1B):
     from mlx_lm.models import llama
     from mlx_lm.utils import save_config, save_model
 
-    from mlx_lm_optiq.io_utils import write_json
+    from mlx_lm_optiq.core.jsonio import write_json
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
@@ -136,11 +158,15 @@ def build_random_model(out_dir, tokenizer_dir, shape=LLAMA_1B):
     save_config(dict(shape, torch_dtype="float16"), out_dir / "config.json")
     for f in Path(tokenizer_dir).glob("tokenizer*"):
         shutil.copy(f, out_dir / f.name)
-    layers = [{"layer": i, "cache_slot": i, "scheme": "affine", "k_bits": k, "v_bits": v, "group_size": GROUP}
-              for i, (k, v) in enumerate(synthetic_plan(shape["num_hidden_layers"]))]
-    write_json(out_dir / "optiq_kv_plan.json", {"model": "random llama-1b", "quantized_kv_start": 0,
-                                                 "num_cache_slots": len(layers), "layers": layers},
-               kind="optiq-kv-config")
+    layers = [
+        {"layer": i, "cache_slot": i, "scheme": "affine", "k_bits": k, "v_bits": v, "group_size": GROUP}
+        for i, (k, v) in enumerate(synthetic_plan(shape["num_hidden_layers"]))
+    ]
+    write_json(
+        out_dir / "optiq_kv_plan.json",
+        {"model": "random llama-1b", "quantized_kv_start": 0, "num_cache_slots": len(layers), "layers": layers},
+        kind="optiq-kv-config",
+    )
     return out_dir
 
 
@@ -160,32 +186,41 @@ def attention(contexts):
 
     H, KV, D = 32, 8, 64
     print("\nattention: one decode step, 32 query / 8 KV heads, head_dim 64, fp16 (µs per call)")
-    print("| context | fp16 SDPA | ours K4/V4 (dequant+SDPA) | ours K8/V4 | same K4/V4 from unpacked arrays | "
-          "stock 4-bit quantized SDPA | stock, unaligned length (L-249) | stock, 2048-query prefill chunk |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(
+        "| context | fp16 SDPA | ours K4/V4 (dequant+SDPA) | ours K8/V4 | same K4/V4 from unpacked arrays | "
+        "stock 4-bit quantized SDPA | stock, unaligned length (L-249) | stock, 2048-query prefill chunk |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     for L in contexts:
         mx.random.seed(1)
         q = mx.random.normal((1, H, 1, D)).astype(mx.float16)
         k = mx.random.normal((1, KV, L, D)).astype(mx.float16)
         v = mx.random.normal((1, KV, L, D)).astype(mx.float16)
-        scale = D ** -0.5
+        scale = D**-0.5
         fp = _time(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
         ours = {}
         for kb, vb in ((4, 4), (8, 4)):
             pk, pv = Packing(kb, GROUP, D, mx.float16), Packing(vb, GROUP, D, mx.float16)
             kk, vv = pk.pack(k), pv.pack(v)
             mx.eval(kk, vv)
-            ours[kb, vb] = _time(lambda: mx.fast.scaled_dot_product_attention(
-                q, pk.unpack(kk), pv.unpack(vv), scale=scale))
+            ours[kb, vb] = _time(
+                lambda: mx.fast.scaled_dot_product_attention(q, pk.unpack(kk), pv.unpack(vv), scale=scale)
+            )
         qk, qv = mx.quantize(k, group_size=GROUP, bits=4), mx.quantize(v, group_size=GROUP, bits=4)
         # what the packed single-array layout costs over three separate arrays
-        unpacked = _time(lambda: mx.fast.scaled_dot_product_attention(
-            q, mx.dequantize(*qk, group_size=GROUP, bits=4), mx.dequantize(*qv, group_size=GROUP, bits=4),
-            scale=scale))
+        unpacked = _time(
+            lambda: mx.fast.scaled_dot_product_attention(
+                q,
+                mx.dequantize(*qk, group_size=GROUP, bits=4),
+                mx.dequantize(*qv, group_size=GROUP, bits=4),
+                scale=scale,
+            )
+        )
 
         def stock(queries, keys, values):
-            return quantized_scaled_dot_product_attention(queries, keys, values, scale=scale, mask=None,
-                                                          group_size=GROUP, bits=4)
+            return quantized_scaled_dot_product_attention(
+                queries, keys, values, scale=scale, mask=None, group_size=GROUP, bits=4
+            )
 
         chunk = mx.random.normal((1, H, 2048, D)).astype(mx.float16)
         unaligned = [tuple(a[..., : L - 249, :] for a in t) for t in (qk, qv)]
@@ -215,8 +250,12 @@ def micro(contexts):
                 return mx.dequantize(*sep, group_size=GROUP, bits=bits)
 
             row.append(f"b{bits}: deq_sep={_time(deq_sep):.0f} deq_packed={_time(lambda: p.unpack(pk)):.0f}")
-            row.append(f"sdpa_sep={_time(lambda: mx.fast.scaled_dot_product_attention(q, deq_sep(), deq_sep(), scale=0.125)):.0f}")
-            row.append(f"sdpa_packed={_time(lambda: mx.fast.scaled_dot_product_attention(q, p.unpack(pk), p.unpack(pk), scale=0.125)):.0f}")
+            row.append(
+                f"sdpa_sep={_time(lambda: mx.fast.scaled_dot_product_attention(q, deq_sep(), deq_sep(), scale=0.125)):.0f}"
+            )
+            row.append(
+                f"sdpa_packed={_time(lambda: mx.fast.scaled_dot_product_attention(q, p.unpack(pk), p.unpack(pk), scale=0.125)):.0f}"
+            )
         print(" ".join(row), flush=True)
 
 
@@ -224,16 +263,21 @@ def memory(model_dir, contexts, plan_path, decode=16):
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
-    from mlx_lm_optiq.kv_config import load_kv_config, make_plan_cache
+    from mlx_lm_optiq.kv.apply import make_plan_cache
+    from mlx_lm_optiq.kv.plan_file import load_kv_config
 
     model, _ = load(str(model_dir))
     plan = load_kv_config(plan_path, model)
     n = len(model.layers)
-    variants = [("fp16 KVCache (stock)", lambda: make_prompt_cache(model)),
-                ("ours uniform K4/V4 g64", lambda: [MixedQuantizedKVCache(4, 4, GROUP) for _ in range(n)]),
-                ("ours per-layer (~4.5 bits)", lambda: make_plan_cache(model, plan))]
-    print(f"\nmemory: {Path(model_dir).name} ({n} layers, {model.args.num_key_value_heads} KV heads x 64), prefill in 2048-token chunks + {decode} "
-          "decode steps, batch 1")
+    variants = [
+        ("fp16 KVCache (stock)", lambda: make_prompt_cache(model)),
+        ("ours uniform K4/V4 g64", lambda: [MixedQuantizedKVCache(4, 4, GROUP) for _ in range(n)]),
+        ("ours per-layer (~4.5 bits)", lambda: make_plan_cache(model, plan)),
+    ]
+    print(
+        f"\nmemory: {Path(model_dir).name} ({n} layers, {model.args.num_key_value_heads} KV heads x 64), prefill in 2048-token chunks + {decode} "
+        "decode steps, batch 1"
+    )
     print("| context | KV cache | KV bytes | peak memory above weights | decode ms/token |\n|---|---|---|---|---|")
     for L in contexts:
         tokens = mx.random.randint(0, model.args.vocab_size, (1, L))
@@ -243,7 +287,7 @@ def memory(model_dir, contexts, plan_path, decode=16):
             mx.reset_peak_memory()
             cache = make()
             for s in range(0, L, 2048):
-                mx.eval(model(tokens[:, s:s + 2048], cache=cache))
+                mx.eval(model(tokens[:, s : s + 2048], cache=cache))
             y = mx.array([[1]])
             mx.synchronize()
             tic = time.perf_counter()
@@ -258,39 +302,34 @@ def memory(model_dir, contexts, plan_path, decode=16):
     return plan
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port, body, timeout):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 
 def _start_server(model_dir, flags, optiq, log_path):
-    port = _free_port()
-    code = ("import sys, mlx_lm_optiq; mlx_lm_optiq.enable(); from mlx_lm.server import main; "
-            "sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()") if optiq else \
-        "import sys; from mlx_lm.server import main; sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-c", code, "--model", str(model_dir), "--port", str(port), *flags],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for _ in range(240):
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {Path(log_path).read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-            return proc, port
-        except urllib.error.HTTPError:  # any HTTP answer means it is serving
-            return proc, port
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    """A stock or optiq-enabled mlx_lm.server on a free port (tests.helpers.ServerProcess)."""
+    code = (
+        (
+            "import sys, mlx_lm_optiq; mlx_lm_optiq.enable(); from mlx_lm.server import main; "
+            "sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()"
+        )
+        if optiq
+        else "import sys; from mlx_lm.server import main; sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()"
+    )
+    return ServerProcess(
+        model_dir,
+        *flags,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        log_path=log_path,
+        command=[sys.executable, "-c", code],
+        timeout=120,
+    )
 
 
 def _prompts(tokenizer_dir, clients, prompt_tokens):
@@ -328,40 +367,43 @@ def server(model_dir, out_dir, clients, prompt_tokens, max_tokens, plan_path):
     warmup, prompts = prompts[:clients], prompts[clients:]
     configs = [
         ("stock, float KV (batched)", [], False),
-        ("stock --kv-bits 4 (unbatched; quantized_kv_start 5000 never reached: an upper bound)",
-         ["--kv-bits", "4"], False),
-        ("ours --optiq-kv-config (batched, quantized from token 0)",
-         ["--optiq-kv-config", str(plan_path)], True),
+        (
+            "stock --kv-bits 4 (unbatched; quantized_kv_start 5000 never reached: an upper bound)",
+            ["--kv-bits", "4"],
+            False,
+        ),
+        ("ours --optiq-kv-config (batched, quantized from token 0)", ["--optiq-kv-config", str(plan_path)], True),
     ]
-    print(f"\nserver: {clients} concurrent clients on loopback, ~{prompt_tokens}-token prompts, "
-          f"{max_tokens} new tokens each, temperature 0 (after a warm-up round of the same shape)")
+    print(
+        f"\nserver: {clients} concurrent clients on loopback, ~{prompt_tokens}-token prompts, "
+        f"{max_tokens} new tokens each, temperature 0 (after a warm-up round of the same shape)"
+    )
     print("| server | aggregate gen tok/s | wall s | ratio vs stock --kv-bits 4 |\n|---|---|---|---|")
     results = {}
     for i, (name, flags, optiq) in enumerate(configs):
-        proc, port = _start_server(model_dir, flags, optiq, Path(out_dir) / f"server{i}.log")
+        srv = _start_server(model_dir, flags, optiq, Path(out_dir) / f"server{i}.log")
         try:
             # same workload, other prompts: kernel compilation and allocation happen here
-            _round(port, warmup, max_tokens)
-            tokens, wall, errors = _round(port, prompts, max_tokens)
+            _round(srv.port, warmup, max_tokens)
+            tokens, wall, errors = _round(srv.port, prompts, max_tokens)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            srv.stop()
         results[name] = (tokens / wall, wall, errors)
     stock_kv = results[configs[1][0]][0]
     for name, (tps, wall, errors) in results.items():
         note = f" (errors: {errors[:1]})" if errors else ""
         print(f"| {name} | {tps:.1f} | {wall:.1f} | {tps / stock_kv:.2f}x |{note}")
     # stock --kv-bits 4 once quantization starts (what a user with long prompts gets)
-    proc, port = _start_server(model_dir, ["--kv-bits", "4", "--quantized-kv-start", "0"], False,
-                               Path(out_dir) / "server_crash_probe.log")
+    srv = _start_server(
+        model_dir, ["--kv-bits", "4", "--quantized-kv-start", "0"], False, Path(out_dir) / "server_crash_probe.log"
+    )
     try:
-        _post(port, {"prompt": prompts[0], "max_tokens": 8}, 120)
+        _post(srv.port, {"prompt": prompts[0], "max_tokens": 8}, 120)
         probe = "served"
     except Exception as e:
         probe = f"request failed: {e!r}"[:200]
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        srv.stop()
     print(f"\nstock `mlx_lm.server --kv-bits 4 --quantized-kv-start 0`, one request: {probe}")
 
 
@@ -375,8 +417,9 @@ def gpu(args):
         if not args.tokenizer:
             raise SystemExit("gpu: pass --tokenizer DIR (random model) or --model DIR --plan FILE")
         shape = LLAMA_TINY if args.tiny else LLAMA_1B
-        model_dir = build_random_model(Path(args.work) / ("llama-tiny-random" if args.tiny else "llama-1b-random"),
-                                       args.tokenizer, shape)
+        model_dir = build_random_model(
+            Path(args.work) / ("llama-tiny-random" if args.tiny else "llama-1b-random"), args.tokenizer, shape
+        )
         plan_path = model_dir / "optiq_kv_plan.json"
     if "attention" in args.parts:
         attention(args.attention_contexts)
@@ -409,8 +452,12 @@ def main():
     g.add_argument("--clients", type=int, default=8)
     g.add_argument("--prompt-tokens", type=int, default=1024)
     g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--parts", nargs="+", default=["attention", "memory", "server"],
-                   choices=["attention", "micro", "memory", "server"])
+    g.add_argument(
+        "--parts",
+        nargs="+",
+        default=["attention", "memory", "server"],
+        choices=["attention", "micro", "memory", "server"],
+    )
     g.add_argument("--tiny", action="store_true", help="toy model sizes: a quick CPU check of the code paths")
     args = p.parse_args()
     {"quality": quality, "gpu": gpu}[args.cmd](args)

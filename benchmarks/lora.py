@@ -34,8 +34,11 @@ sys.path.insert(0, str(REPO))
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(SHARED / "models" / "smollm2-135m-instruct-q4-exact"))
-    p.add_argument("--float-path", default="/tmp/optiq-bench/smollm2-f32",
-                   help="Where the dequantized fp32 reference is cached (made if missing).")
+    p.add_argument(
+        "--float-path",
+        default="/tmp/optiq-bench/smollm2-f32",
+        help="Where the dequantized fp32 reference is cached (made if missing).",
+    )
     p.add_argument("--metadata", default=None, help="optiq_metadata.json with per-layer bits (and kl).")
     p.add_argument("--data", default=str(SHARED / "data" / "gsm_symbolic"))
     p.add_argument("--calibration", default=str(SHARED / "data" / "text" / "emma.txt"))
@@ -51,8 +54,12 @@ def parse_args():
     p.add_argument("--train-examples", type=int, default=400)
     p.add_argument("--valid-examples", type=int, default=32)
     p.add_argument("--out", default=None, help="Write the results as JSON here.")
-    p.add_argument("--merge", nargs="+", default=None,
-                   help="Only print the table of these --out files (one process per mode, same settings).")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="Only print the table of these --out files (one process per mode, same settings).",
+    )
     return p.parse_args()
 
 
@@ -60,8 +67,24 @@ def ensure_float(model, float_path):
     float_path = Path(float_path)
     if not (float_path / "config.json").is_file():
         env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
-        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", model, "-d", "--dtype", "float32",
-                        "--mlx-path", str(float_path)], check=True, env=env, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mlx_lm",
+                "convert",
+                "--hf-path",
+                model,
+                "-d",
+                "--dtype",
+                "float32",
+                "--mlx-path",
+                str(float_path),
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
     return float_path
 
 
@@ -73,7 +96,7 @@ def make_metadata(float_path, calibration_text, kl_tokens, out_file):
     from mlx_lm.utils import load
     from tqdm import tqdm
 
-    from mlx_lm_optiq.io_utils import write_json
+    from mlx_lm_optiq.core.jsonio import write_json
 
     model, tokenizer = load(str(float_path))
     recipe = mixed_quant_predicate_builder("mixed_4_6", model, 64)
@@ -89,10 +112,12 @@ def make_metadata(float_path, calibration_text, kl_tokens, out_file):
         module.weight = mx.dequantize(*mx.quantize(w, 64, 4), group_size=64, bits=4)
         kl = (p_ref * (ref - nn.log_softmax(model(ids).astype(mx.float32), axis=-1))).sum(-1).mean().item()
         module.weight = w
-        layers[path] = {"bits": bits, "group_size": 64, "mode": "affine", "num_params": int(w.size),
-                        "kl": {"4:64": kl}}
-    write_json(out_file, {"base_model": str(float_path), "method": "exact", "reference": "float",
-                          "layers": layers}, kind="optiq-metadata")
+        layers[path] = {"bits": bits, "group_size": 64, "mode": "affine", "num_params": int(w.size), "kl": {"4:64": kl}}
+    write_json(
+        out_file,
+        {"base_model": str(float_path), "method": "exact", "reference": "float", "layers": layers},
+        kind="optiq-metadata",
+    )
     return out_file
 
 
@@ -130,8 +155,9 @@ def run_one(args, float_path, metadata_path, layers, mode, seed, workdir):
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load
 
-    from mlx_lm_optiq import lora_io
-    from mlx_lm_optiq.lora_ranks import apply_rank_plan
+    from mlx_lm_optiq.lora import adapter_files
+    from mlx_lm_optiq.lora.config import LoraTrainingConfig
+    from mlx_lm_optiq.lora.pipeline import apply_rank_plan, plan_ranks
 
     model, tokenizer = load(str(float_path))
     simulate_quantization(model, layers)
@@ -142,23 +168,41 @@ def run_one(args, float_path, metadata_path, layers, mode, seed, workdir):
     lora_parameters = {"rank": args.rank, "scale": 20.0, "dropout": 0.0}
     linear_to_lora_layers(model, args.num_layers, lora_parameters)
     adapter_dir = Path(workdir) / f"{mode}-{seed}"
-    run_args = types.SimpleNamespace(model=str(float_path), adapter_path=str(adapter_dir))
+    config = LoraTrainingConfig(rank_scaling=mode, metadata=metadata_path)
+    plan = plan_ranks(config, model, args.rank, float_path)
     mx.random.seed(seed)  # same init stream for every mode
-    apply_rank_plan(model, run_args, {"rank_scaling": mode, "metadata": str(metadata_path)}, lora_parameters)
-    record = lora_io.read_record(adapter_dir)
+    apply_rank_plan(model, plan, lora_parameters, use_dora=False, adapter_path=adapter_dir, base_model=float_path)
+    record = adapter_files.read_record(adapter_dir)
     t0 = time.perf_counter()
-    train(model=model, optimizer=optim.Adam(learning_rate=args.learning_rate), train_dataset=train_set,
-          val_dataset=valid_set,
-          args=TrainingArgs(batch_size=args.batch_size, iters=args.iters, val_batches=1,
-                            steps_per_report=max(1, args.iters // 4), steps_per_eval=10**9,
-                            steps_per_save=10**9, adapter_file=str(adapter_dir / "adapters.safetensors"),
-                            max_seq_length=args.max_seq_length))
+    train(
+        model=model,
+        optimizer=optim.Adam(learning_rate=args.learning_rate),
+        train_dataset=train_set,
+        val_dataset=valid_set,
+        args=TrainingArgs(
+            batch_size=args.batch_size,
+            iters=args.iters,
+            val_batches=1,
+            steps_per_report=max(1, args.iters // 4),
+            steps_per_eval=10**9,
+            steps_per_save=10**9,
+            adapter_file=str(adapter_dir / "adapters.safetensors"),
+            max_seq_length=args.max_seq_length,
+        ),
+    )
     train_s = time.perf_counter() - t0
-    val = evaluate(model=model, dataset=valid_set, batch_size=args.batch_size, num_batches=-1,
-                   max_seq_length=args.max_seq_length)
-    return {"mode": mode, "seed": seed, "val_loss": float(val), "train_s": train_s,
-            "trainable_params": record["trainable_params"], "budget_params": record["budget_params"],
-            "ranks": sorted({m["rank"] for m in record["modules"].values()})}
+    val = evaluate(
+        model=model, dataset=valid_set, batch_size=args.batch_size, num_batches=-1, max_seq_length=args.max_seq_length
+    )
+    return {
+        "mode": mode,
+        "seed": seed,
+        "val_loss": float(val),
+        "train_s": train_s,
+        "trainable_params": record["trainable_params"],
+        "budget_params": record["budget_params"],
+        "ranks": sorted({m["rank"] for m in record["modules"].values()}),
+    }
 
 
 def base_val_loss(args, float_path, layers, workdir):
@@ -168,8 +212,15 @@ def base_val_loss(args, float_path, layers, workdir):
     model, tokenizer = load(str(float_path))
     simulate_quantization(model, layers)
     _, valid_set = load_data(args, tokenizer, workdir)
-    return float(evaluate(model=model, dataset=valid_set, batch_size=args.batch_size, num_batches=-1,
-                          max_seq_length=args.max_seq_length))
+    return float(
+        evaluate(
+            model=model,
+            dataset=valid_set,
+            batch_size=args.batch_size,
+            num_batches=-1,
+            max_seq_length=args.max_seq_length,
+        )
+    )
 
 
 def main():
@@ -178,12 +229,13 @@ def main():
         return merge(args.merge)
     import mlx.core as mx
 
-    from mlx_lm_optiq.lora_ranks import read_metadata
+    from mlx_lm_optiq.weights.metadata import read_metadata
 
     float_path = ensure_float(args.model, args.float_path)
     workdir = Path(tempfile.mkdtemp(prefix="optiq-lora-bench-"))
-    metadata_path = args.metadata or make_metadata(float_path, Path(args.calibration).read_text()[20000:60000],
-                                                   args.kl_tokens, workdir / "optiq_metadata.json")
+    metadata_path = args.metadata or make_metadata(
+        float_path, Path(args.calibration).read_text()[20000:60000], args.kl_tokens, workdir / "optiq_metadata.json"
+    )
     layers = read_metadata(metadata_path)["layers"]
     print(f"device: {mx.default_device()}; sidecar: {metadata_path}")
     base = base_val_loss(args, float_path, layers, workdir)
@@ -191,8 +243,11 @@ def main():
     for mode in args.modes.split(","):
         for seed in map(int, args.seeds.split(",")):
             r = run_one(args, float_path, metadata_path, layers, mode, seed, workdir)
-            print(f"[bench] {mode:9s} seed {seed}: val loss {r['val_loss']:.4f} "
-                  f"({r['trainable_params']} params, train {r['train_s']:.0f}s)", flush=True)
+            print(
+                f"[bench] {mode:9s} seed {seed}: val loss {r['val_loss']:.4f} "
+                f"({r['trainable_params']} params, train {r['train_s']:.0f}s)",
+                flush=True,
+            )
             results.append(r)
 
     print_table(vars(args), base, results)
@@ -211,9 +266,11 @@ def print_table(a, base, results):
 
     const_mean = stats("constant")[0] if "constant" in modes else None
     print()
-    print(f"SmolLM2-135M, QLoRA on {_base_label(a)}, rank budget {a['rank']}, num_layers {a['num_layers']}, "
-          f"{a['iters']} iters x batch {a['batch_size']} x {a['max_seq_length']} tokens, lr {a['learning_rate']}, "
-          f"seeds {a['seeds']}; validation: {a['valid_examples']} GSM-Symbolic examples (held-out templates)")
+    print(
+        f"SmolLM2-135M, QLoRA on {_base_label(a)}, rank budget {a['rank']}, num_layers {a['num_layers']}, "
+        f"{a['iters']} iters x batch {a['batch_size']} x {a['max_seq_length']} tokens, lr {a['learning_rate']}, "
+        f"seeds {a['seeds']}; validation: {a['valid_examples']} GSM-Symbolic examples (held-out templates)"
+    )
     print(f"validation loss before training (no adapter): {base:.4f}")
     print()
     print("| rank scaling | trainable params | ranks used | val loss (mean ± sd) | vs constant | per seed |")
@@ -222,9 +279,12 @@ def print_table(a, base, results):
         mean, sd, vals = stats(mode)
         one = next(r for r in results if r["mode"] == mode)
         ratio = f"{mean / const_mean:.4f}x" if const_mean else "-"
-        print(f"| {mode} | {one['trainable_params']:,} (budget {one['budget_params']:,}) | "
-              f"{min(one['ranks'])}-{max(one['ranks'])} | {mean:.4f} ± {sd:.4f} | {ratio} | "
-              + ", ".join(f"{v:.4f}" for v in vals) + " |")
+        print(
+            f"| {mode} | {one['trainable_params']:,} (budget {one['budget_params']:,}) | "
+            f"{min(one['ranks'])}-{max(one['ranks'])} | {mean:.4f} ± {sd:.4f} | {ratio} | "
+            + ", ".join(f"{v:.4f}" for v in vals)
+            + " |"
+        )
 
 
 def _base_label(a):

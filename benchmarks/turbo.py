@@ -18,7 +18,6 @@ Decode speed (meant for the GPU; random weights, since speed does not depend on 
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,8 @@ import mlx.core as mx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mlx_lm_optiq import turbo  # noqa: E402
-from mlx_lm_optiq.hooks.turbo import patch_attention  # noqa: E402
+from mlx_lm_optiq.hooks.turbo import patch_attention
+from mlx_lm_optiq.kv import turbo
 
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "smollm2-135m-instruct-q4-exact"
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "text" / "persuasion.txt"
@@ -44,7 +43,7 @@ def scheme_names(bits_list, with_prod, turbo_only_bits=()):
 
 def _turbo_spec(name):
     """'turbo3.5-prod' -> (3.5, 'prod')"""
-    b, _, mode = name[len("turbo"):].partition("-")
+    b, _, mode = name[len("turbo") :].partition("-")
     return (float(b) if "." in b else int(b)), mode or "mse"
 
 
@@ -54,7 +53,7 @@ def make_caches(name, num_layers, group_size, seed):
     if name == "float":
         return [KVCache() for _ in range(num_layers)]
     if name.startswith("affine"):
-        b = int(name[len("affine"):])
+        b = int(name[len("affine") :])
         return [QuantizedKVCache(group_size=group_size, bits=b) for _ in range(num_layers)]
     if name.startswith("turbo"):
         b, mode = _turbo_spec(name)
@@ -66,7 +65,7 @@ def bits_per_channel(name, head_dim, group_size):
     if name == "float":
         return 16.0
     if name.startswith("affine"):
-        return turbo.affine_bits_per_channel(int(name[len("affine"):]), group_size)
+        return turbo.affine_bits_per_channel(int(name[len("affine") :]), group_size)
     b, mode = _turbo_spec(name)
     k = turbo.TurboQuantizer(head_dim, b, mode=mode).bits_per_channel()
     v = turbo.TurboQuantizer(head_dim, b).bits_per_channel()
@@ -82,7 +81,7 @@ def run_sequence(model, tokens, caches, chunk):
     """Log-probs (L, vocab) of `tokens` (1, L) fed in chunks through `caches`."""
     out = []
     for s in range(0, tokens.shape[1], chunk):
-        logits = model(tokens[:, s:s + chunk], cache=caches).astype(mx.float32)
+        logits = model(tokens[:, s : s + chunk], cache=caches).astype(mx.float32)
         lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         mx.eval(lp)
         out.append(lp[0])
@@ -99,13 +98,14 @@ def quality(args):
         raise SystemExit(f"--text {text}: file not found")
     model, tokenizer = load(str(args.model))
     model = dequantize_model(model)
-    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a,
-                          model.parameters()))
+    model.update(
+        tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
+    )
     mx.eval(model.parameters())
     ids = tokenizer.encode(text.read_text())
     if len(ids) < args.skip_tokens + args.num_tokens:
         raise SystemExit(f"--text {text}: has {len(ids)} tokens, need {args.skip_tokens + args.num_tokens}")
-    tokens = mx.array(ids[args.skip_tokens:args.skip_tokens + args.num_tokens])[None]
+    tokens = mx.array(ids[args.skip_tokens : args.skip_tokens + args.num_tokens])[None]
     n_layers, hd = len(model.layers), head_dim_of(model)
 
     ref = run_sequence(model, tokens, make_caches("float", n_layers, args.group_size, args.seed), args.chunk)
@@ -116,18 +116,27 @@ def quality(args):
         t0 = time.perf_counter()
         lp = run_sequence(model, tokens, caches, args.chunk)
         kl = (ref_p * (ref - lp)).sum(-1)
-        rows.append({
-            "scheme": name,
-            "bits_per_channel": bits_per_channel(name, hd, args.group_size),
-            "kl": kl.mean().item(),
-            "kl_p99": sorted(kl.tolist())[int(0.99 * (kl.size - 1))],
-            "top1": (mx.argmax(lp, -1) == ref_top).mean().item(),
-            "cache_bytes": sum(c.nbytes for c in caches),
-            "seconds": time.perf_counter() - t0,
-        })
-    info = {"model": str(args.model), "text": str(text), "num_tokens": args.num_tokens,
-            "skip_tokens": args.skip_tokens, "chunk": args.chunk, "group_size": args.group_size,
-            "head_dim": hd, "device": str(mx.default_device())}
+        rows.append(
+            {
+                "scheme": name,
+                "bits_per_channel": bits_per_channel(name, hd, args.group_size),
+                "kl": kl.mean().item(),
+                "kl_p99": sorted(kl.tolist())[int(0.99 * (kl.size - 1))],
+                "top1": (mx.argmax(lp, -1) == ref_top).mean().item(),
+                "cache_bytes": sum(c.nbytes for c in caches),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    info = {
+        "model": str(args.model),
+        "text": str(text),
+        "num_tokens": args.num_tokens,
+        "skip_tokens": args.skip_tokens,
+        "chunk": args.chunk,
+        "group_size": args.group_size,
+        "head_dim": hd,
+        "device": str(mx.default_device()),
+    }
     print(f"# quality: {info}")
     print("| scheme | bits/channel | mean KL vs float KV | p99 KL | top-1 agree | KL ratio vs affine same bits |")
     print("|---|---|---|---|---|---|")
@@ -136,21 +145,30 @@ def quality(args):
         b = r["scheme"].split("-")[0].lstrip("afinetrubo")
         affine = by_name.get(f"affine{b}")
         ratio = f"{r['kl'] / affine['kl']:.3f}" if affine and affine["kl"] > 0 else "n/a"
-        print(f"| {r['scheme']} | {r['bits_per_channel']:.3f} | {r['kl']:.5f} | {r['kl_p99']:.4f} | "
-              f"{100 * r['top1']:.2f}% | {ratio} |")
+        print(
+            f"| {r['scheme']} | {r['bits_per_channel']:.3f} | {r['kl']:.5f} | {r['kl_p99']:.4f} | "
+            f"{100 * r['top1']:.2f}% | {ratio} |"
+        )
     return {"quality": {"info": info, "rows": rows}}
 
 
 def random_llama(args):
-    import mlx.nn as nn
     from mlx.utils import tree_map
     from mlx_lm.models import llama
 
-    cfg = dict(model_type="llama", hidden_size=args.hidden_size, num_hidden_layers=args.layers,
-               intermediate_size=args.intermediate_size, num_attention_heads=args.heads,
-               num_key_value_heads=args.kv_heads, head_dim=args.hidden_size // args.heads,
-               rms_norm_eps=1e-5, vocab_size=args.vocab_size, tie_word_embeddings=True,
-               rope_theta=500000.0)
+    cfg = dict(
+        model_type="llama",
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        intermediate_size=args.intermediate_size,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden_size // args.heads,
+        rms_norm_eps=1e-5,
+        vocab_size=args.vocab_size,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    )
     model = llama.Model(llama.ModelArgs.from_dict(cfg))
     dtype = getattr(mx, args.dtype)
     model.update(tree_map(lambda a: a.astype(dtype), model.parameters()))
@@ -170,7 +188,7 @@ def decode_speed(model, caches, context, steps, chunk):
     else:
         prefill = caches
     for s in range(0, context, chunk):
-        mx.eval(model(prompt[:, s:s + chunk], cache=prefill))
+        mx.eval(model(prompt[:, s : s + chunk], cache=prefill))
     if affine:
         caches[:] = [c.to_quantized(group_size=a.group_size, bits=a.bits) for c, a in zip(prefill, affine)]
     tok = mx.array([[1]])
@@ -201,9 +219,15 @@ def speed(args):
             print(json.dumps(row), file=sys.stderr, flush=True)
             del caches
             mx.clear_cache()
-    info = {"model": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                          "num_key_value_heads", "head_dim")},
-            "dtype": args.dtype, "steps": args.steps, "device": str(mx.default_device())}
+    info = {
+        "model": {
+            k: cfg[k]
+            for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+        },
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "device": str(mx.default_device()),
+    }
     print(f"# decode speed: {info}")
     print("| context | scheme | bits/channel | decode tok/s | × float KV | × affine same bits | cache MiB |")
     print("|---|---|---|---|---|---|---|")
@@ -216,8 +240,10 @@ def speed(args):
             print(f"| {r['context']} | {r['scheme']} | {r['bits_per_channel']:.3f} | {r['error']} | | | |")
             continue
         fmt = lambda x: f"{x:.2f}" if x else "n/a"  # noqa: E731
-        print(f"| {r['context']} | {r['scheme']} | {r['bits_per_channel']:.3f} | {r['tok_s']:.1f} | "
-              f"{fmt(base and r['tok_s'] / base)} | {fmt(aff and r['tok_s'] / aff)} | {r['cache_bytes'] / 2**20:.1f} |")
+        print(
+            f"| {r['context']} | {r['scheme']} | {r['bits_per_channel']:.3f} | {r['tok_s']:.1f} | "
+            f"{fmt(base and r['tok_s'] / base)} | {fmt(aff and r['tok_s'] / aff)} | {r['cache_bytes'] / 2**20:.1f} |"
+        )
     return {"speed": {"info": info, "rows": rows}}
 
 
@@ -230,8 +256,13 @@ def main(argv=None):
         s.add_argument("--group-size", type=int, default=64, help="affine group size (default 64)")
         s.add_argument("--seed", type=int, default=0, help="TurboQuant rotation seed (layer i uses seed+2i)")
         s.add_argument("--prod", action="store_true", help="also TurboQuant_prod keys (QJL residual)")
-        s.add_argument("--turbo-bits", type=float, nargs="*", default=[],
-                       help="extra TurboQuant-only widths, e.g. 2.5 3.5 (fractional: channels split between widths)")
+        s.add_argument(
+            "--turbo-bits",
+            type=float,
+            nargs="*",
+            default=[],
+            help="extra TurboQuant-only widths, e.g. 2.5 3.5 (fractional: channels split between widths)",
+        )
         s.add_argument("--json", help="write the rows here as JSON")
     q = sub.choices["quality"]
     q.add_argument("--model", default=str(DEFAULT_MODEL))

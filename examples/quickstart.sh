@@ -8,7 +8,7 @@
 # 2. MLX_LM_OPTIQ=1 mlx_lm.convert: measure per-module sensitivity on calibration text and pick
 #    3/4/5/6/8-bit x group 32/64/128 or nvfp4 per module at no more bits per weight than the
 #    uniform 4-bit model (group ranges clipped by activation-weighted error, the default);
-# 3. python -m mlx_lm_optiq.eval: PPL, KL and top-1 vs the float model on held-out text.
+# 3. python -m mlx_lm_optiq.quality: PPL, KL and top-1 vs the float model on held-out text.
 # Outputs go to out/quickstart/ (replaced on each run). Knobs (environment): OPTIQ_METHOD
 # (fisher: fast default on CPU; exact: measured KL per module, slower), OPTIQ_SAMPLES,
 # OPTIQ_SEQ_LEN, OPTIQ_EVAL_TOKENS, OPTIQ_EVAL_TEXT.
@@ -47,13 +47,13 @@ MLX_LM_OPTIQ=1 mlx_lm.convert --hf-path "$MODEL" -q \
   --mlx-path "$OUT/mixed"
 
 echo "== 3/4 quality on held-out text ($EVAL_TEXT)"
-python -m mlx_lm_optiq.eval --model "$OUT/uniform-4bit-g64" --model "$OUT/mixed" \
+python -m mlx_lm_optiq.quality --model "$OUT/uniform-4bit-g64" --model "$OUT/mixed" \
   --reference "$OUT/float" --text "$EVAL_TEXT" --num-tokens "$EVAL_TOKENS" --sequence-length 512 \
   --output "$OUT/eval.json"
 
 echo "== 4/4 per-layer plot"
 if python -c "import matplotlib" 2>/dev/null; then
-  python -m mlx_lm_optiq.plot "$OUT/mixed" --output "$OUT/mixed-bits.png"
+  python -m mlx_lm_optiq.weights.plot "$OUT/mixed" --output "$OUT/mixed-bits.png"
 else
   echo "matplotlib not installed: skipped the plot (pip install 'mlx-lm-optiq[plot]')"
 fi

@@ -6,6 +6,8 @@ package is deliberately cheap (no mlx, no wrapt) because the `.pth` bootstrap
 imports it in every interpreter where MLX_LM_OPTIQ is set.
 """
 
+from __future__ import annotations
+
 import _thread
 
 __version__ = "0.1.0"
@@ -25,14 +27,14 @@ _enabled = False
 _registered = set()
 
 
-def is_enabled():
+def is_enabled() -> bool:
     return _enabled
 
 
 def _run_installer(target, module):
     if not _enabled:  # wrapt cannot unregister post-import hooks; they go inert
         return
-    from ._compat import check_mlx_lm_version
+    from mlx_lm_optiq._compat import check_mlx_lm_version
 
     check_mlx_lm_version()
     mod_name, func_name = target.split(":")
@@ -49,7 +51,7 @@ def _make_hook(target):
     return hook
 
 
-def enable(check_now=True):
+def enable(check_now: bool = True) -> None:
     """Install the hooks (idempotent).
 
     Modules of mlx-lm already imported are patched at once; the others are
@@ -59,7 +61,7 @@ def enable(check_now=True):
     global _enabled
     with _lock:
         if check_now:
-            from ._compat import check_mlx_lm_version
+            from mlx_lm_optiq._compat import check_mlx_lm_version
 
             check_mlx_lm_version()
         if _enabled:
@@ -78,21 +80,19 @@ def enable(check_now=True):
             wrapt.register_post_import_hook(_make_hook(target), module_name)
 
 
-def disable():
+def disable() -> None:
     """Restore every patched mlx-lm symbol to the identical original object."""
     global _enabled
     with _lock:
         _enabled = False
-        from . import _patching
+        from mlx_lm_optiq.hooks import patching, reset_state
 
-        _patching.unwrap_all()
-        from .hooks import reset_state
-
+        patching.unwrap_all()
         reset_state()
 
 
-def enabled_patches():
-    """[(owner name, attribute)] currently wrapped by us, for diagnostics and tests."""
-    from . import _patching
+def enabled_patches() -> list[tuple[str, str]]:
+    """[(owner name, attribute)] currently wrapped or added by us, for diagnostics and tests."""
+    from mlx_lm_optiq.hooks import patching
 
-    return _patching.describe()
+    return patching.describe()

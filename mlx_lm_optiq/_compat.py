@@ -3,6 +3,8 @@
 Kept free of mlx/mlx_lm imports so the check costs nothing at start-up.
 """
 
+from __future__ import annotations
+
 import os
 
 SUPPORTED_MLX_LM = ">=0.31.3,<0.33"
@@ -13,7 +15,7 @@ class OptiqVersionError(RuntimeError):
     pass
 
 
-def installed_mlx_lm_version():
+def installed_mlx_lm_version() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -30,7 +32,7 @@ def _parse(v):
     return tuple(parts + [0] * (3 - len(parts)))
 
 
-def is_supported(installed, spec=SUPPORTED_MLX_LM):
+def is_supported(installed: str, spec: str = SUPPORTED_MLX_LM) -> bool:
     """True when `installed` satisfies the comma-separated `>=`/`<` spec."""
     v = _parse(installed)
     for clause in spec.split(","):
@@ -46,7 +48,7 @@ def is_supported(installed, spec=SUPPORTED_MLX_LM):
     return True
 
 
-def check_mlx_lm_version(installed=None):
+def check_mlx_lm_version(installed: str | None = None) -> str:
     """Raise OptiqVersionError unless mlx-lm is in the tested range or forced."""
     installed = installed or installed_mlx_lm_version()
     if installed is None:

@@ -4,6 +4,8 @@ Importing wrapt costs ~140 ms, so nothing is imported here: a one-shot finder
 on sys.meta_path waits for `import mlx_lm` and only then enables the hooks.
 """
 
+from __future__ import annotations
+
 import sys
 
 
@@ -37,7 +39,7 @@ def _warn_runpy_server():
         )
 
 
-def install():
+def install() -> None:
     _warn_runpy_server()
     if any(isinstance(f, _OptiqTrigger) for f in sys.meta_path):
         return

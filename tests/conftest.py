@@ -35,9 +35,22 @@ def full_q4_path(shared_dir):
 
 def _dequantize(src, dst, dtype):
     subprocess.run(
-        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "-d",
-         "--dtype", dtype, "--mlx-path", str(dst)],
-        check=True, capture_output=True, env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"},
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "convert",
+            "--hf-path",
+            str(src),
+            "-d",
+            "--dtype",
+            dtype,
+            "--mlx-path",
+            str(dst),
+        ],
+        check=True,
+        capture_output=True,
+        env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"},
     )
     return dst
 

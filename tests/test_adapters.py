@@ -9,13 +9,9 @@ block counts and learning rates).
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,7 +20,11 @@ mx = pytest.importorskip("mlx.core")
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from mlx_lm_optiq import adapters as A  # noqa: E402
+from mlx_lm_optiq.adapters import admin_api, mounting, rows  # noqa: E402
+from mlx_lm_optiq.adapters.config import AdapterServingConfig  # noqa: E402
+from mlx_lm_optiq.adapters.serving import ServedAdapters, start_serving  # noqa: E402
+from mlx_lm_optiq.core.config import ConfigError  # noqa: E402
+from tests.helpers import MLX_LM_SERVER_SCRIPT, ServerProcess, request_json, write_random_adapter  # noqa: E402
 
 PROMPT = "Hello, my name is"
 PROMPTS = ["Hello, my name is", "The weather today", "Once upon a time"]
@@ -48,19 +48,42 @@ def random_adapters(tiny_float_path, adapter_dir):
         "gamma": dict(seed=3, rank=6, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]),
     }
     return {
-        name: A.write_random_adapter(tiny_float_path, adapter_dir / name, b_std=0.1, **kw)
-        for name, kw in specs.items()
+        name: write_random_adapter(tiny_float_path, adapter_dir / name, b_std=0.1, **kw) for name, kw in specs.items()
     }
 
 
 def _train_adapter(model, data, out, seed, num_layers, learning_rate):
     """A LoRA adapter trained for a few steps with the real (stock) `mlx_lm.lora`."""
     cmd = [
-        sys.executable, "-m", "mlx_lm", "lora", "--model", str(model), "--train",
-        "--data", str(data), "--iters", "4", "--batch-size", "1",
-        "--num-layers", str(num_layers), "--learning-rate", str(learning_rate), "--max-seq-length", "48",
-        "--val-batches", "1", "--steps-per-eval", "1000", "--save-every", "1000", "--adapter-path", str(out),
-        "--seed", str(seed),
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "lora",
+        "--model",
+        str(model),
+        "--train",
+        "--data",
+        str(data),
+        "--iters",
+        "4",
+        "--batch-size",
+        "1",
+        "--num-layers",
+        str(num_layers),
+        "--learning-rate",
+        str(learning_rate),
+        "--max-seq-length",
+        "48",
+        "--val-batches",
+        "1",
+        "--steps-per-eval",
+        "1000",
+        "--save-every",
+        "1000",
+        "--adapter-path",
+        str(out),
+        "--seed",
+        str(seed),
     ]
     env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -70,8 +93,14 @@ def _train_adapter(model, data, out, seed, num_layers, learning_rate):
 
 @pytest.fixture(scope="session")
 def trained_adapter(tiny_float_path, adapter_dir, shared_dir):
-    return _train_adapter(tiny_float_path, shared_dir / "data" / "gsm_symbolic", adapter_dir / "trained",
-                          seed=3, num_layers=2, learning_rate=1e-2)
+    return _train_adapter(
+        tiny_float_path,
+        shared_dir / "data" / "gsm_symbolic",
+        adapter_dir / "trained",
+        seed=3,
+        num_layers=2,
+        learning_rate=1e-2,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +122,7 @@ def _greedy_tokens(model, tokenizer, prompt, n=8):
     return [int(t) for t, _ in zip((t for t, _ in generate_step(tokens, model, max_tokens=n)), range(n))]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(path):
     from mlx_lm.utils import load_tokenizer
 
@@ -115,8 +144,9 @@ def _fresh(path, adapter_path=None):
 # Library
 
 
-def test_mount_matches_stock_lora_and_unmount_restores_modules(tiny_float_path, random_adapters, trained_adapter,
-                                                               trained_adapter_2):
+def test_mount_matches_stock_lora_and_unmount_restores_modules(
+    tiny_float_path, random_adapters, trained_adapter, trained_adapter_2
+):
     model, tok = _fresh(tiny_float_path)
     x = mx.array([tok.encode(PROMPT)])
     base = model(x)
@@ -124,9 +154,9 @@ def test_mount_matches_stock_lora_and_unmount_restores_modules(tiny_float_path, 
     params_before = {k: v for k, v in tree_flatten(model.parameters())}
     named = dict(random_adapters, trained=trained_adapter, trained2=trained_adapter_2)
     for name, path in named.items():
-        info = A.mount_adapter(model, name, path)
+        info = mounting.mount_adapter(model, name, path)
         assert info.format == "mlx-lm" and info.nbytes > 0
-    assert sorted(A.mounted_adapters(model)) == sorted(named)
+    assert sorted(mounting.mounted_adapters(model)) == sorted(named)
     # adapter tensors are not parameters: nothing named lora appears in the tree
     assert not [k for k, _ in tree_flatten(model.parameters()) if "lora" in k]
 
@@ -135,19 +165,19 @@ def test_mount_matches_stock_lora_and_unmount_restores_modules(tiny_float_path, 
     for name, path in named.items():
         stock, _ = _fresh(tiny_float_path, path)
         want = stock(x)
-        with A.use_adapter(name, model=model):
+        with mounting.use_adapter(name, model=model):
             got = model(x)
         assert mx.array_equal(got, want), name  # same arithmetic as mlx-lm's LoRALinear
         assert not mx.allclose(got, base, atol=1e-3), f"adapter {name} does not change the outputs"
 
     for name in named:
-        A.unmount_adapter(model, name)
+        mounting.unmount_adapter(model, name)
     modules_after = dict(model.named_modules())
     assert modules_after.keys() == modules_before.keys()
     assert all(modules_after[k] is modules_before[k] for k in modules_before)
     assert all(v is params_before[k] for k, v in tree_flatten(model.parameters()))
-    assert A.mounted_adapters(model) == {}
-    assert not hasattr(model, A._REGISTRY_ATTR)
+    assert mounting.mounted_adapters(model) == {}
+    assert not hasattr(model, mounting._REGISTRY_ATTR)
     assert mx.array_equal(model(x), base)
 
 
@@ -155,8 +185,8 @@ def test_adapters_change_generation_like_stock(tiny_float_path, trained_adapter,
     model, tok = _fresh(tiny_float_path)
     x = mx.array([tok.encode(PROMPTS[1])])
     base_logits = model(x)
-    A.mount_adapter(model, "trained", trained_adapter)
-    with A.use_adapter("trained"):
+    mounting.mount_adapter(model, "trained", trained_adapter)
+    with mounting.use_adapter("trained"):
         mounted_tokens = _greedy_tokens(model, tok, PROMPTS[1])
         trained_logits = model(x)
     stock, _ = _fresh(tiny_float_path, trained_adapter)
@@ -164,24 +194,24 @@ def test_adapters_change_generation_like_stock(tiny_float_path, trained_adapter,
     assert mx.abs(trained_logits - base_logits).max().item() > 0.1, "training left the adapter at zero"
     # the random adapters must visibly change greedy generation (the server tests rely on it)
     for name, path in random_adapters.items():
-        A.mount_adapter(model, name, path)
+        mounting.mount_adapter(model, name, path)
     outs = set()
     for name in [None, *random_adapters]:
-        with A.use_adapter(name):
+        with mounting.use_adapter(name):
             outs.add(tuple(_greedy_tokens(model, tok, PROMPTS[0])))
     assert len(outs) == 4, "base and the three adapters should give four different continuations"
 
 
-@pytest.mark.parametrize("method", A.MIXED_ROWS_METHODS)
+@pytest.mark.parametrize("method", rows.MIXED_ROWS_METHODS)
 def test_mixed_rows_in_one_forward_match_solo(tiny_float_path, random_adapters, method, monkeypatch):
     # every way of computing mixed rows runs here on the CPU; prefill is eager, the
     # one-token decode step runs the compiled function (and eagerly, to compare)
     from mlx_lm.models.cache import make_prompt_cache
 
-    monkeypatch.setattr(A, "MIXED_ROWS_METHOD", method)
+    monkeypatch.setattr(rows, "MIXED_ROWS_METHOD", method)
     model, tok = _fresh(tiny_float_path)
     for name, path in random_adapters.items():
-        A.mount_adapter(model, name, path)
+        mounting.mount_adapter(model, name, path)
     names = ["beta", None, "alpha", "gamma", "beta"]
     ids = [tok.encode(p) for p in (PROMPTS * 2)[: len(names)]]
     length = min(len(i) for i in ids) - 1
@@ -189,38 +219,54 @@ def test_mixed_rows_in_one_forward_match_solo(tiny_float_path, random_adapters, 
     step = mx.array([[i[length]] for i in ids])
     decoded = {}
     for compiled in (True, False):
-        monkeypatch.setattr(A, "COMPILE_DECODE", compiled)
+        monkeypatch.setattr(rows, "COMPILE_DECODE", compiled)
         cache = make_prompt_cache(model)
-        with A.adapter_rows(model, names):
+        with mounting.adapter_rows(model, names):
             mixed = model(x, cache=cache)
             decoded[compiled] = model(step, cache=cache)
     assert mx.allclose(decoded[True], decoded[False], atol=1e-5)
     for row, name in enumerate(names):
         cache = make_prompt_cache(model)
-        with A.use_adapter(name):
+        with mounting.use_adapter(name):
             solo = model(x[row : row + 1], cache=cache)
             solo_step = model(step[row : row + 1], cache=cache)
         assert mx.allclose(mixed[row], solo[0], atol=1e-4), (row, name)
         assert mx.array_equal(mixed[row].argmax(-1), solo[0].argmax(-1))
         assert mx.allclose(decoded[True][row], solo_step[0], atol=1e-4), (row, name)
-    with pytest.raises(A.UnknownAdapterError, match="mounted adapters: \\['alpha', 'beta', 'gamma'\\]"):
-        with A.adapter_rows(model, ["alpha", "nope"]):
+    with pytest.raises(mounting.UnknownAdapterError, match="mounted adapters: \\['alpha', 'beta', 'gamma'\\]"):
+        with mounting.adapter_rows(model, ["alpha", "nope"]):
             pass
 
 
 def test_mixed_rows_method_variable_is_checked():
-    bad = subprocess.run([sys.executable, "-c", "import mlx_lm_optiq.adapters"], capture_output=True, text=True,
-                         env=dict(os.environ, MLX_LM_OPTIQ_MIXED_ROWS="fast"))
+    bad = subprocess.run(
+        [sys.executable, "-c", "import mlx_lm_optiq.adapters.mounting"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MLX_LM_OPTIQ_MIXED_ROWS="fast"),
+    )
     assert bad.returncode != 0
     assert "MLX_LM_OPTIQ_MIXED_ROWS is 'fast', expected one of ['gather', 'take', 'masked']" in bad.stderr
-    ok = subprocess.run([sys.executable, "-c", "import mlx_lm_optiq.adapters as A; print(A._mixed_rows_method())"],
-                        capture_output=True, text=True, env=dict(os.environ, MLX_LM_OPTIQ_MIXED_ROWS="masked"))
+    ok = subprocess.run(
+        [sys.executable, "-c", "import mlx_lm_optiq.adapters.rows as R; print(R.mixed_rows_method())"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MLX_LM_OPTIQ_MIXED_ROWS="masked"),
+    )
     assert ok.returncode == 0 and ok.stdout.strip() == "masked", ok.stderr
-    bad = subprocess.run([sys.executable, "-c", "import mlx_lm_optiq.adapters"], capture_output=True, text=True,
-                         env=dict(os.environ, MLX_LM_OPTIQ_COMPILE_DECODE="yes"))
+    bad = subprocess.run(
+        [sys.executable, "-c", "import mlx_lm_optiq.adapters.mounting"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MLX_LM_OPTIQ_COMPILE_DECODE="yes"),
+    )
     assert bad.returncode != 0 and "MLX_LM_OPTIQ_COMPILE_DECODE is 'yes', expected 0 or 1" in bad.stderr
-    ok = subprocess.run([sys.executable, "-c", "import mlx_lm_optiq.adapters as A; print(A.COMPILE_DECODE)"],
-                        capture_output=True, text=True, env=dict(os.environ, MLX_LM_OPTIQ_COMPILE_DECODE="0"))
+    ok = subprocess.run(
+        [sys.executable, "-c", "import mlx_lm_optiq.adapters.rows as R; print(R.COMPILE_DECODE)"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MLX_LM_OPTIQ_COMPILE_DECODE="0"),
+    )
     assert ok.returncode == 0 and ok.stdout.strip() == "False", ok.stderr
 
 
@@ -230,15 +276,23 @@ def _quantized(path, bits, mode, group_size):
     from mlx_lm.utils import load_model, quantize_model
 
     model, config = load_model(Path(path), lazy=True)
-    model, _ = quantize_model(model, config, group_size, bits, mode=mode,
-                              quant_predicate=lambda p, m, *_: "embed_tokens" not in p)
+    model, _ = quantize_model(
+        model, config, group_size, bits, mode=mode, quant_predicate=lambda p, m, *_: "embed_tokens" not in p
+    )
     return model, _tokenizer(str(path))
 
 
 @pytest.mark.parametrize(
     "bits,mode,group_size",
-    [(2, "affine", 64), (3, "affine", 64), (4, "affine", 64), (5, "affine", 64), (6, "affine", 32),
-     (8, "affine", 64), (4, "mxfp4", 32)],
+    [
+        (2, "affine", 64),
+        (3, "affine", 64),
+        (4, "affine", 64),
+        (5, "affine", 64),
+        (6, "affine", 32),
+        (8, "affine", 64),
+        (4, "mxfp4", 32),
+    ],
     ids=["2bit", "3bit", "4bit", "5bit", "6bit", "8bit", "mxfp4"],
 )
 def test_quantized_bases_every_bit_width(tiny_float_path, random_adapters, bits, mode, group_size):
@@ -250,24 +304,24 @@ def test_quantized_bases_every_bit_width(tiny_float_path, random_adapters, bits,
     x = mx.array([tok.encode(PROMPT)[:3]])
     base = model(x)
     before = dict(model.named_modules())
-    A.mount_adapter(model, "alpha", random_adapters["alpha"])
-    A.mount_adapter(model, "gamma", random_adapters["gamma"])
-    with A.use_adapter("alpha"):
+    mounting.mount_adapter(model, "alpha", random_adapters["alpha"])
+    mounting.mount_adapter(model, "gamma", random_adapters["gamma"])
+    with mounting.use_adapter("alpha"):
         got = model(x)
     assert got.dtype == base.dtype
-    with A.use_adapter("gamma"):
+    with mounting.use_adapter("gamma"):
         solo = model(x)
-    for method in A.MIXED_ROWS_METHODS:
-        A.MIXED_ROWS_METHOD = method
+    for method in rows.MIXED_ROWS_METHODS:
+        rows.MIXED_ROWS_METHOD = method
         try:
-            with A.adapter_rows(model, ["gamma", None]):
+            with mounting.adapter_rows(model, ["gamma", None]):
                 mixed = model(mx.concatenate([x, x]))
         finally:
-            A.MIXED_ROWS_METHOD = None
+            rows.MIXED_ROWS_METHOD = None
         assert mixed.dtype == base.dtype, method
         assert mx.allclose(mixed[0], solo[0], atol=1e-4) and mx.allclose(mixed[1], base[0], atol=1e-4), method
-    A.unmount_adapter(model, "alpha")
-    A.unmount_adapter(model, "gamma")
+    mounting.unmount_adapter(model, "alpha")
+    mounting.unmount_adapter(model, "gamma")
     assert all(dict(model.named_modules())[k] is v for k, v in before.items())
     assert mx.array_equal(model(x), base)
     # stock mlx-lm LoRA on the very same quantized layers computes the same thing
@@ -282,15 +336,15 @@ def test_adapters_keep_the_activation_dtype(tiny_float_path, random_adapters, dt
     model.set_dtype(getattr(mx, dtype))
     x = mx.array([tok.encode(PROMPT)[:4]] * 2)
     base = model(x)
-    A.mount_adapter(model, "alpha", random_adapters["alpha"])  # adapter tensors are float32
-    A.mount_adapter(model, "beta", random_adapters["beta"])
-    with A.use_adapter("alpha"):
+    mounting.mount_adapter(model, "alpha", random_adapters["alpha"])  # adapter tensors are float32
+    mounting.mount_adapter(model, "beta", random_adapters["beta"])
+    with mounting.use_adapter("alpha"):
         single = model(x)
-    with A.adapter_rows(model, ["alpha", "beta"]):
+    with mounting.adapter_rows(model, ["alpha", "beta"]):
         mixed = model(x)
     hidden = []
     layer = model.model.layers[0].self_attn.q_proj
-    with A.use_adapter("beta"):
+    with mounting.use_adapter("beta"):
         hidden.append(layer(mx.zeros((1, 2, 576), dtype=getattr(mx, dtype))))
     assert base.dtype == single.dtype == mixed.dtype == hidden[0].dtype == getattr(mx, dtype)
 
@@ -306,21 +360,22 @@ def _write_peft_copy(src, dst, rank):
         peft[f"base_model.model.{path}.lora_{'A' if leaf == 'lora_a' else 'B'}.weight"] = value.T
     dst.mkdir()
     mx.save_safetensors(str(dst / "adapter_model.safetensors"), peft)
-    (dst / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": rank, "lora_alpha": scale * rank, "target_modules": ["q_proj", "v_proj"]}))
+    (dst / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": scale * rank, "target_modules": ["q_proj", "v_proj"]})
+    )
 
 
 def test_peft_and_zero_padded_per_layer_rank_adapters(tiny_float_path, random_adapters, tmp_path):
     model, tok = _fresh(tiny_float_path)
     x = mx.array([tok.encode(PROMPT)])
-    A.mount_adapter(model, "alpha", random_adapters["alpha"])
-    with A.use_adapter("alpha"):
+    mounting.mount_adapter(model, "alpha", random_adapters["alpha"])
+    with mounting.use_adapter("alpha"):
         want = model(x)
 
     _write_peft_copy(random_adapters["alpha"], tmp_path / "peft", rank=4)
-    info = A.mount_adapter(model, "alpha-peft", tmp_path / "peft")
+    info = mounting.mount_adapter(model, "alpha-peft", tmp_path / "peft")
     assert info.format == "peft"
-    with A.use_adapter("alpha-peft"):
+    with mounting.use_adapter("alpha-peft"):
         assert mx.allclose(model(x), want, atol=1e-4)
 
     # per-layer ranks stored zero-padded to the largest rank (how optiq LoRA saves
@@ -335,28 +390,28 @@ def test_peft_and_zero_padded_per_layer_rank_adapters(tiny_float_path, random_ad
         tensors[key[:-1] + "b"] = mx.concatenate([b[:keep], mx.zeros((8 - keep, b.shape[1]))], axis=0)
     mx.save_safetensors(str(padded / "adapters.safetensors"), tensors)
     (padded / "adapter_config.json").write_text((random_adapters["beta"] / "adapter_config.json").read_text())
-    info = A.mount_adapter(model, "ranks", padded)
+    info = mounting.mount_adapter(model, "ranks", padded)
     assert sorted(set(info.ranks.values())) == [2, 4, 6] and info.format == "optiq"
     stock, _ = _fresh(tiny_float_path, padded)
-    with A.use_adapter("ranks"):
+    with mounting.use_adapter("ranks"):
         assert mx.allclose(model(x), stock(x), atol=1e-4)
 
 
 def test_bad_adapters_are_refused_and_leave_mounted_ones_alone(tiny_float_path, random_adapters, tmp_path):
     model, tok = _fresh(tiny_float_path)
     x = mx.array([tok.encode(PROMPT)])
-    A.mount_adapter(model, "alpha", random_adapters["alpha"])
-    with A.use_adapter("alpha"):
+    mounting.mount_adapter(model, "alpha", random_adapters["alpha"])
+    with mounting.use_adapter("alpha"):
         want = model(x)
     modules = dict(model.named_modules())
 
-    with pytest.raises(A.AdapterError, match="no such directory"):
-        A.mount_adapter(model, "x", tmp_path / "missing")
+    with pytest.raises(mounting.AdapterError, match="no such directory"):
+        mounting.mount_adapter(model, "x", tmp_path / "missing")
     bad_json = tmp_path / "bad_json"
     bad_json.mkdir()
     (bad_json / "adapter_config.json").write_text("{not json")
-    with pytest.raises(A.AdapterError, match="adapter_config.json: not valid JSON"):
-        A.mount_adapter(model, "x", bad_json)
+    with pytest.raises(mounting.AdapterError, match="adapter_config.json: not valid JSON"):
+        mounting.mount_adapter(model, "x", bad_json)
     # a tensor of the wrong width: every mismatch is listed, nothing is mounted
     wrong = tmp_path / "wrong"
     wrong.mkdir()
@@ -365,29 +420,29 @@ def test_bad_adapters_are_refused_and_leave_mounted_ones_alone(tiny_float_path, 
     key = "model.layers.3.self_attn.q_proj.lora_a"
     t[key] = mx.zeros((100, t[key].shape[1]))
     mx.save_safetensors(str(wrong / "adapters.safetensors"), t)
-    with pytest.raises(A.AdapterError, match="model.layers.3.self_attn.q_proj: adapter maps 100 -> 576"):
-        A.mount_adapter(model, "x", wrong)
+    with pytest.raises(mounting.AdapterError, match="model.layers.3.self_attn.q_proj: adapter maps 100 -> 576"):
+        mounting.mount_adapter(model, "x", wrong)
     # half a pair
     del t[key]
     mx.save_safetensors(str(wrong / "adapters.safetensors"), t)
-    with pytest.raises(A.AdapterError, match="has no '.lora_a' tensor"):
-        A.mount_adapter(model, "x", wrong)
+    with pytest.raises(mounting.AdapterError, match="has no '.lora_a' tensor"):
+        mounting.mount_adapter(model, "x", wrong)
     dora = tmp_path / "dora"
     dora.mkdir()
     (dora / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "dora", "lora_parameters": {"scale": 1}}))
-    with pytest.raises(A.AdapterError, match="fine_tune_type' is 'dora'"):
-        A.mount_adapter(model, "x", dora)
-    with pytest.raises(A.AdapterError, match="already mounted"):
-        A.mount_adapter(model, "alpha", random_adapters["beta"])
-    with pytest.raises(A.UnknownAdapterError, match="mounted adapters: \\['alpha'\\]"):
-        with A.use_adapter("beta", model=model):
+    with pytest.raises(mounting.AdapterError, match="fine_tune_type' is 'dora'"):
+        mounting.mount_adapter(model, "x", dora)
+    with pytest.raises(mounting.AdapterError, match="already mounted"):
+        mounting.mount_adapter(model, "alpha", random_adapters["beta"])
+    with pytest.raises(mounting.UnknownAdapterError, match="mounted adapters: \\['alpha'\\]"):
+        with mounting.use_adapter("beta", model=model):
             pass
-    with pytest.raises(A.UnknownAdapterError):
-        A.unmount_adapter(model, "beta")
+    with pytest.raises(mounting.UnknownAdapterError):
+        mounting.unmount_adapter(model, "beta")
 
-    assert list(A.mounted_adapters(model)) == ["alpha"]
+    assert list(mounting.mounted_adapters(model)) == ["alpha"]
     assert all(dict(model.named_modules())[k] is v for k, v in modules.items())
-    with A.use_adapter("alpha"):
+    with mounting.use_adapter("alpha"):
         assert mx.array_equal(model(x), want)
 
 
@@ -398,18 +453,23 @@ def test_batch_generator_mixes_adapters_in_one_batch(tiny_float_path, random_ada
 
     model, tok = _fresh(tiny_float_path)
     for name, path in random_adapters.items():
-        A.mount_adapter(model, name, path)
-    jobs = [("alpha", PROMPTS[0]), (None, PROMPTS[1]), ("beta", PROMPTS[2]), ("gamma", PROMPTS[0]),
-            ("beta", PROMPTS[0])]
+        mounting.mount_adapter(model, name, path)
+    jobs = [
+        ("alpha", PROMPTS[0]),
+        (None, PROMPTS[1]),
+        ("beta", PROMPTS[2]),
+        ("gamma", PROMPTS[0]),
+        ("beta", PROMPTS[0]),
+    ]
     solo = []
     for name, prompt in jobs:
-        with A.use_adapter(name):
+        with mounting.use_adapter(name):
             solo.append(_greedy_tokens(model, tok, prompt, n=6))
 
     gen = BatchGenerator(model, max_tokens=6, completion_batch_size=8, prefill_batch_size=8)
     uid_job = {}
     for i, (name, prompt) in enumerate(jobs):
-        with A.use_adapter(name):
+        with mounting.use_adapter(name):
             (uid,) = gen.insert([tok.encode(prompt)])
         uid_job[uid] = i
     got = {i: [] for i in range(len(jobs))}
@@ -444,61 +504,125 @@ def test_disable_restores_the_batch_engine_and_handler(hooks_enabled):
 
 
 # ---------------------------------------------------------------------------
+# The server's HTTP API as plain functions (no server)
+
+
+def test_admin_api_mounts_selects_and_unmounts(tiny_float_path, random_adapters, adapter_dir):
+    model, tok = _fresh(tiny_float_path)
+    x = mx.array([tok.encode(PROMPT)])
+    config = AdapterServingConfig(
+        adapter=[f"alpha={random_adapters['alpha']}"], adapter_root=adapter_dir, model=str(tiny_float_path)
+    )
+    state = start_serving(config)
+    state.attach(model)
+    assert list(mounting.mounted_adapters(model)) == ["alpha"]
+
+    status, body = admin_api.mount(state, {"name": "beta", "path": "beta"})
+    assert status == 200 and body["mounted"] and body["adapter_format"] == "mlx-lm", body
+    assert sorted(mounting.mounted_adapters(model)) == ["alpha", "beta"]
+    with mounting.use_adapter("beta"):
+        got = model(x)
+    stock, _ = _fresh(tiny_float_path, random_adapters["beta"])
+    assert mx.array_equal(got, stock(x))
+    status, listing = admin_api.list_models(state, str(tiny_float_path), 0)
+    assert status == 200 and [m["id"] for m in listing["data"]] == [str(tiny_float_path.resolve()), "alpha", "beta"]
+
+    # selection: by "model", by "adapters", the base, and the errors
+    assert admin_api.select_adapter(state, "beta", None) == (200, {"adapter": "beta"})
+    assert admin_api.select_adapter(state, "default_model", "alpha") == (200, {"adapter": "alpha"})
+    assert admin_api.select_adapter(state, str(tiny_float_path), None) == (200, {"adapter": None})
+    status, body = admin_api.select_adapter(state, "nope", None)
+    assert status == 404 and body["error"]["mounted_adapters"] == ["alpha", "beta"]
+    assert "unknown model or adapter 'nope'" in body["error"]["message"]
+    assert admin_api.select_adapter(state, "default_model", "nope")[0] == 404
+    assert admin_api.select_adapter(state, "alpha", "beta")[0] == 400
+
+    # bad bodies, names and paths: 4xx, nothing changes
+    for bad_body, want in [
+        (["beta"], 400),
+        ({"name": "x"}, 400),
+        ({"name": "", "path": "beta"}, 400),
+        ({"name": "default_model", "path": "beta"}, 400),
+        ({"name": "x", "path": "missing"}, 400),
+        ({"name": "x", "path": "../elsewhere"}, 403),
+        ({"name": "x", "path": "/tmp"}, 403),
+        ({"name": "beta", "path": "gamma"}, 409),
+    ]:
+        status, body = admin_api.mount(state, bad_body)
+        assert status == want and body["error"]["code"] == want, (bad_body, body)
+    assert admin_api.body_not_json(ValueError("Expecting value"))[0] == 400
+    assert sorted(state.names()) == sorted(mounting.mounted_adapters(model)) == ["alpha", "beta"]
+
+    # unmounting: unknown 404, in flight 409, then 200 and the module tree loses it
+    status, body = admin_api.unmount(state, "/v1/adapters/nope")
+    assert status == 404 and body["error"]["mounted_adapters"] == ["alpha", "beta"]
+    assert admin_api.unmount(state, "/v1/other")[0] == 404
+    with state.track("beta"):
+        assert admin_api.unmount(state, "/v1/adapters/beta")[0] == 409
+    assert admin_api.unmount(state, "/v1/adapters/beta") == (200, {"id": "beta", "object": "model", "deleted": True})
+    assert list(mounting.mounted_adapters(model)) == ["alpha"] and state.names() == ["alpha"]
+    assert admin_api.unmount(state, "/v1/adapters/beta")[0] == 404
+
+    # without an adapter root, runtime (un)mounting is off
+    closed = ServedAdapters({}, None, config.base_ids)
+    assert admin_api.mount(closed, {"name": "beta", "path": "beta"})[0] == 404
+    assert admin_api.unmount(closed, "/v1/adapters/alpha")[0] == 404
+
+
+def test_serving_config_errors_name_the_field(tmp_path):
+    flag = lambda f: "--optiq-" + f.replace("_", "-")
+    for kwargs, field, detail in [
+        ({"adapter": ["alpha"]}, "adapter", "'alpha': expected NAME=PATH"),
+        ({"adapter": ["a=x", "a=y"]}, "adapter", "the name 'a' is given twice"),
+        ({"adapter": ["default_model=x"]}, "adapter", "'default_model' is reserved for the base model"),
+        ({"adapter": ["m=x"], "model": "m"}, "adapter", "m=...: the name collides with the base model id"),
+        ({"adapter_root": tmp_path / "missing"}, "adapter_root", "not a directory"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            AdapterServingConfig(**kwargs)
+        assert e.value.field == field and detail in e.value.render(flag), (kwargs, str(e.value))
+        assert e.value.render(flag).startswith(flag(field))
+    assert not AdapterServingConfig().enabled and start_serving(AdapterServingConfig()) is None
+    with pytest.raises(ConfigError, match="adapter: x=.*no such directory"):
+        start_serving(AdapterServingConfig(adapter=[f"x={tmp_path / 'missing'}"]))
+
+
+# ---------------------------------------------------------------------------
 # Server (a real `mlx_lm.server` subprocess with MLX_LM_OPTIQ=1)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _http(port, method, path, body=None, timeout=120):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+    return request_json(port, method, path, body, timeout=timeout)
 
 
 def _complete(port, model, prompt, n=6, **extra):
-    status, out = _http(port, "POST", "/v1/completions",
-                        {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, **extra})
+    status, out = _http(
+        port, "POST", "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, **extra}
+    )
     assert status == 200, out
     return out["choices"][0]["text"]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_float_path, random_adapters, trained_adapter, trained_adapter_2, adapter_dir, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = dict(os.environ, MLX_LM_OPTIQ="1", PYTHONUNBUFFERED="1")
-    exe = os.path.join(os.path.dirname(sys.executable), "mlx_lm.server")
-    cmd = [exe, "--model", str(tiny_float_path), "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "DEBUG", "--optiq-adapter", f"alpha={random_adapters['alpha']}",
-           "--optiq-adapter", f"beta={random_adapters['beta']}", "--optiq-adapter", f"trained={trained_adapter}",
-           "--optiq-adapter", f"trained2={trained_adapter_2}",
-           "--optiq-adapter-root", str(adapter_dir)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if _http(port, "GET", "/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"port": port, "log": log, "base": str(tiny_float_path.resolve())}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    flags = [
+        "--log-level",
+        "DEBUG",
+        "--optiq-adapter",
+        f"alpha={random_adapters['alpha']}",
+        "--optiq-adapter",
+        f"beta={random_adapters['beta']}",
+        "--optiq-adapter",
+        f"trained={trained_adapter}",
+        "--optiq-adapter",
+        f"trained2={trained_adapter_2}",
+        "--optiq-adapter-root",
+        str(adapter_dir),
+    ]
+    with ServerProcess(tiny_float_path, *flags, env=env, log_path=log, command=MLX_LM_SERVER_SCRIPT) as proc:
+        yield {"port": proc.port, "log": log, "base": str(tiny_float_path.resolve())}
 
 
 @pytest.fixture(scope="module")
@@ -530,25 +654,40 @@ def test_server_openai_client_selects_adapters_by_model(server, expected_text):
         assert out.choices[0].text == expected_text(name, PROMPTS[0]), name
         assert out.model == (name or server["base"])
     # the mlx-lm `adapters` field selects too
-    out = client.completions.create(model=server["base"], prompt=PROMPTS[1], max_tokens=6, temperature=0,
-                                    extra_body={"adapters": "beta"})
+    out = client.completions.create(
+        model=server["base"], prompt=PROMPTS[1], max_tokens=6, temperature=0, extra_body={"adapters": "beta"}
+    )
     assert out.choices[0].text == expected_text("beta", PROMPTS[1])
-    chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                          temperature=0)
+    chat = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
     assert chat.model == "alpha" and chat.choices[0].message.content is not None
 
     with pytest.raises(openai.NotFoundError, match=r"unknown model or adapter 'nope'; mounted adapters: \[.*'alpha'"):
         client.completions.create(model="nope", prompt=PROMPTS[0], max_tokens=2)
-    status, body = _http(server["port"], "POST", "/v1/completions",
-                         {"model": server["base"], "adapters": "nope", "prompt": "x", "max_tokens": 2})
+    status, body = _http(
+        server["port"],
+        "POST",
+        "/v1/completions",
+        {"model": server["base"], "adapters": "nope", "prompt": "x", "max_tokens": 2},
+    )
     assert status == 404 and "alpha" in body["error"]["mounted_adapters"]
 
 
 def test_server_mixed_adapters_share_a_batch_without_cross_talk(server, expected_text):
     port = server["port"]
-    jobs = [("alpha", PROMPTS[0]), ("beta", PROMPTS[0]), ("trained", PROMPTS[0]), ("trained2", PROMPTS[0]),
-            (None, PROMPTS[0]), ("alpha", PROMPTS[1]), ("beta", PROMPTS[2]), ("trained", PROMPTS[1]),
-            ("trained2", PROMPTS[2]), (None, PROMPTS[2])]
+    jobs = [
+        ("alpha", PROMPTS[0]),
+        ("beta", PROMPTS[0]),
+        ("trained", PROMPTS[0]),
+        ("trained2", PROMPTS[0]),
+        (None, PROMPTS[0]),
+        ("alpha", PROMPTS[1]),
+        ("beta", PROMPTS[2]),
+        ("trained", PROMPTS[1]),
+        ("trained2", PROMPTS[2]),
+        (None, PROMPTS[2]),
+    ]
     # solo, one at a time; the same prompt for every adapter also checks that
     # prompt-cache entries are never reused across adapters
     solo = [_complete(port, name or server["base"], prompt, n=8) for name, prompt in jobs]

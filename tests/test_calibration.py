@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from mlx_lm_optiq.calibration import (
+from mlx_lm_optiq.core.calibration import (
     DEFAULT_DIR,
     CalibrationError,
     load_calibration,
@@ -48,8 +48,12 @@ def test_default_samples_are_deterministic_and_distinct(tokenizer):
 
 def test_user_jsonl_text_and_chat(tokenizer, tmp_path, austen):
     persuasion = austen("persuasion")[:6000]
-    chat = {"messages": [{"role": "user", "content": "Name a novel by Jane Austen."},
-                         {"role": "assistant", "content": "Persuasion, published in 1817."}]}
+    chat = {
+        "messages": [
+            {"role": "user", "content": "Name a novel by Jane Austen."},
+            {"role": "assistant", "content": "Persuasion, published in 1817."},
+        ]
+    }
     path = _write(tmp_path / "calib.jsonl", [{"text": persuasion}, "", chat])
     tokens = np.array(load_calibration(tokenizer, path, num_samples=3, sequence_length=64))
     assert tokens.shape == (3, 64)

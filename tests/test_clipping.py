@@ -9,9 +9,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lm_optiq import clipping, plan
-from mlx_lm_optiq.io_utils import OptiqFileError
-from mlx_lm_optiq.sensitivity import _qdq, load_table, measure_sensitivity, quantizable_modules, save_table
+from mlx_lm_optiq.core.jsonio import OptiqFileError
+from mlx_lm_optiq.core.model_tree import quantizable_modules
+from mlx_lm_optiq.weights import clipping, plan
+from mlx_lm_optiq.weights.probes import qdq
+from mlx_lm_optiq.weights.sweep import measure_sensitivity
+from mlx_lm_optiq.weights.table import read_table, write_table
 
 MODULE = "model.layers.1.mlp.down_proj"
 
@@ -20,7 +23,7 @@ MODULE = "model.layers.1.mlp.down_proj"
 def tokens(tiny_q4_path):
     from mlx_lm.utils import load_tokenizer
 
-    from mlx_lm_optiq.calibration import load_calibration
+    from mlx_lm_optiq.core.calibration import load_calibration
 
     return load_calibration(load_tokenizer(tiny_q4_path), num_samples=2, sequence_length=32)
 
@@ -54,7 +57,7 @@ def test_search_error_model_is_stock_quantization(float_model, moments, bits, gr
     for i in (0, 3, 8, 12):
         idx = mx.full(exact.shape[:2], i, dtype=mx.uint8)
         ours = clipping._affine_errors(exact, imp, lo, hi, idx[None, ..., None], bits)[0]
-        stock_q = _qdq(clipping.apply_alphas(w, cand, idx), cand).reshape(exact.shape)
+        stock_q = qdq(clipping.apply_alphas(w, cand, idx), cand).reshape(exact.shape)
         stock = (imp * (stock_q - exact) ** 2).sum(-1)
         assert mx.allclose(ours, stock, rtol=1e-5, atol=0).item(), (bits, group, i)
 
@@ -70,8 +73,8 @@ def test_clipping_lowers_the_weighted_error_of_every_module(float_model, moments
             w = module.weight
             clipped = clip(path, w, cand)
             assert clipped.shape == w.shape and clipped.dtype == w.dtype
-            stock = _weighted_error(w, _qdq(w, cand), moments[path])
-            ours = _weighted_error(w, _qdq(clipped, cand), moments[path])
+            stock = _weighted_error(w, qdq(w, cand), moments[path])
+            ours = _weighted_error(w, qdq(clipped, cand), moments[path])
             assert ours <= stock * (1 + 1e-6), (path, cand)
             ratios.append(ours / stock)
     print(f"\nweighted error, clipped / stock: median {np.median(ratios):.3f}, max {max(ratios):.3f}")
@@ -122,13 +125,22 @@ def test_the_sweep_measures_the_model_the_writer_writes(tiny_float_path, float_m
     through our quant_predicate (clipped ranges included), measured independently."""
     from mlx_lm.utils import load_model, quantize_model
 
-    table = measure_sensitivity(tiny_float_path, tokens, "3:64", reference="float", modules=[MODULE],
-                                batch_size=1, progress=False, clipping=method)
+    table = measure_sensitivity(
+        tiny_float_path,
+        tokens,
+        "3:64",
+        reference="float",
+        modules=[MODULE],
+        batch_size=1,
+        progress=False,
+        clipping=method,
+    )
     assert table["clipping"]["method"] == method
     written, config = load_model(tiny_float_path)
     layers = {MODULE: {"bits": 3, "group_size": 64, "mode": "affine"}}
-    written, _ = quantize_model(written, copy.deepcopy(config), 64, 3,
-                                quant_predicate=plan.quant_predicate(layers, clipping.from_table(table)))
+    written, _ = quantize_model(
+        written, copy.deepcopy(config), 64, 3, quant_predicate=plan.quant_predicate(layers, clipping.from_table(table))
+    )
     reference, _ = float_model
     measured = table["modules"][MODULE]["kl"]["3:64"]
     assert _kl_per_token(reference, written, tokens) == pytest.approx(measured, rel=1e-4)
@@ -149,8 +161,16 @@ def test_low_bit_and_fisher_sweeps_record_clipping(tiny_float_path, tokens):
     kl = {}
     for reference, method in (("low-bit", "exact"), ("float", "fisher")):
         for clip in ("activation", "none"):
-            t = measure_sensitivity(tiny_float_path, tokens, "3:64,8:64", reference=reference, method=method,
-                                    modules=mods, progress=False, clipping=clip)
+            t = measure_sensitivity(
+                tiny_float_path,
+                tokens,
+                "3:64,8:64",
+                reference=reference,
+                method=method,
+                modules=mods,
+                progress=False,
+                clipping=clip,
+            )
             assert t["clipping"]["method"] == clip
             assert set(t["clipping"].get("moments", {})) == (set(mods) if clip == "activation" else set())
             kl[reference, clip] = sum(t["modules"][p]["kl"]["3:64"] for p in mods)
@@ -160,10 +180,11 @@ def test_low_bit_and_fisher_sweeps_record_clipping(tiny_float_path, tokens):
 
 
 def test_table_field_round_trip_and_errors(tiny_float_path, tokens, tmp_path):
-    table = measure_sensitivity(tiny_float_path, tokens, "4:64", reference="float", modules=[MODULE],
-                                batch_size=2, progress=False)
-    save_table(table, tmp_path / "t.json")
-    loaded = load_table(tmp_path / "t.json")
+    table = measure_sensitivity(
+        tiny_float_path, tokens, "4:64", reference="float", modules=[MODULE], batch_size=2, progress=False
+    )
+    write_table(table, tmp_path / "t.json")
+    loaded = read_table(tmp_path / "t.json")
     clip = clipping.from_table(loaded)
     raw = mx.array(np.frombuffer(base64.b64decode(table["clipping"]["moments"][MODULE]), dtype="<f4"))
     assert mx.array_equal(clip.moments[MODULE], raw).item()
@@ -174,12 +195,14 @@ def test_table_field_round_trip_and_errors(tiny_float_path, tokens, tmp_path):
         mutate(data["clipping"])
         (tmp_path / "bad.json").write_text(json.dumps(data))
         with pytest.raises(OptiqFileError, match=message):
-            load_table(tmp_path / "bad.json")
+            read_table(tmp_path / "bad.json")
 
     width = table["modules"][MODULE]["shape"][-1]
     corrupt(lambda c: c.update(method="awq"), r"bad.json: field 'clipping.method' must be one of")
-    corrupt(lambda c: c["moments"].update({MODULE: c["moments"][MODULE][:40]}),
-            rf"clipping.moments\['{MODULE}'\]' holds \d+ floats, expected {width}")
+    corrupt(
+        lambda c: c["moments"].update({MODULE: c["moments"][MODULE][:40]}),
+        rf"clipping.moments.{MODULE}' holds \d+ floats, expected {width}",
+    )
     corrupt(lambda c: c["moments"].update({MODULE: "not base64!"}), r"is not base64")
     corrupt(lambda c: c["moments"].update({"model.nope": c["moments"][MODULE]}), r"names no module of the table")
     corrupt(lambda c: c.update(grid=[1.0, 0.5]), r"field 'clipping.grid' must be")

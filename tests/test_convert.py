@@ -32,10 +32,27 @@ def measured(tiny_q4_path, tmp_path_factory):
     """Console script, hooks on: measure sensitivity on the bundled calibration set, plan, write."""
     out = tmp_path_factory.mktemp("measured") / "mixed"
     env = dict(os.environ, MLX_LM_OPTIQ="1")
-    res = _convert_cli(["--hf-path", str(tiny_q4_path), "-q", "--optiq-target-bpw", str(TARGET),
-                        "--optiq-candidate-bits", "4,8", "--optiq-group-sizes", "32,64",
-                        "--optiq-num-samples", "1", "--optiq-sequence-length", "64",
-                        "--mlx-path", str(out)], env, command=CONVERT_SCRIPT)
+    res = _convert_cli(
+        [
+            "--hf-path",
+            str(tiny_q4_path),
+            "-q",
+            "--optiq-target-bpw",
+            str(TARGET),
+            "--optiq-candidate-bits",
+            "4,8",
+            "--optiq-group-sizes",
+            "32,64",
+            "--optiq-num-samples",
+            "1",
+            "--optiq-sequence-length",
+            "64",
+            "--mlx-path",
+            str(out),
+        ],
+        env,
+        command=CONVERT_SCRIPT,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Sensitivity (exact)" in res.stderr  # it measured
     return out
@@ -57,8 +74,9 @@ print(json.dumps({'layers': layers, 'modes': modes, 'bpw': compute_bits_per_weig
 
 
 def _stock_reload(path):
-    res = subprocess.run([sys.executable, "-c", STOCK_RELOAD, str(path)], env=_stock_env(),
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", STOCK_RELOAD, str(path)], env=_stock_env(), capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -89,16 +107,24 @@ def test_measured_convert_reloads_in_stock_mlx_lm_with_planned_bits(measured):
     assert all(set(e["kl"]) == {"4:32", "4:64", "8:32", "8:64"} for e in meta["layers"].values())
 
 
-def test_explicit_candidates_mix_float_formats_and_reload_in_stock_mlx_lm(measured, tiny_q4_path, tmp_path,
-                                                                           hooks_enabled):
+def test_explicit_candidates_mix_float_formats_and_reload_in_stock_mlx_lm(
+    measured, tiny_q4_path, tmp_path, hooks_enabled
+):
     """--optiq-candidates mixes nvfp4 (group 16, one fp8 scale per group: 4.5 bits) with affine
     8-bit; the config's top-level entry is itself valid (nvfp4:16, the smallest group)."""
     from mlx_lm import convert
 
     out = tmp_path / "nvfp4-mix"
-    convert(str(tiny_q4_path), mlx_path=str(out), quantize=True, optiq_target_bpw=5.0,
-            optiq_candidates="nvfp4:16,8:64", optiq_sensitivity_method="fisher",
-            optiq_num_samples=1, optiq_sequence_length=64)
+    convert(
+        str(tiny_q4_path),
+        mlx_path=str(out),
+        quantize=True,
+        optiq_target_bpw=5.0,
+        optiq_candidates="nvfp4:16,8:64",
+        optiq_sensitivity_method="fisher",
+        optiq_num_samples=1,
+        optiq_sequence_length=64,
+    )
     meta = _sidecar(out)
     config = json.loads((out / "config.json").read_text())
     got = _stock_reload(out)
@@ -106,11 +132,14 @@ def test_explicit_candidates_mix_float_formats_and_reload_in_stock_mlx_lm(measur
     assert {(b, g, got["modes"][p]) for p, (b, g) in got["layers"].items()} == set(planned.values())
     assert {p: (*got["layers"][p], got["modes"][p]) for p in got["layers"]} == planned
     assert set(planned.values()) == {(4, 16, "nvfp4"), (8, 64, "affine")}  # it really mixes formats
-    assert {k: config["quantization"][k] for k in ("bits", "group_size", "mode")} == \
-        {"bits": 4, "group_size": 16, "mode": "nvfp4"}
+    assert {k: config["quantization"][k] for k in ("bits", "group_size", "mode")} == {
+        "bits": 4,
+        "group_size": 16,
+        "mode": "nvfp4",
+    }
     assert 4.9 < got["bpw"] <= 5.0 and got["finite"]
     assert all(set(e["kl"]) == {"nvfp4:16", "8:64"} for e in meta["layers"].values())
-    from mlx_lm_optiq.plot import format_label  # the plot tells the two formats apart
+    from mlx_lm_optiq.weights.plot import format_label
 
     assert {format_label(c) for c in meta["layers"].values()} == {"nvfp4", "8-bit"}
 
@@ -118,32 +147,48 @@ def test_explicit_candidates_mix_float_formats_and_reload_in_stock_mlx_lm(measur
 def test_bad_explicit_candidates_are_clear_errors(tiny_q4_path, tmp_path, hooks_enabled):
     from mlx_lm import convert
 
-    from mlx_lm_optiq.plan import PlanError
+    from mlx_lm_optiq.weights.plan import PlanError
 
-    for spec, message in (("nvfp4:32", "--optiq-candidates: nvfp4 has group size 16, got 32"),
-                          ("4:48", "--optiq-candidates: candidate group sizes must be among 32,64,128, got 48"),
-                          ("fp4:16", "--optiq-candidates: candidate 'fp4:16': unknown mode 'fp4'"),
-                          ("", "--optiq-candidates: no candidates given")):
+    for spec, message in (
+        ("nvfp4:32", "--optiq-candidates: nvfp4 has group size 16, got 32"),
+        ("4:48", "--optiq-candidates: candidate group sizes must be among 32,64,128, got 48"),
+        ("fp4:16", "--optiq-candidates: candidate 'fp4:16': unknown mode 'fp4'"),
+        ("", "--optiq-candidates: no candidates given"),
+    ):
         with pytest.raises(PlanError, match=message):
-            convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_target_bpw=5.0,
-                    optiq_candidates=spec)
-    with pytest.raises(PlanError, match="--optiq-candidates lists every candidate: drop --optiq-candidate-bits"):
-        convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_target_bpw=5.0,
-                optiq_candidates="4:64,8:64", optiq_candidate_bits="4,8")
+            convert(
+                str(tiny_q4_path),
+                mlx_path=str(tmp_path / "o"),
+                quantize=True,
+                optiq_target_bpw=5.0,
+                optiq_candidates=spec,
+            )
+    with pytest.raises(PlanError, match="--optiq-candidates: lists every candidate: drop --optiq-candidate-bits"):
+        convert(
+            str(tiny_q4_path),
+            mlx_path=str(tmp_path / "o"),
+            quantize=True,
+            optiq_target_bpw=5.0,
+            optiq_candidates="4:64,8:64",
+            optiq_candidate_bits="4,8",
+        )
     assert not (tmp_path / "o").exists()
 
 
 def test_plot_of_a_converted_model(measured, tmp_path):
-    """python -m mlx_lm_optiq.plot writes the PNG; each module's KL is read at the cheapest
+    """python -m mlx_lm_optiq.weights.plot writes the PNG; each module's KL is read at the cheapest
     candidate measured for it (a group that does not divide a layer has no KL there)."""
     pytest.importorskip("matplotlib")
     import copy
     import math
 
-    from mlx_lm_optiq.plot import cheapest_kl
+    from mlx_lm_optiq.weights.plot import cheapest_kl
 
-    res = subprocess.run([sys.executable, "-m", "mlx_lm_optiq.plot", str(measured), "--output", str(tmp_path / "b.png")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "mlx_lm_optiq.weights.plot", str(measured), "--output", str(tmp_path / "b.png")],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = _sidecar(measured)
@@ -155,20 +200,27 @@ def test_plot_of_a_converted_model(measured, tmp_path):
     assert all(not math.isnan(cheapest_kl(e, meta["candidates"])) for e in meta["layers"].values() if "kl" in e)
 
 
-def test_replan_from_sidecar_with_python_api_does_not_measure(measured, tiny_q4_path, tmp_path, hooks_enabled,
-                                                             monkeypatch):
+def test_replan_from_sidecar_with_python_api_does_not_measure(
+    measured, tiny_q4_path, tmp_path, hooks_enabled, monkeypatch
+):
     from mlx_lm import convert
 
-    from mlx_lm_optiq import sensitivity
+    from mlx_lm_optiq.weights import sweep
 
     def no_measuring(*a, **k):
         raise AssertionError("measured although a sensitivity table was given")
 
-    monkeypatch.setattr(sensitivity, "measure_sensitivity", no_measuring)
+    monkeypatch.setattr(sweep, "measure_sensitivity", no_measuring)
     out = tmp_path / "replanned"
-    convert(str(tiny_q4_path), mlx_path=str(out), quantize=True, optiq_target_bpw=4.6,
-            optiq_candidate_bits=[4, 8], optiq_group_sizes="32,64",
-            optiq_sensitivity=str(measured / "optiq_metadata.json"))
+    convert(
+        str(tiny_q4_path),
+        mlx_path=str(out),
+        quantize=True,
+        optiq_target_bpw=4.6,
+        optiq_candidate_bits=[4, 8],
+        optiq_group_sizes="32,64",
+        optiq_sensitivity=str(measured / "optiq_metadata.json"),
+    )
     meta = _sidecar(out)
     assert meta["target_bpw"] == 4.6 and 4.55 < meta["achieved_bpw"] <= 4.6
     assert meta["sensitivity"] == _sidecar(measured)["sensitivity"]
@@ -180,9 +232,13 @@ def test_replan_from_sidecar_with_python_api_does_not_measure(measured, tiny_q4_
     import mlx.core as mx
 
     first, again = mx.load(str(measured / "model.safetensors")), mx.load(str(out / "model.safetensors"))
-    same = [p for p, c in meta["layers"].items() if p != "model.embed_tokens"
-            and {k: c.get(k) for k in ("bits", "group_size")} ==
-            {k: _sidecar(measured)["layers"][p].get(k) for k in ("bits", "group_size")}]
+    same = [
+        p
+        for p, c in meta["layers"].items()
+        if p != "model.embed_tokens"
+        and {k: c.get(k) for k in ("bits", "group_size")}
+        == {k: _sidecar(measured)["layers"][p].get(k) for k in ("bits", "group_size")}
+    ]
     assert same
     for p in same:
         for part in ("weight", "scales", "biases"):
@@ -193,9 +249,16 @@ def test_protections_keep_modules_at_their_most_precise_candidate(measured, tiny
     from mlx_lm import convert
 
     out = tmp_path / "protected"
-    convert(str(tiny_q4_path), mlx_path=str(out), quantize=True, optiq_target_bpw=5.0,
-            optiq_candidate_bits="4,8", optiq_group_sizes="32,64", optiq_protect="first-block",
-            optiq_sensitivity=str(measured))
+    convert(
+        str(tiny_q4_path),
+        mlx_path=str(out),
+        quantize=True,
+        optiq_target_bpw=5.0,
+        optiq_candidate_bits="4,8",
+        optiq_group_sizes="32,64",
+        optiq_protect="first-block",
+        optiq_sensitivity=str(measured),
+    )
     meta = _sidecar(out)
     got = _stock_reload(out)
     for p, c in meta["layers"].items():
@@ -209,11 +272,22 @@ def test_protections_keep_modules_at_their_most_precise_candidate(measured, tiny
 
 def test_infeasible_target_is_a_clear_error_and_writes_nothing(measured, tiny_q4_path, tmp_path):
     out = tmp_path / "too-small"
-    res = _convert_cli(["--hf-path", str(tiny_q4_path), "-q", "--optiq-target-bpw", "4.2",
-                        "--optiq-sensitivity", str(measured / "optiq_metadata.json"), "--mlx-path", str(out)],
-                       dict(os.environ, MLX_LM_OPTIQ="1"))
+    res = _convert_cli(
+        [
+            "--hf-path",
+            str(tiny_q4_path),
+            "-q",
+            "--optiq-target-bpw",
+            "4.2",
+            "--optiq-sensitivity",
+            str(measured / "optiq_metadata.json"),
+            "--mlx-path",
+            str(out),
+        ],
+        dict(os.environ, MLX_LM_OPTIQ="1"),
+    )
     assert res.returncode != 0
-    assert "--optiq-target-bpw 4.2 is infeasible" in res.stderr and "4.50" in res.stderr
+    assert "--optiq-target-bpw: 4.2 is infeasible" in res.stderr and "4.50" in res.stderr
     assert not out.exists() and not _partials(tmp_path)
 
 
@@ -223,36 +297,76 @@ def test_corrupt_sensitivity_file_is_a_clear_error(tiny_q4_path, tmp_path, measu
     meta["sensitivity"]["modules"]["model.layers.1.mlp.up_proj"]["kl"]["4:64"] = "lots"
     bad.write_text(json.dumps(meta))
     out = tmp_path / "out"
-    res = _convert_cli(["--hf-path", str(tiny_q4_path), "-q", "--optiq-target-bpw", "4.8",
-                        "--optiq-sensitivity", str(bad), "--mlx-path", str(out)], dict(os.environ, MLX_LM_OPTIQ="1"))
+    res = _convert_cli(
+        [
+            "--hf-path",
+            str(tiny_q4_path),
+            "-q",
+            "--optiq-target-bpw",
+            "4.8",
+            "--optiq-sensitivity",
+            str(bad),
+            "--mlx-path",
+            str(out),
+        ],
+        dict(os.environ, MLX_LM_OPTIQ="1"),
+    )
     assert res.returncode != 0
-    assert str(bad) in res.stderr and "modules.model.layers.1.mlp.up_proj.kl.4:64' must be a finite number" in res.stderr
+    assert (
+        str(bad) in res.stderr and "modules.model.layers.1.mlp.up_proj.kl.4:64' must be a finite number" in res.stderr
+    )
     assert not out.exists()
 
 
 def test_optiq_flags_without_target_are_refused(tiny_q4_path, tmp_path, hooks_enabled):
     from mlx_lm import convert
 
-    from mlx_lm_optiq.plan import PlanError
+    from mlx_lm_optiq.weights.plan import PlanError
 
-    with pytest.raises(PlanError, match="--optiq-candidate-bits need --optiq-target-bpw"):
+    with pytest.raises(PlanError, match="--optiq-candidate-bits: need --optiq-target-bpw"):
         convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_candidate_bits="4,8")
-    with pytest.raises(PlanError, match="--optiq-num-samples configure measuring, which --optiq-sensitivity skips"):
-        convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_target_bpw=4.8,
-                optiq_sensitivity=str(tmp_path / "t.json"), optiq_num_samples=4)
-    with pytest.raises(PlanError, match="--optiq-clipping configure measuring, which --optiq-sensitivity skips"):
-        convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_target_bpw=4.8,
-                optiq_sensitivity=str(tmp_path / "t.json"), optiq_clipping="none")
+    with pytest.raises(PlanError, match="--optiq-num-samples: configure measuring, which --optiq-sensitivity skips"):
+        convert(
+            str(tiny_q4_path),
+            mlx_path=str(tmp_path / "o"),
+            quantize=True,
+            optiq_target_bpw=4.8,
+            optiq_sensitivity=str(tmp_path / "t.json"),
+            optiq_num_samples=4,
+        )
+    with pytest.raises(PlanError, match="--optiq-clipping: configure measuring, which --optiq-sensitivity skips"):
+        convert(
+            str(tiny_q4_path),
+            mlx_path=str(tmp_path / "o"),
+            quantize=True,
+            optiq_target_bpw=4.8,
+            optiq_sensitivity=str(tmp_path / "t.json"),
+            optiq_clipping="none",
+        )
     assert not (tmp_path / "o").exists()
 
 
 def test_interrupted_convert_leaves_no_complete_looking_directory(tiny_q4_path, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(CONVERT + ["--hf-path", str(tiny_q4_path), "-q", "--optiq-target-bpw", "4.8",
-                                       "--optiq-num-samples", "1", "--optiq-sequence-length", "32",
-                                       "--mlx-path", str(out)],
-                            env=dict(os.environ, MLX_LM_OPTIQ="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        CONVERT
+        + [
+            "--hf-path",
+            str(tiny_q4_path),
+            "-q",
+            "--optiq-target-bpw",
+            "4.8",
+            "--optiq-num-samples",
+            "1",
+            "--optiq-sequence-length",
+            "32",
+            "--mlx-path",
+            str(out),
+        ],
+        env=dict(os.environ, MLX_LM_OPTIQ="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not _partials(tmp_path) and time.time() < deadline and proc.poll() is None:
@@ -283,14 +397,21 @@ def _make_multimodal(float_dir, dst):
     rng = np.random.default_rng(0)
     weights["vision_tower.patch_conv.weight"] = mx.array(rng.standard_normal((32, 3, 4, 4)).astype(np.float32))
     weights["vision_tower.transformer.layers.0.attention.q_proj.weight"] = mx.array(
-        rng.standard_normal((32, 32)).astype(np.float32))
+        rng.standard_normal((32, 32)).astype(np.float32)
+    )
     weights["multi_modal_projector.linear_1.weight"] = mx.array(rng.standard_normal((576, 32)).astype(np.float32))
     mx.save_safetensors(str(dst / "model.safetensors"), weights)
-    config = {"model_type": "mistral3", "architectures": ["Mistral3ForConditionalGeneration"],
-              "text_config": text_config, "image_token_index": 10, "projector_hidden_act": "gelu",
-              "vision_feature_layer": -1, "spatial_merge_size": 2,
-              "vision_config": {"model_type": "pixtral", "hidden_size": 32, "patch_size": 4},
-              "audio_config": {"model_type": "whisper", "d_model": 32}}
+    config = {
+        "model_type": "mistral3",
+        "architectures": ["Mistral3ForConditionalGeneration"],
+        "text_config": text_config,
+        "image_token_index": 10,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -1,
+        "spatial_merge_size": 2,
+        "vision_config": {"model_type": "pixtral", "hidden_size": 32, "patch_size": 4},
+        "audio_config": {"model_type": "whisper", "d_model": 32},
+    }
     (dst / "config.json").write_text(json.dumps(config))
     (dst / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "PixtralImageProcessor"}))
     for f in float_dir.iterdir():

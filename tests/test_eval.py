@@ -1,4 +1,4 @@
-"""`python -m mlx_lm_optiq.eval`: PPL, KL and top-1 vs the float model on held-out text."""
+"""`python -m mlx_lm_optiq.quality`: PPL, KL and top-1 vs the float model on held-out text."""
 
 import json
 import os
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from mlx_lm_optiq import eval as optiq_eval
-from mlx_lm_optiq.io_utils import write_json
+from mlx_lm_optiq import quality
+from mlx_lm_optiq.core.jsonio import write_json
 
 
 @pytest.fixture(scope="module")
@@ -19,20 +19,59 @@ def uniform_models(tiny_float_path, tmp_path_factory):
     out = {}
     for bits in (4, 8):
         out[bits] = base / f"q{bits}"
-        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(tiny_float_path), "-q",
-                        "--q-bits", str(bits), "--q-group-size", "64", "--mlx-path", str(out[bits])],
-                       check=True, capture_output=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mlx_lm",
+                "convert",
+                "--hf-path",
+                str(tiny_float_path),
+                "-q",
+                "--q-bits",
+                str(bits),
+                "--q-group-size",
+                "64",
+                "--mlx-path",
+                str(out[bits]),
+            ],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
     return out
 
 
 def test_eval_command_reports_quality_on_held_out_text(uniform_models, tiny_float_path, shared_dir, tmp_path):
     text = shared_dir / "data" / "text" / "emma.txt"
     report = tmp_path / "eval.json"
-    res = subprocess.run([sys.executable, "-m", "mlx_lm_optiq.eval", "--model", str(uniform_models[4]),
-                          "--model", str(uniform_models[8]), "--reference", str(tiny_float_path),
-                          "--text", str(text), "--num-tokens", "256", "--sequence-length", "128",
-                          "--skip-tokens", "1000", "--compute", "simulated", "--output", str(report)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm_optiq.quality",
+            "--model",
+            str(uniform_models[4]),
+            "--model",
+            str(uniform_models[8]),
+            "--reference",
+            str(tiny_float_path),
+            "--text",
+            str(text),
+            "--num-tokens",
+            "256",
+            "--sequence-length",
+            "128",
+            "--skip-tokens",
+            "1000",
+            "--compute",
+            "simulated",
+            "--output",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "256 tokens of" in res.stdout and "compute:" in res.stdout and "simulated" in res.stdout
     data = json.loads(report.read_text())
@@ -50,15 +89,15 @@ def test_eval_command_reports_quality_on_held_out_text(uniform_models, tiny_floa
 
 def test_simulated_quantization_matches_real_kernels(uniform_models, tiny_float_path, austen):
     """Dequantized-fp32 evaluation gives the numbers of the real quantized kernels."""
-    reference, tokenizer, _ = optiq_eval.load_reference(tiny_float_path)
-    real, bpw_real, used_real = optiq_eval.load_for_eval(uniform_models[4], "quantized")
-    sim, bpw_sim, used_sim = optiq_eval.load_for_eval(uniform_models[4], "simulated")
+    reference, tokenizer, _ = quality.load_reference(tiny_float_path)
+    real, bpw_real, used_real = quality.load_for_eval(uniform_models[4], "quantized")
+    sim, bpw_sim, used_sim = quality.load_for_eval(uniform_models[4], "simulated")
     assert (used_real, used_sim) == ("quantized", "simulated") and bpw_real == bpw_sim
     ids = tokenizer.encode(austen("emma")[5000:9000])[:64]
     import mlx.core as mx
 
     tokens = mx.array(ids).reshape(1, 64)
-    res = optiq_eval.evaluate(reference, {"real": real, "sim": sim}, tokens, progress=False)
+    res = quality.evaluate(reference, {"real": real, "sim": sim}, tokens, progress=False)
     assert res["real"]["kl"] > 0.01
     assert res["sim"]["kl"] == pytest.approx(res["real"]["kl"], rel=0.02)
     assert res["sim"]["ppl"] == pytest.approx(res["real"]["ppl"], rel=0.01)
@@ -68,21 +107,22 @@ def test_eval_refuses_the_calibration_text_and_names_bad_inputs(tmp_path, shared
     text = shared_dir / "data" / "text" / "persuasion.txt"
     model = tmp_path / "m"
     model.mkdir()
-    write_json(model / "optiq_metadata.json", {"sensitivity": {"calibration": {"source": str(text)}}},
-               kind="optiq-metadata")
-    with pytest.raises(optiq_eval.EvalError, match="is the calibration text of"):
-        optiq_eval.check_not_calibration_text(model, text)
-    optiq_eval.check_not_calibration_text(model, shared_dir / "data" / "text" / "emma.txt")
+    write_json(
+        model / "optiq_metadata.json", {"sensitivity": {"calibration": {"source": str(text)}}}, kind="optiq-metadata"
+    )
+    with pytest.raises(quality.EvalError, match="is the calibration text of"):
+        quality.check_not_calibration_text(model, text)
+    quality.check_not_calibration_text(model, shared_dir / "data" / "text" / "emma.txt")
 
     class Tok:
         def encode(self, s):
             return list(range(len(s.split())))
 
-    with pytest.raises(optiq_eval.EvalError, match="--text .*missing.txt: file not found"):
-        optiq_eval.text_tokens(Tok(), tmp_path / "missing.txt", 256, 128)
+    with pytest.raises(quality.EvalError, match="--text .*missing.txt: file not found"):
+        quality.text_tokens(Tok(), tmp_path / "missing.txt", 256, 128)
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")
-    with pytest.raises(optiq_eval.EvalError, match="has 5 tokens, need 256"):
-        optiq_eval.text_tokens(Tok(), short, 256, 128)
-    with pytest.raises(optiq_eval.EvalError, match="multiple of --sequence-length"):
-        optiq_eval.text_tokens(Tok(), short, 100, 128)
+    with pytest.raises(quality.EvalError, match="has 5 tokens, need 256"):
+        quality.text_tokens(Tok(), short, 256, 128)
+    with pytest.raises(quality.EvalError, match="multiple of --sequence-length"):
+        quality.text_tokens(Tok(), short, 100, 128)

@@ -63,7 +63,8 @@ def test_unset_variable_imports_nothing_at_startup():
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "pass"],
         env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"},
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0
     imported = out.stderr
@@ -71,7 +72,9 @@ def test_unset_variable_imports_nothing_at_startup():
     # with the variable set, only our stdlib-only bootstrap is imported before mlx_lm
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "pass"],
-        env={**os.environ, "MLX_LM_OPTIQ": "1"}, capture_output=True, text=True,
+        env={**os.environ, "MLX_LM_OPTIQ": "1"},
+        capture_output=True,
+        text=True,
     )
     assert "mlx_lm_optiq._lazy" in out.stderr and "wrapt" not in out.stderr
 
@@ -81,8 +84,9 @@ def test_console_scripts_show_flags_only_when_enabled(argv):
     bindir = os.path.dirname(sys.executable)
     cmd = [os.path.join(bindir, argv[0])] + argv[1:]
     on = subprocess.run(cmd, env={**os.environ, "MLX_LM_OPTIQ": "1"}, capture_output=True, text=True)
-    off = subprocess.run(cmd, env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"},
-                         capture_output=True, text=True)
+    off = subprocess.run(
+        cmd, env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}, capture_output=True, text=True
+    )
     assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
     assert "--optiq-" in on.stdout
     assert "optiq" not in off.stdout
@@ -123,7 +127,7 @@ def test_env_route_version_gate_fails_at_import():
 
 
 def test_outputs_are_written_with_the_process_umask(tmp_path):
-    from mlx_lm_optiq import io_utils
+    from mlx_lm_optiq.core import jsonio as io_utils
 
     old = os.umask(0o022)
     try:

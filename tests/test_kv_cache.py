@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from mlx_lm_optiq.kv_cache import BatchMixedQuantizedKVCache, MixedQuantizedKVCache, check_kv_quantization
+from mlx_lm_optiq.kv.caches import BatchMixedQuantizedKVCache, MixedQuantizedKVCache, check_kv_quantization
 
 H, D = 3, 64
 
@@ -62,8 +62,7 @@ def test_quantized_kv_start_keeps_float_until_reached():
     k3, v3 = _kv(1, 3)
     k_out, _ = cache.update_and_fetch(k3, v3)  # offset 9 >= 8: converts everything held
     assert cache.quantized and cache.keys.dtype == mx.uint8
-    ref = mx.dequantize(*mx.quantize(mx.concatenate([k, k2, k3], axis=2), group_size=64, bits=4),
-                        group_size=64, bits=4)
+    ref = mx.dequantize(*mx.quantize(mx.concatenate([k, k2, k3], axis=2), group_size=64, bits=4), group_size=64, bits=4)
     assert mx.array_equal(k_out, ref)
 
 
@@ -138,12 +137,19 @@ def test_batch_generator_matches_single_requests(tiny_float_path, quantized_kv_s
     def plan_cache(*_):
         return [MixedQuantizedKVCache(k, v, 64, quantized_kv_start) for k, v in bits]
 
-    prompts = [tok.encode(t) for t in ("The capital of France is",
-                                       "Once upon a time, in a small village by the sea, there lived",
-                                       "1, 2, 3,")]
+    prompts = [
+        tok.encode(t)
+        for t in (
+            "The capital of France is",
+            "Once upon a time, in a small village by the sea, there lived",
+            "1, 2, 3,",
+        )
+    ]
     max_tokens = [10, 6, 8]
-    single = [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=m, prompt_cache=plan_cache())]
-              for p, m in zip(prompts, max_tokens)]
+    single = [
+        [int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=m, prompt_cache=plan_cache())]
+        for p, m in zip(prompts, max_tokens)
+    ]
     fp = [int(t) for t, _ in generate_step(mx.array(prompts[1]), model, max_tokens=6)]
     original = gen.make_prompt_cache
     gen.make_prompt_cache = plan_cache

@@ -8,18 +8,15 @@ tokens, and that bad configs / --kv-bits stop the server at start-up.
 
 import json
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import pytest
 
-from mlx_lm_optiq.io_utils import write_json
+from mlx_lm_optiq.core.jsonio import write_json
+from tests.helpers import ServerProcess, free_port, server_argv
 
 PLAN_BITS = [(8, 4), (4, 4), (8, 8), (4, 2)]  # the 2-bit values on slot 3 visibly change tokens
 PROMPTS = [
@@ -31,65 +28,39 @@ MAX_TOKENS = 8
 
 
 def _write_plan(path, bits=PLAN_BITS, group_size=64, **extra):
-    layers = [{"layer": i, "cache_slot": i, "scheme": "affine", "k_bits": k, "v_bits": v, "group_size": group_size}
-              for i, (k, v) in enumerate(bits)]
-    payload = {"model": "smollm2-135m-instruct-4layer", "quantized_kv_start": 0,
-               "num_cache_slots": len(layers), "layers": layers}
+    layers = [
+        {"layer": i, "cache_slot": i, "scheme": "affine", "k_bits": k, "v_bits": v, "group_size": group_size}
+        for i, (k, v) in enumerate(bits)
+    ]
+    payload = {
+        "model": "smollm2-135m-instruct-4layer",
+        "quantized_kv_start": 0,
+        "num_cache_slots": len(layers),
+        "layers": layers,
+    }
     payload.update(extra)
     return write_json(path, payload, kind="optiq-kv-config")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """`python -m mlx_lm server` for `model` with `flags` (tests.helpers.ServerProcess), plus completions."""
 
-
-def _server_cmd(model, port, *flags):
-    return [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--host", "127.0.0.1",
-            "--port", str(port), *flags]
-
-
-class Server:
     def __init__(self, model, env, log_path, *flags):
-        self.port = _free_port()
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(_server_cmd(model, self.port, *flags), env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{log_path.read_text()}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2).read()
-                return
-            except urllib.error.HTTPError:  # any HTTP answer means it is serving
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise AssertionError(f"server did not come up:\n{log_path.read_text()}")
+        super().__init__(model, *flags, env=env, log_path=log_path)
 
     def complete(self, prompt, **body):
         body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, "logprobs": True, **body}
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=300) as r:
             out = json.loads(r.read())
         if "error" in out:
             raise AssertionError(out)
         tokens = [c["id"] for c in out["choices"][0]["logprobs"]["content"]]
         return tokens, out["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +98,8 @@ def reference(tiny_float_path, plan_path):
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    from mlx_lm_optiq.kv_config import load_kv_config, make_plan_cache
+    from mlx_lm_optiq.kv.apply import make_plan_cache
+    from mlx_lm_optiq.kv.plan_file import load_kv_config
 
     model, tok = load(str(tiny_float_path))
     plan = load_kv_config(plan_path, model)
@@ -183,20 +155,28 @@ def test_server_serves_a_turbo_plan(tiny_float_path, tmp_path_factory, hooks_ena
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    from mlx_lm_optiq.kv_config import load_kv_config, make_plan_cache
+    from mlx_lm_optiq.kv.apply import make_plan_cache
+    from mlx_lm_optiq.kv.plan_file import load_kv_config
 
-    layers = [{"layer": i, "cache_slot": i, "scheme": "turbo", "k_bits": kb, "v_bits": vb}
-              for i, (kb, vb) in enumerate([(3, 3), (4, 2), (2, 2), (4, 4)])]
+    layers = [
+        {"layer": i, "cache_slot": i, "scheme": "turbo", "k_bits": kb, "v_bits": vb}
+        for i, (kb, vb) in enumerate([(3, 3), (4, 2), (2, 2), (4, 4)])
+    ]
     layers[1] = {"layer": 1, "cache_slot": 1, "scheme": "affine", "k_bits": 8, "v_bits": 4, "group_size": 64}
-    plan_file = write_json(tmp_path_factory.mktemp("turbo") / "turbo_plan.json",
-                           {"model": "smollm2-135m-instruct-4layer", "layers": layers}, kind="optiq-kv-config")
+    plan_file = write_json(
+        tmp_path_factory.mktemp("turbo") / "turbo_plan.json",
+        {"model": "smollm2-135m-instruct-4layer", "layers": layers},
+        kind="optiq-kv-config",
+    )
     model, tok = load(str(tiny_float_path))
     plan = load_kv_config(plan_file, model)
 
     def in_process(prompt, planned=True):
         cache = make_plan_cache(model, plan) if planned else None
-        return [int(t) for t, _ in generate_step(mx.array(tok.encode(prompt)), model, max_tokens=MAX_TOKENS,
-                                                  prompt_cache=cache)]
+        return [
+            int(t)
+            for t, _ in generate_step(mx.array(tok.encode(prompt)), model, max_tokens=MAX_TOKENS, prompt_cache=cache)
+        ]
 
     server = _serve(tiny_float_path, tmp_path_factory, "--optiq-kv-config", str(plan_file))
     try:
@@ -228,9 +208,13 @@ def test_no_kv_config_flag_serves_float_on_both_paths(planned_model, reference, 
 def test_kv_bits_with_a_plan_is_refused(tiny_float_path, plan_path):
     import os
 
-    out = subprocess.run(_server_cmd(tiny_float_path, _free_port(), "--optiq-kv-config", str(plan_path),
-                                     "--kv-bits", "4"),
-                         env={**os.environ, "MLX_LM_OPTIQ": "1"}, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        server_argv(tiny_float_path, free_port(), "--optiq-kv-config", str(plan_path), "--kv-bits", "4"),
+        env={**os.environ, "MLX_LM_OPTIQ": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "--kv-bits 4 cannot be combined with the per-layer KV plan" in out.stderr
 
@@ -252,11 +236,14 @@ def _after_parse(argv):
         server_kv._clear()
 
 
-@pytest.mark.parametrize("bits, group_size, expected", [
-    (PLAN_BITS[:3], 64, "has 3 cache slots but the model builds 4"),
-    (PLAN_BITS, 128, "'group_size' is 128, which does not divide the model's k_head_dim 64"),
-    ([(8, 4), (4, 7), (8, 8), (4, 2)], 64, "field 'v_bits' is 7"),
-])
+@pytest.mark.parametrize(
+    "bits, group_size, expected",
+    [
+        (PLAN_BITS[:3], 64, "has 3 cache slots but the model builds 4"),
+        (PLAN_BITS, 128, "'group_size' is 128, which does not divide the model's k_head_dim 64"),
+        ([(8, 4), (4, 7), (8, 8), (4, 2)], 64, "field 'v_bits' is 7"),
+    ],
+)
 def test_bad_config_stops_the_server_at_startup(tiny_float_path, tmp_path, capsys, bits, group_size, expected):
     bad = _write_plan(tmp_path / "kv_config.json", bits=bits, group_size=group_size)
     with pytest.raises(SystemExit) as exit_info:

@@ -16,13 +16,26 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from mlx_lm_optiq import lora_io, lora_ranks
-from mlx_lm_optiq.io_utils import OptiqFileError, write_json
+from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.jsonio import OptiqFileError, write_json
+from mlx_lm_optiq.lora import adapter_files
+from mlx_lm_optiq.lora.config import RANK_SCALING_MODES, locate_metadata
+from mlx_lm_optiq.lora.ranks import (
+    allocate_ranks,
+    budget_params,
+    layer_sensitivity,
+    lora_params,
+    mode_ranks,
+    rank_cost,
+    rank_weights,
+)
+from mlx_lm_optiq.weights.metadata import read_metadata
 
 PROBE = [[1, 504, 3458, 282, 4649, 314, 253, 1121, 30, 378, 2102, 314, 4372, 28]]
 
 
 # ---------------------------------------------------------------- helpers (test_peft uses them too)
+
 
 def make_sidecar(float_path, text, out_file, kl_tokens=32):
     """optiq_metadata.json for `float_path`: bits per layer from stock mlx-lm's mixed_4_6 recipe,
@@ -45,14 +58,34 @@ def make_sidecar(float_path, text, out_file, kl_tokens=32):
         module.weight = mx.dequantize(*mx.quantize(weight, 64, 4), group_size=64, bits=4)
         kl = (p_ref * (ref - nn.log_softmax(model(ids).astype(mx.float32), axis=-1))).sum(-1).mean().item()
         module.weight = weight
-        layers[path] = {"bits": bits, "group_size": group, "mode": "affine",
-                        "num_params": int(weight.size), "kl": {"4:64": kl}}
-    layers["model.embed_tokens"] = {"bits": 8, "group_size": 64, "mode": "affine",
-                                    "num_params": int(model.model.embed_tokens.weight.size), "kl": {}}
-    write_json(out_file, {"base_model": str(float_path), "method": "exact", "reference": "float",
-                          "candidates": [{"bits": 4, "group_size": 64, "mode": "affine"},
-                                         {"bits": 6, "group_size": 64, "mode": "affine"}],
-                          "layers": layers}, kind="optiq-metadata")
+        layers[path] = {
+            "bits": bits,
+            "group_size": group,
+            "mode": "affine",
+            "num_params": int(weight.size),
+            "kl": {"4:64": kl},
+        }
+    layers["model.embed_tokens"] = {
+        "bits": 8,
+        "group_size": 64,
+        "mode": "affine",
+        "num_params": int(model.model.embed_tokens.weight.size),
+        "kl": {},
+    }
+    write_json(
+        out_file,
+        {
+            "base_model": str(float_path),
+            "method": "exact",
+            "reference": "float",
+            "candidates": [
+                {"bits": 4, "group_size": 64, "mode": "affine"},
+                {"bits": 6, "group_size": 64, "mode": "affine"},
+            ],
+            "layers": layers,
+        },
+        kind="optiq-metadata",
+    )
     return Path(out_file)
 
 
@@ -69,18 +102,47 @@ def small_dataset(shared_dir, out_dir, n_train=8, n_valid=4, chars=160):
 
 
 def run_mlx_lm(command, args, env, check=True, cwd=None):
-    proc = subprocess.run([sys.executable, "-m", "mlx_lm", command, *map(str, args)], env=env,
-                          capture_output=True, text=True, cwd=cwd)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_lm", command, *map(str, args)], env=env, capture_output=True, text=True, cwd=cwd
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"mlx_lm {command} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"mlx_lm {command} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
 def train_args(model, data, adapter_path, *extra, iters=2):
-    return ["--model", model, "--train", "--data", data, "--adapter-path", adapter_path,
-            "--iters", iters, "--batch-size", 2, "--max-seq-length", 64, "--val-batches", 1,
-            "--steps-per-eval", 1000, "--steps-per-report", 1, "--save-every", 1000,
-            "--num-layers", -1, "--learning-rate", "1e-3", "--seed", 0, *extra]
+    return [
+        "--model",
+        model,
+        "--train",
+        "--data",
+        data,
+        "--adapter-path",
+        adapter_path,
+        "--iters",
+        iters,
+        "--batch-size",
+        2,
+        "--max-seq-length",
+        64,
+        "--val-batches",
+        1,
+        "--steps-per-eval",
+        1000,
+        "--steps-per-report",
+        1,
+        "--save-every",
+        1000,
+        "--num-layers",
+        -1,
+        "--learning-rate",
+        "1e-3",
+        "--seed",
+        0,
+        *extra,
+    ]
 
 
 def stock_env():
@@ -95,10 +157,12 @@ def logits(model):
 
 # ---------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def sidecar(tiny_float_path, austen, tmp_path_factory):
-    return make_sidecar(tiny_float_path, austen("persuasion")[5000:9000],
-                        tmp_path_factory.mktemp("sidecar") / "optiq_metadata.json")
+    return make_sidecar(
+        tiny_float_path, austen("persuasion")[5000:9000], tmp_path_factory.mktemp("sidecar") / "optiq_metadata.json"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -111,41 +175,50 @@ def by_bits_adapter(tiny_float_path, sidecar, data_dir, tmp_path_factory):
     """A by_bits adapter trained through the real `mlx_lm lora` command."""
     env = dict(os.environ, MLX_LM_OPTIQ="1")
     out = tmp_path_factory.mktemp("lora") / "by_bits"
-    proc = run_mlx_lm("lora", train_args(tiny_float_path, data_dir, out, "--optiq-rank-scaling", "by_bits",
-                                         "--rank", 8, "--optiq-metadata", sidecar), env)
+    proc = run_mlx_lm(
+        "lora",
+        train_args(
+            tiny_float_path, data_dir, out, "--optiq-rank-scaling", "by_bits", "--rank", 8, "--optiq-metadata", sidecar
+        ),
+        env,
+    )
     assert "[optiq] rank scaling by_bits" in proc.stdout
     return out
 
 
 # ---------------------------------------------------------------- rank allocation
 
+
 def test_allocate_ranks_moves_capacity_at_constant_budget(sidecar, tiny_float_path):
     from mlx_lm.utils import load
 
     model, _ = load(str(tiny_float_path))
-    dims = {p: (m.weight.shape[1], m.weight.shape[0]) for p, m in model.named_modules()
-            if isinstance(m, nn.Linear) and ".layers." in p}
-    metadata = lora_ranks.read_metadata(sidecar)
-    max_step = max(lora_ranks.rank_cost(d) for d in dims.values())
+    dims = {
+        p: (m.weight.shape[1], m.weight.shape[0])
+        for p, m in model.named_modules()
+        if isinstance(m, nn.Linear) and ".layers." in p
+    }
+    metadata = read_metadata(sidecar)
+    max_step = max(rank_cost(d) for d in dims.values())
     for base_rank in (1, 4, 8, 16):
-        budget = lora_ranks.budget_params(dims, base_rank)
-        for mode in lora_ranks.MODES:
-            ranks = lora_ranks.plan_ranks(mode, dims, base_rank, metadata, sidecar)
-            used = lora_ranks.lora_params(dims, ranks)
+        budget = budget_params(dims, base_rank)
+        for mode in RANK_SCALING_MODES:
+            ranks = mode_ranks(mode, dims, base_rank, metadata, sidecar)
+            used = lora_params(dims, ranks)
             assert used <= budget and budget - used < max_step, (mode, base_rank, used, budget)
             assert min(ranks.values()) >= 1
-    ranks = lora_ranks.plan_ranks("by_bits", dims, 8, metadata, sidecar)
+    ranks = mode_ranks("by_bits", dims, 8, metadata, sidecar)
     bits = {p: metadata["layers"][p]["bits"] for p in dims}
     six = [ranks[p] for p in dims if bits[p] == 6]
     four = [ranks[p] for p in dims if bits[p] == 4]
     assert six and four and min(six) > max(four)
     # rank ~ bits: 6-bit layers get ~1.5x the rank of 4-bit ones
     assert abs((sum(six) / len(six)) / (sum(four) / len(four)) - 1.5) < 0.25
-    ranks = lora_ranks.plan_ranks("by_kl", dims, 8, metadata, sidecar)
+    ranks = mode_ranks("by_kl", dims, 8, metadata, sidecar)
     kl = {p: metadata["layers"][p]["kl"]["4:64"] for p in dims}
     most, least = max(dims, key=kl.get), min(dims, key=kl.get)
     assert ranks[most] > ranks[least]
-    assert lora_ranks.plan_ranks("constant", dims, 8) == {p: 8 for p in dims}
+    assert mode_ranks("constant", dims, 8) == {p: 8 for p in dims}
 
 
 def test_bad_sidecars_give_clear_errors(sidecar, tmp_path):
@@ -155,30 +228,32 @@ def test_bad_sidecars_give_clear_errors(sidecar, tmp_path):
     wrong_kind = tmp_path / "wrong_kind.json"
     wrong_kind.write_text(json.dumps({**good, "kind": "optiq-kv-config"}))
     with pytest.raises(OptiqFileError, match=r"wrong_kind.json: field 'kind'"):
-        lora_ranks.read_metadata(wrong_kind)
+        read_metadata(wrong_kind)
 
     no_bits = tmp_path / "no_bits.json"
     layers = dict(good["layers"])
     layers["model.layers.0.self_attn.q_proj"] = {"kl": {"4:64": 0.1}}
     no_bits.write_text(json.dumps({**good, "layers": layers}))
     with pytest.raises(OptiqFileError, match=r"no_bits.json: field 'layers.model.layers.0.self_attn.q_proj.bits'"):
-        lora_ranks.read_metadata(no_bits)
+        read_metadata(no_bits)
 
     no_kl = json.loads(sidecar.read_text())
     del no_kl["layers"]["model.layers.0.mlp.down_proj"]["kl"]
     with pytest.raises(OptiqFileError, match=r"layers.model.layers.0.mlp.down_proj.kl"):
-        lora_ranks.plan_ranks("by_kl", dims, 8, no_kl, "side.json")
+        mode_ranks("by_kl", dims, 8, no_kl, "side.json")
 
     partial = json.loads(sidecar.read_text())
     del partial["layers"]["model.layers.0.mlp.down_proj"]
     with pytest.raises(OptiqFileError, match=r"no entry for LoRA target.*model.layers.0.mlp.down_proj"):
-        lora_ranks.plan_ranks("by_bits", dims, 8, partial, "side.json")
+        mode_ranks("by_bits", dims, 8, partial, "side.json")
 
-    with pytest.raises(ValueError, match="--optiq-rank-scaling: unknown mode 'by_vibes'"):
-        lora_ranks.rank_weights("by_vibes", list(dims), good)
+    with pytest.raises(ConfigError, match="rank_scaling: unknown mode 'by_vibes'"):
+        rank_weights("by_vibes", list(dims), good)
 
-    with pytest.raises(OptiqFileError, match=r"optiq_metadata.json: file not found.*--optiq-metadata"):
-        lora_ranks.find_metadata(tmp_path)
+    with pytest.raises(
+        OptiqFileError, match=r"optiq_metadata.json: file not found.*`metadata`.*`rank_scaling` constant"
+    ):
+        locate_metadata(tmp_path)
 
 
 def test_by_bits_without_sidecar_fails_clearly(tiny_float_path, tmp_path):
@@ -191,33 +266,47 @@ def test_by_bits_without_sidecar_fails_clearly(tiny_float_path, tmp_path):
     import mlx_lm_optiq
 
     model, _ = load(str(tiny_float_path))
-    args = types.SimpleNamespace(**{**mlx_lm.lora.CONFIG_DEFAULTS, "model": str(tiny_float_path),
-                                    "adapter_path": str(tmp_path / "ad"), "num_layers": -1,
-                                    "optiq_rank_scaling": "by_bits", "optiq_metadata": None})
+    args = types.SimpleNamespace(
+        **{
+            **mlx_lm.lora.CONFIG_DEFAULTS,
+            "model": str(tiny_float_path),
+            "adapter_path": str(tmp_path / "ad"),
+            "num_layers": -1,
+            "optiq_rank_scaling": "by_bits",
+            "optiq_metadata": None,
+        }
+    )
     mlx_lm_optiq.enable()
     try:
-        with pytest.raises(OptiqFileError, match=rf"{tiny_float_path}/optiq_metadata.json: file not found"):
+        with pytest.raises(
+            OptiqFileError,
+            match=rf"{tiny_float_path}/optiq_metadata.json: file not found"
+            r".*--optiq-metadata.*--optiq-rank-scaling constant",
+        ):
             mlx_lm.lora.train_model(args, model, [], [])
         args.optiq_rank_scaling = "by_magic"  # a YAML value skips argparse's choices
         with pytest.raises(ValueError, match="optiq_rank_scaling: got 'by_magic'"):
             mlx_lm.lora.train_model(args, model, [], [])
         args.optiq_rank_scaling, args.optiq_max_rank = None, 16  # flags that would be ignored are refused
-        with pytest.raises(ValueError, match="--optiq-max-rank only applies with --optiq-rank-scaling"):
+        with pytest.raises(
+            ValueError, match="--optiq-max-rank / optiq_max_rank: only applies with --optiq-rank-scaling"
+        ):
             mlx_lm.lora.run(args)
         args.optiq_max_rank, args.optiq_metadata = None, "side.json"
-        with pytest.raises(ValueError, match="--optiq-metadata is read by"):
+        with pytest.raises(ValueError, match="--optiq-metadata / optiq_metadata: is read by --optiq-rank-scaling or"):
             mlx_lm.lora.run(args)
     finally:
         mlx_lm_optiq.disable()
     assert not (tmp_path / "ad" / "adapters.safetensors").exists()
-    with pytest.raises(ValueError, match="--optiq-max-rank 4 is below the base rank 8"):
-        lora_ranks.allocate_ranks({"a": (4, 4)}, {"a": 1.0}, 8, max_rank=4)
+    with pytest.raises(ConfigError, match="max_rank: 4 is below the base rank 8"):
+        allocate_ranks({"a": (4, 4)}, {"a": 1.0}, 8, max_rank=4)
 
 
 # ---------------------------------------------------------------- training output
 
+
 def test_by_bits_training_keeps_budget_and_records_ranks(by_bits_adapter, sidecar):
-    record = lora_io.read_record(by_bits_adapter)
+    record = adapter_files.read_record(by_bits_adapter)
     assert record["rank_scaling"] == "by_bits" and record["base_rank"] == 8
     modules = record["modules"]
     assert len(modules) == 28  # 7 linear layers x 4 blocks (--num-layers -1)
@@ -239,13 +328,14 @@ def test_by_bits_training_keeps_budget_and_records_ranks(by_bits_adapter, sideca
     for path, m in modules.items():
         a, b = weights[f"{path}.lora_a"], weights[f"{path}.lora_b"]
         assert a.shape == (m["input_dims"], padded) and b.shape == (padded, m["output_dims"])
-        assert not mx.any(a[:, m["rank"]:]).item() and not mx.any(b[m["rank"]:]).item()
+        assert not mx.any(a[:, m["rank"] :]).item() and not mx.any(b[m["rank"] :]).item()
         assert mx.any(b[: m["rank"]]).item()  # trained (lora_b starts at zero)
 
 
 def test_stock_reload_matches_compact_reload(by_bits_adapter, tiny_float_path):
-    import mlx_lm_optiq
     from mlx_lm import load
+
+    import mlx_lm_optiq
 
     mlx_lm_optiq.disable()
     stock_model, _ = load(str(tiny_float_path), adapter_path=str(by_bits_adapter))
@@ -255,10 +345,12 @@ def test_stock_reload_matches_compact_reload(by_bits_adapter, tiny_float_path):
         compact_model, _ = load(str(tiny_float_path), adapter_path=str(by_bits_adapter))
     finally:
         mlx_lm_optiq.disable()
-    record = lora_io.read_record(by_bits_adapter)
-    compact_layers = lora_io.lora_modules(compact_model)
-    assert {p: lora_io.module_rank(m) for p, m in compact_layers.items()} == lora_io.record_ranks(record)
-    assert {lora_io.module_rank(m) for m in lora_io.lora_modules(stock_model).values()} == {record["padded_rank"]}
+    record = adapter_files.read_record(by_bits_adapter)
+    compact_layers = adapter_files.lora_modules(compact_model)
+    assert {p: adapter_files.module_rank(m) for p, m in compact_layers.items()} == adapter_files.record_ranks(record)
+    assert {adapter_files.module_rank(m) for m in adapter_files.lora_modules(stock_model).values()} == {
+        record["padded_rank"]
+    }
     compact_params = sum(m.lora_a.size + m.lora_b.size for m in compact_layers.values())
     assert compact_params == record["trainable_params"]
     stock, compact, base = logits(stock_model), logits(compact_model), logits(base_model)
@@ -267,12 +359,24 @@ def test_stock_reload_matches_compact_reload(by_bits_adapter, tiny_float_path):
 
 
 def test_stock_generate_cli_same_text_as_compact_load(by_bits_adapter, tiny_float_path):
-    import mlx_lm_optiq
     from mlx_lm import generate, load
 
+    import mlx_lm_optiq
+
     prompt = "The capital of France"
-    args = ["--model", tiny_float_path, "--adapter-path", by_bits_adapter, "--prompt", prompt,
-            "--max-tokens", 8, "--ignore-chat-template", "--temp", 0]
+    args = [
+        "--model",
+        tiny_float_path,
+        "--adapter-path",
+        by_bits_adapter,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        8,
+        "--ignore-chat-template",
+        "--temp",
+        0,
+    ]
     stock = run_mlx_lm("generate", args, stock_env()).stdout.split("==========")[1].strip()
     mlx_lm_optiq.enable()
     try:
@@ -287,8 +391,9 @@ def test_fuse_with_stock_fuse(by_bits_adapter, tiny_float_path, tmp_path):
     from mlx_lm import load
 
     fused = tmp_path / "fused"
-    run_mlx_lm("fuse", ["--model", tiny_float_path, "--adapter-path", by_bits_adapter, "--save-path", fused],
-               stock_env())
+    run_mlx_lm(
+        "fuse", ["--model", tiny_float_path, "--adapter-path", by_bits_adapter, "--save-path", fused], stock_env()
+    )
     fused_model, _ = load(str(fused))
     adapted, _ = load(str(tiny_float_path), adapter_path=str(by_bits_adapter))
     assert mx.abs(logits(fused_model) - logits(adapted)).max().item() < 1e-3
@@ -299,9 +404,20 @@ def test_resume_from_padded_adapter(by_bits_adapter, tiny_float_path, sidecar, d
     resumed = tmp_path / "resumed"
     # learning rate 0: the resumed weights must come out unchanged, which they
     # only do if the padded file was loaded into the compact layers correctly
-    args = train_args(tiny_float_path, data_dir, resumed, "--optiq-rank-scaling", "by_bits", "--rank", 8,
-                      "--optiq-metadata", sidecar, "--resume-adapter-file",
-                      by_bits_adapter / "adapters.safetensors", iters=1)
+    args = train_args(
+        tiny_float_path,
+        data_dir,
+        resumed,
+        "--optiq-rank-scaling",
+        "by_bits",
+        "--rank",
+        8,
+        "--optiq-metadata",
+        sidecar,
+        "--resume-adapter-file",
+        by_bits_adapter / "adapters.safetensors",
+        iters=1,
+    )
     args[args.index("--learning-rate") + 1] = "0"
     proc = run_mlx_lm("lora", args, env)
     assert "at the planned per-layer ranks" in proc.stdout
@@ -311,15 +427,16 @@ def test_resume_from_padded_adapter(by_bits_adapter, tiny_float_path, sidecar, d
     for k in before:
         assert mx.array_equal(before[k], after[k]), k
     assert json.loads((resumed / "adapter_config.json").read_text())["resume_adapter_file"] == str(
-        by_bits_adapter / "adapters.safetensors")
+        by_bits_adapter / "adapters.safetensors"
+    )
 
     # a plan the file does not fit (constant rank 2 would cut off trained columns) is refused
-    record = lora_io.read_record(by_bits_adapter)
+    record = adapter_files.read_record(by_bits_adapter)
     with pytest.raises(ValueError, match="non-zero values beyond the recorded rank 2"):
-        lora_io.fit_adapter_weights(before, {p: 2 for p in record["modules"]}, source="resume")
+        adapter_files.fit_adapter_weights(before, {p: 2 for p in record["modules"]}, source="resume")
     too_big = {p: record["padded_rank"] + 1 for p in record["modules"]}
     with pytest.raises(ValueError, match="smaller than the recorded rank"):
-        lora_io.fit_adapter_weights(before, too_big, source="resume")
+        adapter_files.fit_adapter_weights(before, too_big, source="resume")
 
 
 def test_yaml_config_by_kl_dora(tiny_float_path, sidecar, data_dir, tmp_path):
@@ -333,7 +450,7 @@ def test_yaml_config_by_kl_dora(tiny_float_path, sidecar, data_dir, tmp_path):
         "lora_parameters:\n  rank: 4\n  scale: 10.0\n  dropout: 0.0\n"
     )
     run_mlx_lm("lora", ["-c", config], dict(os.environ, MLX_LM_OPTIQ="1"))
-    record = lora_io.read_record(out)
+    record = adapter_files.read_record(out)
     assert record["rank_scaling"] == "by_kl" and record["fine_tune_type"] == "dora"
     assert record["base_rank"] == 4 and record["scale"] == 10.0
     modules = record["modules"]
@@ -343,8 +460,9 @@ def test_yaml_config_by_kl_dora(tiny_float_path, sidecar, data_dir, tmp_path):
     assert modules[most]["rank"] > modules[least]["rank"]
     assert record["trainable_params"] <= record["budget_params"]
     # DoRA magnitudes ride along; stock mlx-lm reloads the padded file
-    import mlx_lm_optiq
     from mlx_lm import load
+
+    import mlx_lm_optiq
 
     mlx_lm_optiq.disable()
     stock_model, _ = load(str(tiny_float_path), adapter_path=str(out))
@@ -358,9 +476,13 @@ def test_yaml_config_by_kl_dora(tiny_float_path, sidecar, data_dir, tmp_path):
 
 
 def test_lora_info_cli(by_bits_adapter, tiny_float_path):
-    proc = subprocess.run([sys.executable, "-m", "mlx_lm_optiq.lora_info", str(by_bits_adapter)],
-                          capture_output=True, text=True, check=True)
-    record = lora_io.read_record(by_bits_adapter)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_lm_optiq.lora.info", str(by_bits_adapter)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    record = adapter_files.read_record(by_bits_adapter)
     assert f"base model:        {tiny_float_path}" in proc.stdout
     assert f"{record['trainable_params']:,} in 28 modules" in proc.stdout
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[-2:]}
@@ -374,8 +496,14 @@ def test_disable_restores_lora_symbols():
 
     import mlx_lm_optiq
 
-    originals = (mlx_lm.lora.train_model, mlx_lm.lora.linear_to_lora_layers, mlx_lm.lora.load,
-                 mlx_lm.lora.load_adapters, mlx_lm.tuner.utils.load_adapters, mlx_lm.lora.build_parser)
+    originals = (
+        mlx_lm.lora.train_model,
+        mlx_lm.lora.linear_to_lora_layers,
+        mlx_lm.lora.load,
+        mlx_lm.lora.load_adapters,
+        mlx_lm.tuner.utils.load_adapters,
+        mlx_lm.lora.build_parser,
+    )
     mlx_lm_optiq.enable()
     try:
         assert mlx_lm.lora.train_model is not originals[0]
@@ -383,8 +511,14 @@ def test_disable_restores_lora_symbols():
         assert mlx_lm.lora.load_adapters is mlx_lm.tuner.utils.load_adapters
     finally:
         mlx_lm_optiq.disable()
-    assert (mlx_lm.lora.train_model, mlx_lm.lora.linear_to_lora_layers, mlx_lm.lora.load,
-            mlx_lm.lora.load_adapters, mlx_lm.tuner.utils.load_adapters, mlx_lm.lora.build_parser) == originals
+    assert (
+        mlx_lm.lora.train_model,
+        mlx_lm.lora.linear_to_lora_layers,
+        mlx_lm.lora.load,
+        mlx_lm.lora.load_adapters,
+        mlx_lm.tuner.utils.load_adapters,
+        mlx_lm.lora.build_parser,
+    ) == originals
 
 
 @pytest.mark.slow
@@ -392,25 +526,38 @@ def test_by_kl_on_a_model_converted_by_optiq(tiny_float_path, data_dir, tmp_path
     """The whole path: our mlx_lm.convert writes the sidecar; mlx_lm.lora finds it next to the model."""
     env = dict(os.environ, MLX_LM_OPTIQ="1")
     converted = tmp_path / "optiq-mixed"
-    run_mlx_lm("convert", ["--hf-path", tiny_float_path, "-q", "--optiq-target-bpw", 5.6, "--optiq-num-samples", 2,
-                           "--optiq-sequence-length", 64, "--mlx-path", converted], env)
+    run_mlx_lm(
+        "convert",
+        [
+            "--hf-path",
+            tiny_float_path,
+            "-q",
+            "--optiq-target-bpw",
+            5.6,
+            "--optiq-num-samples",
+            2,
+            "--optiq-sequence-length",
+            64,
+            "--mlx-path",
+            converted,
+        ],
+        env,
+    )
     sidecar = json.loads((converted / "optiq_metadata.json").read_text())
     args = train_args(converted, data_dir, tmp_path / "ad", "--optiq-rank-scaling", "by_kl", "--rank", 4, iters=1)
     args[args.index("--max-seq-length") + 1] = 32
     args[args.index("--batch-size") + 1] = 1
     run_mlx_lm("lora", args, env)
-    record = lora_io.read_record(tmp_path / "ad")
+    record = adapter_files.read_record(tmp_path / "ad")
     assert record["metadata"] == str(converted / "optiq_metadata.json")
     for path, entry in record["modules"].items():
         assert entry["bits"] == sidecar["layers"][path]["bits"]
-        assert entry["kl"] == lora_ranks.layer_sensitivity(sidecar["layers"][path])
+        assert entry["kl"] == layer_sensitivity(sidecar["layers"][path])
     assert record["trainable_params"] <= record["budget_params"]
     assert len({m["rank"] for m in record["modules"].values()}) > 2
 
 
 def test_layer_sensitivity_reads_the_lowest_bit_candidate_whatever_its_format():
-    from mlx_lm_optiq import lora_ranks
-
     # nvfp4 is a 4-bit candidate: lower than 8-bit, higher than 3-bit
-    assert lora_ranks.layer_sensitivity({"kl": {"8:64": 0.01, "nvfp4:16": 0.3}}) == 0.3
-    assert lora_ranks.layer_sensitivity({"kl": {"nvfp4:16": 0.3, "3:64": 0.9, "8:64": 0.01}}) == 0.9
+    assert layer_sensitivity({"kl": {"8:64": 0.01, "nvfp4:16": 0.3}}) == 0.3
+    assert layer_sensitivity({"kl": {"nvfp4:16": 0.3, "3:64": 0.9, "8:64": 0.01}}) == 0.9

@@ -10,11 +10,13 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from test_lora import PROBE, logits, run_mlx_lm, small_dataset, train_args
 
-from mlx_lm_optiq import lora_io
-from mlx_lm_optiq.io_utils import OptiqFileError, write_json
-from mlx_lm_optiq.load_quantized import load_quantized, requested_scheme
+from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.jsonio import OptiqFileError, write_json
+from mlx_lm_optiq.lora import adapter_files
+from mlx_lm_optiq.lora.config import LoraTrainingConfig
+from mlx_lm_optiq.lora.qlora import load_quantized
+from tests.test_lora import PROBE, logits, run_mlx_lm, small_dataset, train_args
 
 
 def _mixed_sidecar(float_path, out_file, float_layer=None):
@@ -37,8 +39,11 @@ def _mixed_sidecar(float_path, out_file, float_layer=None):
 
 @pytest.fixture(scope="module")
 def mixed_sidecar(tiny_float_path, tmp_path_factory):
-    return _mixed_sidecar(tiny_float_path, tmp_path_factory.mktemp("side") / "optiq_metadata.json",
-                          float_layer="model.layers.1.self_attn.q_proj")
+    return _mixed_sidecar(
+        tiny_float_path,
+        tmp_path_factory.mktemp("side") / "optiq_metadata.json",
+        float_layer="model.layers.1.self_attn.q_proj",
+    )
 
 
 def test_load_in_4bits_quantizes_every_layer_with_group_fallback(tiny_float_path, capsys):
@@ -46,7 +51,8 @@ def test_load_in_4bits_quantizes_every_layer_with_group_fallback(tiny_float_path
 
     model, _, config = load_quantized(tiny_float_path, "load_in_4bits", progress=False)
     assert "group size 128 does not divide the input dims of 25 layers; quantized them with group size 64" in (
-        capsys.readouterr().out)
+        capsys.readouterr().out
+    )
     float_model, _ = load_model(Path(tiny_float_path))
     float_modules = dict(float_model.named_modules())
     for path, module in model.named_modules():
@@ -64,9 +70,10 @@ def test_load_in_4bits_quantizes_every_layer_with_group_fallback(tiny_float_path
     assert 0 < kl < 0.5
 
 
-@pytest.mark.parametrize("scheme,bits,group,mode", [("load_in_mxfp4", 4, 32, "mxfp4"),
-                                                    ("load_in_6bits", 6, 64, "affine"),
-                                                    ("load_in_8bits", 8, 64, "affine")])
+@pytest.mark.parametrize(
+    "scheme,bits,group,mode",
+    [("load_in_mxfp4", 4, 32, "mxfp4"), ("load_in_6bits", 6, 64, "affine"), ("load_in_8bits", 8, 64, "affine")],
+)
 def test_other_uniform_schemes(tiny_float_path, scheme, bits, group, mode):
     model, _, config = load_quantized(tiny_float_path, scheme, progress=False)
     q = model.model.layers[0].self_attn.q_proj
@@ -89,12 +96,15 @@ def test_load_mixed_follows_the_sidecar(tiny_float_path, mixed_sidecar):
 def test_load_time_quantization_errors(tiny_float_path, tiny_q4_path, mixed_sidecar, tmp_path):
     with pytest.raises(ValueError, match=r"config.json: field 'quantization' is present.*needs a float base"):
         load_quantized(tiny_q4_path, "load_in_4bits", progress=False)
-    with pytest.raises(ValueError, match="choose one load-time quantization, got --optiq-load-in-4bits, --optiq-load-mixed"):
-        requested_scheme({"load_in_4bits": True, "load_mixed": True})
+    with pytest.raises(ConfigError, match="load_in_4bits/load_mixed: choose one load-time quantization"):
+        LoraTrainingConfig(load_in_4bits=True, load_mixed=True)
+    _choose_one_through_the_hook(tiny_float_path)
     bad = json.loads(Path(mixed_sidecar).read_text())
     bad["layers"]["model.layers.0.self_attn.k_proj"]["group_size"] = 128
     write_json(tmp_path / "bad.json", bad, kind="optiq-metadata")
-    with pytest.raises(OptiqFileError, match=r"bad.json: field 'layers.model.layers.0.self_attn.k_proj.group_size' is 128"):
+    with pytest.raises(
+        OptiqFileError, match=r"bad.json: field 'layers.model.layers.0.self_attn.k_proj.group_size' is 128"
+    ):
         load_quantized(tiny_float_path, "load_mixed", metadata_path=tmp_path / "bad.json", progress=False)
     bad["layers"]["model.layers.0.self_attn.k_proj"]["group_size"] = 64
     del bad["layers"]["model.embed_tokens"]
@@ -105,13 +115,37 @@ def test_load_time_quantization_errors(tiny_float_path, tiny_q4_path, mixed_side
         load_quantized(tiny_float_path, "load_mixed", progress=False)
 
 
+def _choose_one_through_the_hook(float_path):
+    """mlx_lm.lora refuses two load-time quantizations before loading anything, naming both flags."""
+    import types
+
+    import mlx_lm.lora
+
+    import mlx_lm_optiq
+
+    args = types.SimpleNamespace(
+        **{
+            **mlx_lm.lora.CONFIG_DEFAULTS,
+            "model": str(float_path),
+            "optiq_load_in_4bits": True,
+            "optiq_load_mixed": True,
+        }
+    )
+    mlx_lm_optiq.enable()
+    try:
+        with pytest.raises(ValueError, match="--optiq-load-in-4bits/--optiq-load-mixed: choose one load-time"):
+            mlx_lm.lora.run(args)
+    finally:
+        mlx_lm_optiq.disable()
+
+
 _PEAK = """
 import sys, mlx.core as mx
 from pathlib import Path
 from mlx.utils import tree_flatten
 mx.reset_peak_memory()
 if sys.argv[2] == "optiq":
-    from mlx_lm_optiq.load_quantized import load_quantized
+    from mlx_lm_optiq.lora.qlora import load_quantized
     model, _, _ = load_quantized(sys.argv[1], "load_in_4bits", progress=False)
 else:  # the naive way: load the float model, then quantize it
     from mlx_lm.utils import load_model, quantize_model
@@ -126,8 +160,9 @@ def test_quantizes_while_loading_never_holding_both_models(tiny_float_path):
     float_bytes = sum(f.stat().st_size for f in Path(tiny_float_path).glob("*.safetensors"))
 
     def peak(kind):
-        out = subprocess.run([sys.executable, "-c", _PEAK, str(tiny_float_path), kind],
-                             capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK, str(tiny_float_path), kind], capture_output=True, text=True, check=True
+        ).stdout.split()
         return int(out[-2]), int(out[-1])
 
     ours, quantized_bytes = peak("optiq")
@@ -141,13 +176,24 @@ def test_quantizes_while_loading_never_holding_both_models(tiny_float_path):
 def test_qlora_cli_mixed_base_with_by_bits_ranks(tiny_float_path, mixed_sidecar, shared_dir, tmp_path):
     data = small_dataset(shared_dir, tmp_path / "data", n_train=4, n_valid=2, chars=80)
     out = tmp_path / "qlora"
-    args = train_args(tiny_float_path, data, out, "--optiq-load-mixed", "--optiq-metadata", mixed_sidecar,
-                      "--optiq-rank-scaling", "by_bits", "--rank", 4, iters=1)
+    args = train_args(
+        tiny_float_path,
+        data,
+        out,
+        "--optiq-load-mixed",
+        "--optiq-metadata",
+        mixed_sidecar,
+        "--optiq-rank-scaling",
+        "by_bits",
+        "--rank",
+        4,
+        iters=1,
+    )
     args[args.index("--max-seq-length") + 1] = 32
     args[args.index("--batch-size") + 1] = 1
     proc = run_mlx_lm("lora", args, dict(os.environ, MLX_LM_OPTIQ="1"))
     assert "optiq: quantizing while loading" in proc.stderr
-    record = lora_io.read_record(out)
+    record = adapter_files.read_record(out)
     assert record["modules"]["model.layers.3.mlp.down_proj"]["bits"] == 6
     assert record["modules"]["model.layers.1.self_attn.q_proj"]["bits"] == 16
     config = json.loads((out / "adapter_config.json").read_text())
@@ -155,10 +201,10 @@ def test_qlora_cli_mixed_base_with_by_bits_ranks(tiny_float_path, mixed_sidecar,
     # mount on the same quantized base: LoRA over QuantizedLinear, adapters in float
     model, _, _ = load_quantized(tiny_float_path, "load_mixed", metadata_path=mixed_sidecar, progress=False)
     base = logits(model)
-    lora_io.load_compact_adapters(model, out)
+    adapter_files.load_compact_adapters(model, out)
     down = model.model.layers[3].mlp.down_proj
     assert isinstance(down.linear, nn.QuantizedLinear) and down.linear.bits == 6
     assert down.lora_a.dtype == mx.float32
-    assert lora_io.module_rank(down) == record["modules"]["model.layers.3.mlp.down_proj"]["rank"]
+    assert adapter_files.module_rank(down) == record["modules"]["model.layers.3.mlp.down_proj"]["rank"]
     assert mx.abs(logits(model) - base).max().item() > 1e-3
     assert len(PROBE[0]) == logits(model).shape[1]

@@ -10,12 +10,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_lora import PROBE, logits
 
 import mlx_lm_optiq
-from mlx_lm_optiq import lora_io
-from mlx_lm_optiq.io_utils import OptiqFileError
-from mlx_lm_optiq.peft import export_peft, import_peft, load_peft_adapter, mount_peft_adapter
+from mlx_lm_optiq.core.jsonio import OptiqFileError
+from mlx_lm_optiq.lora import adapter_files
+from mlx_lm_optiq.lora.peft import export_peft, import_peft, load_peft_adapter, mount_peft_adapter
+from tests.test_lora import PROBE, logits
 
 SCALE = 5.0
 
@@ -30,23 +30,40 @@ def ranked_adapter(tiny_float_path, tmp_path_factory):
     paths = [p for p, m in model.named_modules() if type(m).__name__ == "Linear" and ".layers." in p]
     ranks = {p: 2 + i % 5 for i, p in enumerate(paths)}
     model.freeze()
-    lora_io.build_lora_modules(model, ranks, scale=SCALE)
+    adapter_files.build_lora_modules(model, ranks, scale=SCALE)
     mx.random.seed(3)
-    for m in lora_io.lora_modules(model).values():
+    for m in adapter_files.lora_modules(model).values():
         m.lora_b = 0.02 * mx.random.normal(m.lora_b.shape)
     out = tmp_path_factory.mktemp("peft") / "ranked"
     out.mkdir()
     mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-    save_config({"fine_tune_type": "lora", "model": str(tiny_float_path), "num_layers": 4,
-                 "lora_parameters": {"rank": 4, "scale": SCALE, "dropout": 0.0}}, out / "adapter_config.json")
-    dims = {p: lora_io.module_dims(m) for p, m in lora_io.lora_modules(model).items()}
-    lora_io.write_record(out, {
-        "base_model": str(tiny_float_path), "fine_tune_type": "lora", "rank_scaling": "test", "base_rank": 4,
-        "padded_rank": None, "scale": SCALE, "dropout": 0.0, "metadata": None, "budget_params": None,
-        "trainable_params": sum(ranks[p] * (i + o) for p, (i, o) in dims.items()),
-        "modules": {p: {"rank": ranks[p], "input_dims": dims[p][0], "output_dims": dims[p][1]} for p in ranks},
-    })
-    lora_io.finalize_adapter_dir(out)
+    save_config(
+        {
+            "fine_tune_type": "lora",
+            "model": str(tiny_float_path),
+            "num_layers": 4,
+            "lora_parameters": {"rank": 4, "scale": SCALE, "dropout": 0.0},
+        },
+        out / "adapter_config.json",
+    )
+    dims = {p: adapter_files.module_dims(m) for p, m in adapter_files.lora_modules(model).items()}
+    adapter_files.write_record(
+        out,
+        {
+            "base_model": str(tiny_float_path),
+            "fine_tune_type": "lora",
+            "rank_scaling": "test",
+            "base_rank": 4,
+            "padded_rank": None,
+            "scale": SCALE,
+            "dropout": 0.0,
+            "metadata": None,
+            "budget_params": None,
+            "trainable_params": sum(ranks[p] * (i + o) for p, (i, o) in dims.items()),
+            "modules": {p: {"rank": ranks[p], "input_dims": dims[p][0], "output_dims": dims[p][1]} for p in ranks},
+        },
+    )
+    adapter_files.finalize_adapter_dir(out)
     return out
 
 
@@ -62,7 +79,7 @@ def adapter_logits(ranked_adapter, tiny_float_path):
 def test_export_uses_peft_names_layouts_and_patterns(ranked_adapter, tmp_path):
     out = export_peft(ranked_adapter, tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
-    ranks = lora_io.record_ranks(lora_io.read_record(ranked_adapter))
+    ranks = adapter_files.record_ranks(adapter_files.read_record(ranked_adapter))
     assert config["peft_type"] == "LORA" and config["target_modules"] == sorted(ranks)
     default = config["r"]
     assert config["lora_alpha"] == SCALE * default
@@ -72,7 +89,7 @@ def test_export_uses_peft_names_layouts_and_patterns(ranked_adapter, tmp_path):
     from safetensors.numpy import load_file
 
     tensors = load_file(str(out / "adapter_model.safetensors"))
-    compact = lora_io.fit_adapter_weights(mx.load(str(ranked_adapter / "adapters.safetensors")), ranks)
+    compact = adapter_files.fit_adapter_weights(mx.load(str(ranked_adapter / "adapters.safetensors")), ranks)
     assert len(tensors) == 2 * len(ranks)
     for p, r in ranks.items():
         a = tensors[f"base_model.model.{p}.lora_A.weight"]
@@ -94,8 +111,8 @@ def test_round_trip_through_peft_format_in_mlx(ranked_adapter, adapter_logits, t
     # ... and the compact mount gives the same outputs at the original ranks
     model, _ = load(str(tiny_float_path))
     mount_peft_adapter(model, exported)
-    ranks = lora_io.record_ranks(lora_io.read_record(ranked_adapter))
-    assert {p: lora_io.module_rank(m) for p, m in lora_io.lora_modules(model).items()} == ranks
+    ranks = adapter_files.record_ranks(adapter_files.read_record(ranked_adapter))
+    assert {p: adapter_files.module_rank(m) for p, m in adapter_files.lora_modules(model).items()} == ranks
     np.testing.assert_allclose(np.array(logits(model)), adapter_logits, atol=1e-4)
 
 
@@ -118,8 +135,7 @@ def test_import_folds_per_module_alpha_into_lora_b(ranked_adapter, tmp_path):
     scaling = lambda p, alpha: alpha / cfg["ranks"][p] ** 0.5  # noqa: E731
     effective = cfg["scale"] * np.array(w[f"{other}.lora_b"])
     alpha_other = config["alpha_pattern"].get(other, config["lora_alpha"])
-    np.testing.assert_allclose(effective, scaling(other, alpha_other) * np.array(base_w[f"{other}.lora_b"]),
-                               rtol=1e-5)
+    np.testing.assert_allclose(effective, scaling(other, alpha_other) * np.array(base_w[f"{other}.lora_b"]), rtol=1e-5)
 
 
 def test_bad_peft_adapters_give_clear_errors(ranked_adapter, tmp_path):
@@ -172,10 +188,15 @@ def test_adapter_made_by_peft_mounts_in_mlx(tiny_float_path, tmp_path):
 
     torch.manual_seed(0)
     base = LlamaForCausalLM.from_pretrained(str(tiny_float_path), torch_dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                        layers_to_transform=[1, 3],
-                        rank_pattern={"model.layers.3.mlp.down_proj": 8},
-                        alpha_pattern={"model.layers.3.mlp.down_proj": 8}, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        layers_to_transform=[1, 3],
+        rank_pattern={"model.layers.3.mlp.down_proj": 8},
+        alpha_pattern={"model.layers.3.mlp.down_proj": 8},
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -187,7 +208,7 @@ def test_adapter_made_by_peft_mounts_in_mlx(tiny_float_path, tmp_path):
     mlx_lm_optiq.disable()
     model, _ = load(str(tiny_float_path))
     mount_peft_adapter(model, tmp_path / "made_by_peft")
-    ranks = {p: lora_io.module_rank(m) for p, m in lora_io.lora_modules(model).items()}
+    ranks = {p: adapter_files.module_rank(m) for p, m in adapter_files.lora_modules(model).items()}
     assert ranks["model.layers.3.mlp.down_proj"] == 8 and ranks["model.layers.1.self_attn.q_proj"] == 4
     assert len(ranks) == 6
     np.testing.assert_allclose(np.array(logits(model)), expected, atol=2e-3)

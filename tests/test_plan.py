@@ -7,9 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from mlx_lm_optiq import metadata, plan
-from mlx_lm_optiq.allocate import InfeasibleBudget, quantized_bits
-from mlx_lm_optiq.io_utils import OptiqFileError
+from mlx_lm_optiq.core.allocate import InfeasibleBudget
+from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.formats import (
+    candidate_key,
+    make_candidates,
+    parse_candidates,
+    quantized_bits,
+    top_level_quantization,
+)
+from mlx_lm_optiq.core.jsonio import OptiqFileError
+from mlx_lm_optiq.weights import metadata, plan
+from mlx_lm_optiq.weights.config import WeightsConfig
 
 
 def _table(shapes, candidates, seed=0):
@@ -21,11 +30,16 @@ def _table(shapes, candidates, seed=0):
         kl = {}
         for c in candidates:
             if shape[-1] % c["group_size"] == 0:
-                kl[plan.candidate_key(**c)] = base * 2.0 ** (-2 * c["bits"]) * (c["group_size"] / 64)
+                kl[candidate_key(**c)] = base * 2.0 ** (-2 * c["bits"]) * (c["group_size"] / 64)
         mods[path] = {"num_params": math.prod(shape), "shape": list(shape), "kl": kl}
-    return {"model": "test", "method": "exact", "reference": "float",
-            "calibration": {"num_samples": 1, "sequence_length": 2, "tokens": 2, "sha256": "0"},
-            "candidates": candidates, "modules": mods}
+    return {
+        "model": "test",
+        "method": "exact",
+        "reference": "float",
+        "calibration": {"num_samples": 1, "sequence_length": 2, "tokens": 2, "sha256": "0"},
+        "candidates": candidates,
+        "modules": mods,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -39,28 +53,30 @@ def tiny_float_model(tiny_q4_path):
 
 
 def _shapes(model):
-    from mlx_lm_optiq.sensitivity import quantizable_modules
+    from mlx_lm_optiq.core.model_tree import quantizable_modules
 
     return {p: list(m.weight.shape) for p, m in quantizable_modules(model).items()}
 
 
 def test_plan_is_the_exact_optimum_under_the_budget():
-    cands = plan.make_candidates([2, 4, 8], [64])
+    cands = make_candidates([2, 4, 8], [64])
     shapes = {f"model.layers.{i}.mlp.up_proj": [64 * (i + 1), 128] for i in range(6)}
     table = _table(shapes, cands, seed=3)
     float_bits = {p: math.prod(s) * 16 for p, s in shapes.items()}
     total = sum(math.prod(s) for s in shapes.values()) + 1000
     fixed = 1000 * 16
     for target in (3.0, 4.2, 5.5, 7.0):
-        result = plan.plan(table, cands, target, total, fixed, float_bits, 16)
+        result = plan.solve_plan(table, cands, target, total, fixed, float_bits, 16)
         best = None
         for combo in itertools.product(range(3), repeat=len(shapes)):
-            bits = fixed + sum(quantized_bits(math.prod(s), cands[j]["bits"], 64) for s, j in zip(shapes.values(), combo))
+            bits = fixed + sum(
+                quantized_bits(math.prod(s), cands[j]["bits"], 64) for s, j in zip(shapes.values(), combo)
+            )
             if bits > target * total:
                 continue
-            val = sum(table["modules"][p]["kl"][plan.candidate_key(**cands[j])] for p, j in zip(shapes, combo))
+            val = sum(table["modules"][p]["kl"][candidate_key(**cands[j])] for p, j in zip(shapes, combo))
             best = val if best is None else min(best, val)
-        got = sum(table["modules"][p]["kl"][plan.candidate_key(**c)] for p, c in result["layers"].items())
+        got = sum(table["modules"][p]["kl"][candidate_key(**c)] for p, c in result["layers"].items())
         assert got == pytest.approx(best, rel=1e-12)
         assert result["predicted_bits"] <= target * total
 
@@ -72,17 +88,19 @@ def test_predicted_bits_equal_mlx_lm_count_after_quantizing(tiny_float_model, ti
     from mlx_lm.utils import compute_bits_per_weight, dequantize_model, get_total_parameters, load_model, quantize_model
 
     model, config = tiny_float_model
-    cands = plan.make_candidates([3, 4, 8], [32, 64])
+    cands = make_candidates([3, 4, 8], [32, 64])
     table = _table(_shapes(model), cands)
     for dtype_arg, target in ((None, 4.7), ("float32", 5.3)):
-        result = plan.make_plan(model, config, table, cands, target, dtype_arg=dtype_arg, protect=["first-block"])
+        result = plan.plan_for_model(model, config, table, cands, target, dtype=dtype_arg, protect=["first-block"])
         # a fresh copy, cast like stock convert does, quantized by stock quantize_model
         fresh = dequantize_model(load_model(tiny_q4_path, lazy=True)[0])
         if dtype_arg:
             import mlx.core as mx
 
             fresh.set_dtype(getattr(mx, dtype_arg))
-        qmodel, qcfg = quantize_model(fresh, copy.deepcopy(config), 32, 3, quant_predicate=plan.quant_predicate(result["layers"]))
+        qmodel, qcfg = quantize_model(
+            fresh, copy.deepcopy(config), 32, 3, quant_predicate=plan.quant_predicate(result["layers"])
+        )
         plan.check_quantized(qmodel, result["layers"])
         bits = compute_bits_per_weight(qmodel) * get_total_parameters(qmodel)
         assert round(bits) == result["predicted_bits"]
@@ -95,13 +113,13 @@ def test_predicted_bits_equal_mlx_lm_count_after_quantizing(tiny_float_model, ti
 
 def test_infeasible_target_names_the_minimum(tiny_float_model):
     model, config = tiny_float_model
-    cands = plan.make_candidates([4, 8], [64])
+    cands = make_candidates([4, 8], [64])
     table = _table(_shapes(model), cands)
-    with pytest.raises(InfeasibleBudget, match=r"--optiq-target-bpw 4.0 is infeasible.*4\.50\d* bits per weight"):
-        plan.make_plan(model, config, table, cands, 4.0)
+    with pytest.raises(InfeasibleBudget, match=r"target_bpw: 4.0 is infeasible.*4\.50\d* bits per weight"):
+        plan.plan_for_model(model, config, table, cands, 4.0)
     # protections raise the floor and are named in the message
     with pytest.raises(InfeasibleBudget, match="protections"):
-        plan.make_plan(model, config, table, cands, 6.0, protect=["embeddings"])
+        plan.plan_for_model(model, config, table, cands, 6.0, protect=["embeddings"])
 
 
 def test_protections_match_modules_and_reject_unknown(tiny_float_model):
@@ -111,25 +129,34 @@ def test_protections_match_modules_and_reject_unknown(tiny_float_model):
     assert sorted({p.split(".")[2] for p in got}) == ["0", "3"] and len(got) == 14
     # SmolLM2 ties lm_head to the embedding: lm-head protects the embedding
     assert plan.protected_modules(paths, ["lm-head"], tied_embeddings=True) == {"model.embed_tokens": "lm-head"}
-    with pytest.raises(plan.PlanError, match="--optiq-protect lm-head: no quantizable module"):
+    with pytest.raises(ConfigError, match="protect: lm-head: no quantizable module"):
         plan.protected_modules(paths, ["lm-head"], tied_embeddings=False)
-    with pytest.raises(plan.PlanError, match="unknown protection"):
+    with pytest.raises(ConfigError, match="protect: unknown protection"):
         plan.protected_modules(paths, ["attention"])
 
 
 def test_missing_candidate_in_table_is_named(tiny_float_model):
     model, config = tiny_float_model
-    table = _table(_shapes(model), plan.make_candidates([4, 8], [64]))
-    with pytest.raises(plan.PlanError, match=r"module 'model\.embed_tokens' has no measurement for candidate\(s\) \['4:32'"):
-        plan.make_plan(model, config, table, plan.make_candidates([4, 8], [32, 64]), 5.0, source="t.json")
+    table = _table(_shapes(model), make_candidates([4, 8], [64]))
+    with pytest.raises(
+        plan.PlanError, match=r"module 'model\.embed_tokens' has no measurement for candidate\(s\) \['4:32'"
+    ):
+        plan.plan_for_model(model, config, table, make_candidates([4, 8], [32, 64]), 5.0, source="t.json")
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"format_version": 1, "kind": "optiq-kv-config"}), "field 'kind' is 'optiq-kv-config'"),
-    (json.dumps({"format_version": 1, "kind": "optiq-metadata", "layers": {}, "target_bpw": 4,
-                 "achieved_bpw": 4}), "missing required field 'sensitivity'"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"format_version": 1, "kind": "optiq-kv-config"}), "field 'kind' is 'optiq-kv-config'"),
+        (
+            json.dumps(
+                {"format_version": 1, "kind": "optiq-metadata", "layers": {}, "target_bpw": 4, "achieved_bpw": 4}
+            ),
+            "missing required field 'sensitivity'",
+        ),
+    ],
+)
 def test_corrupt_sensitivity_files_are_clear_errors(tmp_path, bad, message):
     f = tmp_path / "s.json"
     f.write_text(bad)
@@ -139,34 +166,58 @@ def test_corrupt_sensitivity_files_are_clear_errors(tmp_path, bad, message):
 
 
 def test_non_finite_kl_in_sidecar_names_the_field(tmp_path):
-    table = _table({"model.layers.0.mlp.up_proj": [8, 64]}, plan.make_candidates([4], [64]))
+    table = _table({"model.layers.0.mlp.up_proj": [8, 64]}, make_candidates([4], [64]))
     table["modules"]["model.layers.0.mlp.up_proj"]["kl"]["4:64"] = "NaN"
     f = tmp_path / "optiq_metadata.json"
-    f.write_text(json.dumps({"format_version": 1, "kind": "optiq-metadata", "layers": {}, "target_bpw": 4,
-                             "achieved_bpw": 4, "sensitivity": table}))
+    f.write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "kind": "optiq-metadata",
+                "layers": {},
+                "target_bpw": 4,
+                "achieved_bpw": 4,
+                "sensitivity": table,
+            }
+        )
+    )
     with pytest.raises(OptiqFileError, match=r"modules\.model\.layers\.0\.mlp\.up_proj\.kl\.4:64' must be a finite"):
         metadata.load_sensitivity(f)
 
 
-def test_parse_lists_name_the_flag():
-    assert plan.parse_int_list("4, 8", "--optiq-candidate-bits") == [4, 8]
-    assert plan.parse_int_list([4, 8], "--optiq-candidate-bits") == [4, 8]
-    with pytest.raises(plan.PlanError, match="--optiq-group-sizes: expected comma-separated integers"):
-        plan.parse_int_list("64,abc", "--optiq-group-sizes")
-    with pytest.raises(plan.PlanError, match="candidate bits must be among"):
-        plan.make_candidates([7], [64])
+def test_config_parses_candidates_once_and_names_fields():
+    assert WeightsConfig(target_bpw=5, candidate_bits="4, 8", group_sizes=[32, 64]).candidates == make_candidates(
+        [4, 8], [32, 64]
+    )
+    # defaults: bits 4,8 at the stock group size (or 64)
+    assert [candidate_key(**c) for c in WeightsConfig(target_bpw=5).candidates] == ["4:64", "8:64"]
+    assert [candidate_key(**c) for c in WeightsConfig(target_bpw=5, q_group_size=32).candidates] == ["4:32", "8:32"]
+    with pytest.raises(ConfigError, match="group_sizes: expected comma-separated integers"):
+        WeightsConfig(target_bpw=5, group_sizes="64,abc")
+    with pytest.raises(ConfigError, match="candidate_bits/group_sizes: candidate bits must be among"):
+        WeightsConfig(target_bpw=5, candidate_bits=[7])
+    with pytest.raises(ConfigError, match="protect: unknown protection"):
+        WeightsConfig(target_bpw=5, protect="embeddings,attention")
+    with pytest.raises(ConfigError, match="candidate_bits/num_samples: need `target_bpw`"):
+        WeightsConfig(candidate_bits="4,8", num_samples=4)
+    with pytest.raises(ConfigError, match="num_samples: configure measuring, which `sensitivity` skips"):
+        WeightsConfig(target_bpw=5, sensitivity="t.json", num_samples=4)
+    with pytest.raises(ConfigError, match="sensitivity_method: expected one of exact, fisher"):
+        WeightsConfig(target_bpw=5, sensitivity_method="fast")
+    assert WeightsConfig(text_only=True).candidates is None  # nothing to plan
 
 
 def test_explicit_candidates_and_the_top_level_entry():
-    cands = plan.parse_candidates("8:64, nvfp4:16,4:64,4:64")
+    cands = parse_candidates("8:64, nvfp4:16,4:64,4:64")
     # cheapest first (4:64 and nvfp4:16 both cost 4.5 bits: given order), deduplicated
-    assert [plan.candidate_key(**c) for c in cands] == ["nvfp4:16", "4:64", "8:64"]
+    assert [candidate_key(**c) for c in cands] == ["nvfp4:16", "4:64", "8:64"]
     assert cands[0] == {"bits": 4, "group_size": 16, "mode": "nvfp4"}
+    assert WeightsConfig(target_bpw=5, candidates="8:64, nvfp4:16,4:64,4:64").candidates == cands
     # the smallest group (stock quantize_model skips modules it does not divide), cheapest format at it
-    assert plan.top_level_quantization(cands) == (16, 4, "nvfp4")
-    assert plan.top_level_quantization(plan.parse_candidates("3:64,4:32,8:32")) == (32, 4, "affine")
-    assert plan.top_level_quantization(plan.parse_candidates("mxfp4:32,4:32,4:64")) == (32, 4, "mxfp4")
-    with pytest.raises(plan.PlanError, match="--optiq-candidates: mxfp8 has group size 32, got 64"):
-        plan.parse_candidates("mxfp8:64")
-    with pytest.raises(plan.PlanError, match="other formats go in --optiq-candidates"):
-        plan.make_candidates([4], [64], mode="nvfp4")
+    assert top_level_quantization(cands) == (16, 4, "nvfp4")
+    assert top_level_quantization(parse_candidates("3:64,4:32,8:32")) == (32, 4, "affine")
+    assert top_level_quantization(parse_candidates("mxfp4:32,4:32,4:64")) == (32, 4, "mxfp4")
+    with pytest.raises(ConfigError, match="candidates: mxfp8 has group size 32, got 64"):
+        WeightsConfig(target_bpw=5, candidates="mxfp8:64")
+    with pytest.raises(ConfigError, match="q_mode: .*other formats go in `candidates`"):
+        WeightsConfig(target_bpw=5, candidate_bits=[4], group_sizes=[64], q_mode="nvfp4")

@@ -4,26 +4,20 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
 
-from mlx_lm_optiq.io_utils import OptiqFileError
-from mlx_lm_optiq.sensitivity import (
-    SensitivityError,
-    candidate_key,
-    load_table,
-    measure_sensitivity,
-    normalize_candidates,
-    quantizable_modules,
-    save_table,
-)
+from mlx_lm_optiq.core.formats import FormatError, candidate_key, check_with_mlx, parse_candidates
+from mlx_lm_optiq.core.jsonio import OptiqFileError
+from mlx_lm_optiq.core.model_tree import ModelError, quantizable_modules
+from mlx_lm_optiq.weights.sweep import SensitivityError, measure_sensitivity
+from mlx_lm_optiq.weights.table import read_table, write_table
+from tests.helpers import free_port
 
 CANDS = "4:64,8:64"
 NUM_SAMPLES, SEQ_LEN = 2, 32
@@ -40,7 +34,7 @@ SOME = [
 def tokens(tiny_q4_path):
     from mlx_lm.utils import load_tokenizer
 
-    from mlx_lm_optiq.calibration import load_calibration
+    from mlx_lm_optiq.core.calibration import load_calibration
 
     return load_calibration(load_tokenizer(tiny_q4_path), num_samples=NUM_SAMPLES, sequence_length=SEQ_LEN)
 
@@ -84,17 +78,23 @@ def test_exact_sweep_covers_every_module(exact, tiny_float_path):
 
 
 def test_table_round_trip(exact, tmp_path):
-    path = save_table(exact, tmp_path / "table.json")
+    path = write_table(exact, tmp_path / "table.json")
     assert json.loads(path.read_text())["kind"] == "optiq-sensitivity"
-    assert load_table(path)["modules"] == exact["modules"]
+    assert read_table(path)["modules"] == exact["modules"]
 
 
 def test_hidden_state_reuse_equals_full_forward(exact, tiny_float_path, tokens):
     mods = ["model.layers.1.mlp.down_proj", "model.layers.3.self_attn.v_proj"]
     start = time.perf_counter()
     naive = measure_sensitivity(
-        tiny_float_path, tokens, CANDS, reference="float", batch_size=1, progress=False,
-        modules=mods, reuse_hidden_states=False,
+        tiny_float_path,
+        tokens,
+        CANDS,
+        reference="float",
+        batch_size=1,
+        progress=False,
+        modules=mods,
+        reuse_hidden_states=False,
     )
     print(f"\nnaive (full forward per probe), {len(mods)} modules: {time.perf_counter() - start:.1f}s")
     for p in mods:
@@ -112,10 +112,13 @@ def test_stacked_probes_equal_one_forward_per_probe(exact, tiny_float_path, toke
     # All modules of block 0 (first block: its inputs are the recorded embeddings) and two of block 3.
     mods = [p for p in exact["modules"] if p.startswith("model.layers.0.")] + SOME[2:]
     start = time.perf_counter()
-    table = measure_sensitivity(tiny_float_path, tokens, CANDS, reference="float", batch_size=1, progress=False,
-                                modules=mods, batch_probes=True)
-    print(f"\nstacked probes, {len(mods)} modules: {time.perf_counter() - start:.1f}s, "
-          f"{table['probes_per_pass']} probes per pass")
+    table = measure_sensitivity(
+        tiny_float_path, tokens, CANDS, reference="float", batch_size=1, progress=False, modules=mods, batch_probes=True
+    )
+    print(
+        f"\nstacked probes, {len(mods)} modules: {time.perf_counter() - start:.1f}s, "
+        f"{table['probes_per_pass']} probes per pass"
+    )
     assert table["probes_per_pass"] > 1
     # The unperturbed model stacked in a pass reproduces its in-pass reference bit for bit.
     assert table["stacked_probe_kl_floor"] == 0.0
@@ -140,16 +143,22 @@ def test_resume_after_interrupt(exact, tiny_float_path, tokens, tmp_path):
         measure_sensitivity(tiny_float_path, tokens, CANDS, on_probe=interrupt_after_three, **kw)
     assert ckpt.exists()
     resumed_calls = []
-    table = measure_sensitivity(tiny_float_path, tokens, CANDS, on_probe=lambda b, p: resumed_calls.append((b, p)), **kw)
+    table = measure_sensitivity(
+        tiny_float_path, tokens, CANDS, on_probe=lambda b, p: resumed_calls.append((b, p)), **kw
+    )
     total = NUM_SAMPLES * len(SOME)
     assert len(resumed_calls) == total - 3
     assert not set(resumed_calls) & set(calls)
     for p in SOME:
-        assert table["modules"][p]["kl"] == pytest.approx(exact["modules"][p]["kl"], rel=STACKED_REL, abs=STACKED_ABS), p
+        assert table["modules"][p]["kl"] == pytest.approx(
+            exact["modules"][p]["kl"], rel=STACKED_REL, abs=STACKED_ABS
+        ), p
     # A finished checkpoint resumes to the same table with no probes at all.
     again = []
-    assert measure_sensitivity(tiny_float_path, tokens, CANDS, on_probe=lambda b, p: again.append(p), **kw)[
-        "modules"] == table["modules"]
+    assert (
+        measure_sensitivity(tiny_float_path, tokens, CANDS, on_probe=lambda b, p: again.append(p), **kw)["modules"]
+        == table["modules"]
+    )
     assert again == []
     # A checkpoint from another configuration is refused, naming the file and the field.
     with pytest.raises(SensitivityError, match=r"sweep.ckpt.json: field 'fingerprint.candidates'"):
@@ -173,27 +182,47 @@ def test_fisher_estimate_ranks_like_exact(exact, tiny_float_path, tokens):
     assert rho_all > 0.8 and rho_4bit > 0.6
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_rank_sharded_sweep_equals_single_process(exact, tiny_float_path, tmp_path):
     out = tmp_path / "sharded.json"
     mods = SOME[:2]
     env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
     launcher = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
     cmd = [
-        launcher, "--backend", "ring", "-n", "2", "--starting-port", str(_free_port()), "--",
-        sys.executable, "-m", "mlx_lm_optiq.sensitivity", "--model", str(tiny_float_path),
-        "--output", str(out), "--candidates", CANDS, "--reference", "float", "--num-samples", str(NUM_SAMPLES),
-        "--sequence-length", str(SEQ_LEN), "--batch-size", "1", "--modules", ",".join(mods),
-        "--distributed", "--quiet", "--checkpoint", str(tmp_path / "ckpt.json"),
+        launcher,
+        "--backend",
+        "ring",
+        "-n",
+        "2",
+        "--starting-port",
+        str(free_port()),
+        "--",
+        sys.executable,
+        "-m",
+        "mlx_lm_optiq.weights",
+        "--model",
+        str(tiny_float_path),
+        "--output",
+        str(out),
+        "--candidates",
+        CANDS,
+        "--reference",
+        "float",
+        "--num-samples",
+        str(NUM_SAMPLES),
+        "--sequence-length",
+        str(SEQ_LEN),
+        "--batch-size",
+        "1",
+        "--modules",
+        ",".join(mods),
+        "--distributed",
+        "--quiet",
+        "--checkpoint",
+        str(tmp_path / "ckpt.json"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    table = load_table(out)
+    table = read_table(out)
     # Each rank measured (and checkpointed) only its own share: modules alternate in model order.
     shares = [json.loads((tmp_path / f"ckpt.json.rank{r}-of-2").read_text())["sums"] for r in (0, 1)]
     assert list(shares[0]) == [mods[0]] and list(shares[1]) == [mods[1]]
@@ -217,7 +246,7 @@ def test_low_bit_reference_keeps_memory_near_the_low_bit_model(full_float_path, 
     """Peak MLX memory of a low-bit sweep of full SmolLM2 (fp16 checkpoint) vs a float sweep."""
     from mlx_lm.utils import load_tokenizer
 
-    from mlx_lm_optiq.calibration import load_calibration
+    from mlx_lm_optiq.core.calibration import load_calibration
 
     tokens = load_calibration(load_tokenizer(tiny_q4_path), num_samples=1, sequence_length=16)
     mods = ["model.layers.28.self_attn.v_proj", "model.layers.29.mlp.down_proj"]
@@ -229,14 +258,21 @@ def test_low_bit_reference_keeps_memory_near_the_low_bit_model(full_float_path, 
         mx.reset_peak_memory()
         # auto with a budget the float model does not fit picks the low-bit reference.
         tables[ref] = measure_sensitivity(
-            full_float_path, tokens, "2:64,4:64,8:64", reference=ref, progress=False, modules=mods,
+            full_float_path,
+            tokens,
+            "2:64,4:64,8:64",
+            reference=ref,
+            progress=False,
+            modules=mods,
             memory_budget=float_file_bytes,
         )
         peaks[ref] = mx.get_peak_memory() - base
     low, flt = tables["auto"], tables["float"]
     assert low["reference"] == "low-bit"
-    print(f"\npeak MLX memory: low-bit {peaks['auto'] / 2**20:.0f} MiB, float {peaks['float'] / 2**20:.0f} MiB, "
-          f"fp16 checkpoint {float_file_bytes / 2**20:.0f} MiB")
+    print(
+        f"\npeak MLX memory: low-bit {peaks['auto'] / 2**20:.0f} MiB, float {peaks['float'] / 2**20:.0f} MiB, "
+        f"fp16 checkpoint {float_file_bytes / 2**20:.0f} MiB"
+    )
     # The whole model at 2:64 is ~48 MiB; the float (fp32 compute) reference needs > 500 MiB.
     assert peaks["float"] > float_file_bytes
     assert peaks["auto"] < 0.4 * float_file_bytes
@@ -252,12 +288,18 @@ def test_low_bit_reference_keeps_memory_near_the_low_bit_model(full_float_path, 
 
 def test_candidates_and_modules_are_validated(tiny_float_path, tokens):
     assert candidate_key(4, 64) == "4:64" and candidate_key(4, 32, "mxfp4") == "mxfp4:32"
-    assert [candidate_key(**c) for c in normalize_candidates("8:64,4:32,mxfp4:32,4:64")] == [
-        "mxfp4:32", "4:64", "4:32", "8:64"]
-    with pytest.raises(SensitivityError, match="candidate '4-64'"):
-        normalize_candidates(["4-64"])
-    with pytest.raises(SensitivityError, match="candidate mxfp4:64: mx.quantize rejects it"):
-        normalize_candidates("mxfp4:64")
+    assert [candidate_key(**c) for c in check_with_mlx(parse_candidates("8:64,4:32,mxfp4:32,4:64"))] == [
+        "mxfp4:32",
+        "4:64",
+        "4:32",
+        "8:64",
+    ]
+    with pytest.raises(FormatError, match="candidate '4-64'"):
+        measure_sensitivity(tiny_float_path, tokens, ["4-64"], progress=False)
+    with pytest.raises(FormatError, match="mxfp4 has group size 32, got 64"):
+        measure_sensitivity(tiny_float_path, tokens, "mxfp4:64", progress=False)
+    with pytest.raises(FormatError, match="candidate nvfp4:64: mx.quantize rejects it"):
+        check_with_mlx([{"bits": 4, "group_size": 64, "mode": "nvfp4"}])
     with pytest.raises(SensitivityError, match=r"modules \['model.layers.9.mlp.up_proj'\] are not quantizable"):
         measure_sensitivity(tiny_float_path, tokens, CANDS, modules=["model.layers.9.mlp.up_proj"], progress=False)
     with pytest.raises(SensitivityError, match=r"calibration tokens must be ids in \[0, 49152\)"):
@@ -269,7 +311,11 @@ def test_candidates_and_modules_are_validated(tiny_float_path, tokens):
 def test_group_size_not_dividing_a_module_is_recorded_not_dropped(tiny_float_path, tokens):
     # 576 = 2^6 * 9: group 128 fits no module of SmolLM2, group 64 fits all.
     table = measure_sensitivity(
-        tiny_float_path, tokens, "4:64,4:128", reference="float", progress=False,
+        tiny_float_path,
+        tokens,
+        "4:64,4:128",
+        reference="float",
+        progress=False,
         modules=["model.layers.0.self_attn.k_proj"],
     )
     entry = table["modules"]["model.layers.0.self_attn.k_proj"]
@@ -281,7 +327,7 @@ def test_quantizable_modules_refuses_quantized_models(tiny_q4_path):
     from mlx_lm.utils import load_model
 
     model, _ = load_model(tiny_q4_path, lazy=True)
-    with pytest.raises(SensitivityError, match="model.embed_tokens is already quantized"):
+    with pytest.raises(ModelError, match="model.embed_tokens is already quantized"):
         quantizable_modules(model)
 
 
@@ -290,10 +336,14 @@ def test_quantizable_modules_refuses_quantized_models(tiny_q4_path):
     [
         (lambda t: t.update(kind="other"), "field 'kind' is 'other'"),
         (lambda t: t.pop("modules"), "missing required field 'modules'"),
-        (lambda t: t["modules"]["model.embed_tokens"]["kl"].update({"4:64": -1.0}),
-         r"field 'modules\['model.embed_tokens'\].kl\['4:64'\]' must be a finite number >= 0"),
-        (lambda t: t["modules"]["model.embed_tokens"]["kl"].update({"3:64": 0.1}),
-         r"kl\['3:64'\]' is not one of the table's candidates"),
+        (
+            lambda t: t["modules"]["model.embed_tokens"]["kl"].update({"4:64": -1.0}),
+            r"field 'modules.model.embed_tokens.kl.4:64' must be a finite number >= 0",
+        ),
+        (
+            lambda t: t["modules"]["model.embed_tokens"]["kl"].update({"3:64": 0.1}),
+            r"kl.3:64' is not one of the table's candidates",
+        ),
         (lambda t: t["modules"]["model.embed_tokens"].update(shape=[1, 2]), r"\.shape' must be a list"),
         (lambda t: t["calibration"].pop("sha256"), "field 'calibration.sha256' must be a string"),
         (lambda t: t.update(candidates=[{"bits": "4"}]), r"field 'candidates\[0\]' must be"),
@@ -305,7 +355,7 @@ def test_corrupt_table_errors_name_file_and_field(exact, tmp_path, mutate, messa
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
     with pytest.raises(OptiqFileError, match=message) as err:
-        load_table(path)
+        read_table(path)
     assert str(err.value).startswith(f"{path}: ")
 
 
@@ -313,4 +363,4 @@ def test_truncated_table_file(tmp_path):
     path = tmp_path / "cut.json"
     path.write_text('{"format_version": 1, "kind": "optiq-sensi')
     with pytest.raises(OptiqFileError, match="cut.json: not valid JSON"):
-        load_table(path)
+        read_table(path)

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_lm_optiq import turbo
+from mlx_lm_optiq.kv import turbo
 
 MSE_BOUND = math.sqrt(3) * math.pi / 2  # paper, Thm 1: D_mse <= (sqrt(3) pi / 2) 4^-b for unit vectors
 # D_mse for b = 1..4 in the large-d (Gaussian) limit: Max (1960)'s Lloyd-Max errors, which the paper
@@ -44,8 +44,9 @@ def test_codebook_is_lloyd_max_for_the_rotated_coordinate_law(bits):
         mass = integrate.quad(f, edges[i], edges[i + 1], epsabs=1e-14)[0]
         mean = integrate.quad(lambda t: t * f(t), edges[i], edges[i + 1], epsabs=1e-14)[0] / mass
         assert mean == pytest.approx(c[i], rel=1e-6, abs=1e-9)
-    mse = d * integrate.quad(lambda t: min((t - x) ** 2 for x in c) * f(t), -1, 1, points=list(edges[1:-1]),
-                             limit=200)[0]
+    mse = (
+        d * integrate.quad(lambda t: min((t - x) ** 2 for x in c) * f(t), -1, 1, points=list(edges[1:-1]), limit=200)[0]
+    )
     assert turbo.codebook_mse(d, c) * d == pytest.approx(mse, rel=1e-6)
     # the paper's numbers (Gaussian limit) and its bounds
     assert mse == pytest.approx(GAUSSIAN_LIMIT_MSE[bits], rel=0.05)
@@ -65,7 +66,7 @@ def test_codebook_bad_inputs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="head_dim >= 3"):
         turbo.compute_codebook(2, 2)
     bad = tmp_path / "books.json"
-    from mlx_lm_optiq.io_utils import OptiqFileError, write_json
+    from mlx_lm_optiq.core.jsonio import OptiqFileError, write_json
 
     write_json(bad, {"codebooks": {"64:2": [0.3, 0.1, 0.2, 0.4]}}, kind=turbo.CODEBOOK_KIND)
     monkeypatch.setattr(turbo, "CODEBOOK_FILE", bad)
@@ -154,16 +155,31 @@ def test_prod_inner_products_unbiased_and_mse_biased():
     true = float(x @ y)
     xs, ys = mx.array(x[None].astype(np.float32)), mx.array(y.astype(np.float32))
     for bits in (2, 3):
-        est_prod = np.array([(turbo.TurboQuantizer(dim, bits, seed=s, mode="prod").dequantize(
-            turbo.TurboQuantizer(dim, bits, seed=s, mode="prod").quantize(xs)) @ ys).item() for s in range(trials)])
+        est_prod = np.array(
+            [
+                (
+                    turbo.TurboQuantizer(dim, bits, seed=s, mode="prod").dequantize(
+                        turbo.TurboQuantizer(dim, bits, seed=s, mode="prod").quantize(xs)
+                    )
+                    @ ys
+                ).item()
+                for s in range(trials)
+            ]
+        )
         # unbiased: the mean is within 4 standard errors of <x, y>
         se = est_prod.std() / math.sqrt(trials)
         assert abs(est_prod.mean() - true) < 4 * se + 1e-3, (bits, est_prod.mean(), true, se)
         # Theorem 2: Var <= sqrt(3) pi^2 |y|^2 / d * 4^-b
         assert np.mean((est_prod - true) ** 2) < math.sqrt(3) * math.pi**2 * float(y @ y) / dim * 4.0**-bits
     # 1-bit mse codes shrink inner products by ~2/pi: the bias "prod" removes
-    est_mse = np.array([(turbo.TurboQuantizer(dim, 1, seed=s).dequantize(
-        turbo.TurboQuantizer(dim, 1, seed=s).quantize(xs)) @ ys).item() for s in range(trials)])
+    est_mse = np.array(
+        [
+            (
+                turbo.TurboQuantizer(dim, 1, seed=s).dequantize(turbo.TurboQuantizer(dim, 1, seed=s).quantize(xs)) @ ys
+            ).item()
+            for s in range(trials)
+        ]
+    )
     assert est_mse.mean() / true == pytest.approx(2 / math.pi, rel=0.08)
 
 
@@ -212,8 +228,9 @@ def test_rotated_space_attention_equals_dequantized_attention(attention_patched,
 def test_compiled_graphs_match_plain_ones(attention_patched, monkeypatch, bits):
     """GPUs run mx.compile'd quantize/attention graphs; they must equal the plain ops used on CPU."""
     B, Hq, Hkv, D = 1, 4, 2, 64
-    k, v, q = (mx.random.normal(s, key=mx.random.key(i)) for i, s in
-               enumerate([(B, Hkv, 9, D), (B, Hkv, 9, D), (B, Hq, 1, D)]))
+    k, v, q = (
+        mx.random.normal(s, key=mx.random.key(i)) for i, s in enumerate([(B, Hkv, 9, D), (B, Hkv, 9, D), (B, Hq, 1, D)])
+    )
     outs = []
     for compiled in (False, True):
         monkeypatch.setattr(turbo, "COMPILE_ON_CPU", compiled)
@@ -300,7 +317,7 @@ def _kl(ref_lp, lp):
 def _logprobs(model, ids, caches):
     out = []
     for s in range(0, ids.shape[1], 64):  # prefill chunks, then the attention sees cached codes
-        logits = model(ids[:, s:s + 64], cache=caches).astype(mx.float32)
+        logits = model(ids[:, s : s + 64], cache=caches).astype(mx.float32)
         out.append(logits - mx.logsumexp(logits, -1, keepdims=True))
     return mx.concatenate(out, axis=1)
 
@@ -339,14 +356,20 @@ def test_real_model_quality_and_generation(attention_patched, tiny_q4_path, aust
 def test_kv_config_turbo_scheme_builds_turbo_caches(attention_patched, tiny_q4_path):
     from mlx_lm import load
 
-    from mlx_lm_optiq import kv_config
+    from mlx_lm_optiq.kv.apply import make_plan_cache
+    from mlx_lm_optiq.kv.plan_file import plan_from_dict
 
     model, tok = load(str(tiny_q4_path))
     n = len(model.layers)
-    plan = kv_config.plan_from_dict({"layers": [
-        {"layer": i, "cache_slot": i, "scheme": "turbo" if i % 2 else "none", "k_bits": 3, "v_bits": 3}
-        for i in range(n)]})
-    caches = kv_config.make_plan_cache(model, plan)
+    plan = plan_from_dict(
+        {
+            "layers": [
+                {"layer": i, "cache_slot": i, "scheme": "turbo" if i % 2 else "none", "k_bits": 3, "v_bits": 3}
+                for i in range(n)
+            ]
+        }
+    )
+    caches = make_plan_cache(model, plan)
     assert [type(c).__name__ for c in caches] == ["KVCache", "TurboQuantKVCache"] * (n // 2)
     assert caches[1].key_bits == 3 and caches[1].seed != caches[3].seed
     logits = model(mx.array(tok.encode("Hello there, how are you?"))[None], cache=caches)
@@ -358,20 +381,27 @@ def test_turbo_slots_waiting_for_quantized_kv_start_are_not_batchable(attention_
     float (before quantized_kv_start) must not pass, or merging would keep it float for good."""
     from mlx_lm import load
 
-    from mlx_lm_optiq import kv_config
+    from mlx_lm_optiq.kv.apply import make_plan_cache, promote_pending
+    from mlx_lm_optiq.kv.plan_file import plan_from_dict
 
     model, tok = load(str(tiny_q4_path))
     n = len(model.layers)
-    plan = kv_config.plan_from_dict({"quantized_kv_start": 4, "layers": [
-        {"layer": i, "cache_slot": i, "scheme": "turbo" if i == 1 else "none", "k_bits": 3, "v_bits": 3}
-        for i in range(n)]})
-    caches = kv_config.make_plan_cache(model, plan)
+    plan = plan_from_dict(
+        {
+            "quantized_kv_start": 4,
+            "layers": [
+                {"layer": i, "cache_slot": i, "scheme": "turbo" if i == 1 else "none", "k_bits": 3, "v_bits": 3}
+                for i in range(n)
+            ],
+        }
+    )
+    caches = make_plan_cache(model, plan)
     assert type(caches[1]).__name__ == "PendingKVCache"
     assert not all(hasattr(c, "merge") for c in caches)  # the server's batchability test
     with pytest.raises(AttributeError, match="turbo K3/V3 cannot be batched"):
         caches[1].merge([caches[1]])
     model(mx.array(tok.encode("Hello there, how are you?"))[None], cache=caches)
-    kv_config.promote_pending(caches)
+    promote_pending(caches)
     assert type(caches[1]).__name__ == "TurboQuantKVCache" and caches[1].offset == caches[0].offset
 
 
@@ -382,7 +412,7 @@ def test_pth_route_serves_turbo_caches_and_deepcopies(tiny_q4_path, optiq_env):
     code = (
         "import copy, mlx_lm, mlx_lm.models.llama as llama\n"
         "from mlx_lm import load, generate\n"
-        "from mlx_lm_optiq.turbo import make_turbo_prompt_cache\n"
+        "from mlx_lm_optiq.kv.turbo import make_turbo_prompt_cache\n"
         "assert hasattr(llama.scaled_dot_product_attention, '__wrapped__')\n"
         f"model, tok = load({str(tiny_q4_path)!r})\n"
         "cache = make_turbo_prompt_cache(model, bits=2)\n"
@@ -420,10 +450,22 @@ class _DequantizedReferenceCache:
 def _qwen3_random():
     from mlx_lm.models import qwen3
 
-    args = qwen3.ModelArgs.from_dict(dict(
-        model_type="qwen3", hidden_size=256, num_hidden_layers=2, intermediate_size=512, num_attention_heads=8,
-        rms_norm_eps=1e-6, vocab_size=512, num_key_value_heads=2, max_position_embeddings=4096, head_dim=128,
-        tie_word_embeddings=True, rope_theta=1e6))
+    args = qwen3.ModelArgs.from_dict(
+        dict(
+            model_type="qwen3",
+            hidden_size=256,
+            num_hidden_layers=2,
+            intermediate_size=512,
+            num_attention_heads=8,
+            rms_norm_eps=1e-6,
+            vocab_size=512,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            head_dim=128,
+            tie_word_embeddings=True,
+            rope_theta=1e6,
+        )
+    )
     mx.random.seed(0)
     model = qwen3.Model(args)
     mx.eval(model.parameters())

@@ -31,12 +31,29 @@ def tiny_hybrid(seed=0):
     from mlx_lm.models import qwen3_next
 
     args = qwen3_next.ModelArgs(
-        model_type="qwen3_next", hidden_size=128, num_hidden_layers=4, intermediate_size=256,
-        num_attention_heads=4, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=32,
-        linear_value_head_dim=32, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
-        decoder_sparse_step=1, shared_expert_intermediate_size=128, mlp_only_layers=[],
-        moe_intermediate_size=64, rms_norm_eps=1e-6, vocab_size=512, num_key_value_heads=2,
-        rope_theta=10000.0, partial_rotary_factor=0.25, max_position_embeddings=4096, head_dim=64,
+        model_type="qwen3_next",
+        hidden_size=128,
+        num_hidden_layers=4,
+        intermediate_size=256,
+        num_attention_heads=4,
+        linear_num_value_heads=2,
+        linear_num_key_heads=2,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        linear_conv_kernel_dim=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        shared_expert_intermediate_size=128,
+        mlp_only_layers=[],
+        moe_intermediate_size=64,
+        rms_norm_eps=1e-6,
+        vocab_size=512,
+        num_key_value_heads=2,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.25,
+        max_position_embeddings=4096,
+        head_dim=64,
         full_attention_interval=2,
     )
     return _init(qwen3_next.Model(args), seed)
@@ -46,9 +63,17 @@ def tiny_sliding(seed=0, window=32):
     from mlx_lm.models import gemma3_text
 
     args = gemma3_text.ModelArgs(
-        model_type="gemma3_text", hidden_size=128, num_hidden_layers=4, intermediate_size=256,
-        num_attention_heads=4, head_dim=64, vocab_size=512, num_key_value_heads=2,
-        query_pre_attn_scalar=64, sliding_window=window, sliding_window_pattern=2,
+        model_type="gemma3_text",
+        hidden_size=128,
+        num_hidden_layers=4,
+        intermediate_size=256,
+        num_attention_heads=4,
+        head_dim=64,
+        vocab_size=512,
+        num_key_value_heads=2,
+        query_pre_attn_scalar=64,
+        sliding_window=window,
+        sliding_window_pattern=2,
         max_position_embeddings=4096,
     )
     return _init(gemma3_text.Model(args), seed)

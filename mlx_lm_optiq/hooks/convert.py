@@ -3,21 +3,28 @@
 Extensions (modules listed in EXTENSIONS) each provide:
   add_arguments(group)                 add their `--optiq-*` flags (default None)
   is_requested(options) -> bool        whether their flags ask for any work
-  before_convert(kwargs, options)      may change stock convert's kwargs (e.g. quant_predicate)
-  after_convert(out_dir, kwargs, options)  write sidecars into the staging directory
-`options` holds every optiq_* value with the prefix stripped. When any extension
-is requested, stock convert writes into a staging directory that is renamed to
-`--mlx-path` only after every extension has finished (atomic output).
+  before_convert(call, options) -> state or None
+                                       may change stock convert's arguments `call` (e.g.
+                                       quant_predicate); what it returns is this call's state
+  after_convert(out_dir, call, options, state)
+                                       write sidecars into the staging directory; `state`
+                                       is what before_convert returned for this call
+`options` holds every optiq_* value with the prefix stripped; extensions never write
+into it (per-call state travels as the return value of before_convert). When any
+extension is requested, stock convert writes into a staging directory that is renamed
+to `--mlx-path` only after every extension has finished (atomic output).
 """
+
+from __future__ import annotations
 
 import importlib
 import inspect
 import sys
 from pathlib import Path
+from types import ModuleType
 
-from .. import _patching
-from ..io_utils import atomic_output_dir
-from . import pop_options
+from mlx_lm_optiq.core.jsonio import atomic_output_dir
+from mlx_lm_optiq.hooks import patching, pop_options
 
 EXTENSIONS = ["mlx_lm_optiq.hooks.convert_weights", "mlx_lm_optiq.hooks.convert_kv"]
 
@@ -46,12 +53,11 @@ def _convert(wrapped, instance, args, kwargs):
     with atomic_output_dir(final_path) as staging:
         # stock convert refuses an existing directory: hand it a fresh child path
         call["mlx_path"] = str(staging / "model")
-        for ext in exts:
-            ext.before_convert(call, options)
+        states = [ext.before_convert(call, options) for ext in exts]
         wrapped(**call)
         out = staging / "model"
-        for ext in exts:
-            ext.after_convert(out, call, options)
+        for ext, state in zip(exts, states):
+            ext.after_convert(out, call, options, state)
         for p in out.iterdir():
             p.rename(staging / p.name)
         out.rmdir()
@@ -60,9 +66,9 @@ def _convert(wrapped, instance, args, kwargs):
     return None
 
 
-def install(module):
-    _patching.wrap(module, "configure_parser", _configure_parser)
-    _patching.wrap(module, "convert", _convert, aliases=[("mlx_lm", "convert")])
+def install(module: ModuleType) -> None:
+    patching.wrap(module, "configure_parser", _configure_parser)
+    patching.wrap(module, "convert", _convert, aliases=[("mlx_lm", "convert")])
     # mlx_lm/__init__ binds `convert` after this module finishes importing when
     # the hook fires first; it then picks up the wrapper by itself.
     assert sys.modules.get("mlx_lm.convert") is module

@@ -4,7 +4,7 @@
   a model folder holding kv_config.json gets that plan attached to the model,
   validated at load time (a mismatched config fails here, not mid-generation).
 - `generate_step` / `speculative_generate_step`: when a plan is active for the model
-  (`kv_config.use_kv_config(...)`, else the attached one), the prompt cache is built
+  (`kv.apply.use_kv_config(...)`, else the attached one), the prompt cache is built
   from the plan, or a passed-in cache is converted in place; `kv_bits` with a plan
   is an error. Draft-model caches are left alone.
 - `maybe_quantize_kv_cache`: turns pending (quantized_kv_start) turbo slots into their
@@ -17,11 +17,15 @@
 Each wrapper passes straight through when no plan is active.
 """
 
-import sys
+from __future__ import annotations
 
-from .. import _patching, kv_config
-from ..io_utils import OptiqFileError
-from . import on_reset
+import sys
+from typing import Any
+
+from mlx_lm_optiq.core.jsonio import OptiqFileError
+from mlx_lm_optiq.hooks import on_reset, patching
+from mlx_lm_optiq.kv import apply
+from mlx_lm_optiq.kv.plan_file import KVPlan, read_kv_config
 
 _CLI_TOKEN = []
 
@@ -30,7 +34,15 @@ _CLI_TOKEN = []
 def _clear():
     # the console script's choice was set in this thread's context; undo it
     while _CLI_TOKEN:
-        kv_config._ACTIVE.reset(_CLI_TOKEN.pop())
+        apply.reset_override(_CLI_TOKEN.pop())
+
+
+def _check_no_kv_bits(kv_bits, plan: KVPlan):
+    if kv_bits is not None:
+        raise ValueError(
+            f"kv_bits={kv_bits} cannot be combined with the per-layer KV plan {plan.source}; "
+            "drop --kv-bits/kv_bits, or switch the plan off with use_kv_config(None)"
+        )
 
 
 def _arg(args, kwargs, index, name):
@@ -39,48 +51,50 @@ def _arg(args, kwargs, index, name):
     return args[index] if len(args) > index else None
 
 
-def _generate_step(wrapped, instance, args, kwargs):
+def _planned_step(wrapped, args, kwargs, extra_caches):
+    """Call a stock step generator with the plan's prompt cache (or a passed-in one converted).
+
+    extra_caches(args, kwargs) -> caches appended after the model's own (the draft model's).
+    """
     model = _arg(args, kwargs, 1, "model")
-    plan = kv_config.active_plan(model)
+    plan = apply.active_plan(model)
     if plan is None:
         return wrapped(*args, **kwargs)
-    kv_config.check_no_kv_bits(kwargs.get("kv_bits"), plan)
+    _check_no_kv_bits(kwargs.get("kv_bits"), plan)
     kwargs = dict(kwargs)
     if kwargs.get("prompt_cache") is None:
-        kwargs["prompt_cache"] = kv_config.make_plan_cache(model, plan, max_kv_size=kwargs.get("max_kv_size"))
+        max_kv_size = kwargs.get("max_kv_size") if extra_caches is None else None
+        cache = apply.make_plan_cache(model, plan, max_kv_size=max_kv_size)
+        kwargs["prompt_cache"] = cache if extra_caches is None else cache + extra_caches(args, kwargs)
     else:
-        kv_config.apply_plan(kwargs["prompt_cache"], plan, model)
+        # speculative: stock splits the list as model caches first, then the draft model's
+        apply.apply_plan(kwargs["prompt_cache"], plan, model)
     return wrapped(*args, **kwargs)
+
+
+def _draft_caches(args, kwargs):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(_arg(args, kwargs, 2, "draft_model"))
+
+
+def _generate_step(wrapped, instance, args, kwargs):
+    return _planned_step(wrapped, args, kwargs, None)
 
 
 def _speculative_generate_step(wrapped, instance, args, kwargs):
-    model = _arg(args, kwargs, 1, "model")
-    plan = kv_config.active_plan(model)
-    if plan is None:
-        return wrapped(*args, **kwargs)
-    kv_config.check_no_kv_bits(kwargs.get("kv_bits"), plan)
-    kwargs = dict(kwargs)
-    if kwargs.get("prompt_cache") is None:
-        from mlx_lm.models.cache import make_prompt_cache
-
-        draft_model = _arg(args, kwargs, 2, "draft_model")
-        kwargs["prompt_cache"] = kv_config.make_plan_cache(model, plan) + make_prompt_cache(draft_model)
-    else:
-        # stock splits the list as model caches first, then the draft model's
-        kv_config.apply_plan(kwargs["prompt_cache"], plan, model)
-    return wrapped(*args, **kwargs)
+    return _planned_step(wrapped, args, kwargs, _draft_caches)
 
 
 def _batch_generate(wrapped, instance, args, kwargs):
     model = _arg(args, kwargs, 0, "model")
-    plan = kv_config.active_plan(model)
+    plan = apply.active_plan(model)
     if plan is not None:
         args, kwargs = list(args), dict(kwargs)
         prompts = _arg(args, kwargs, 2, "prompts")
         caches = _arg(args, kwargs, 3, "prompt_caches") or [None] * len(prompts)
         # BatchGenerator would make float caches for missing ones: hand it planned caches
-        caches = [kv_config.make_plan_cache(model, plan) if c is None else kv_config.apply_plan(c, plan, model)
-                  for c in caches]
+        caches = [apply.make_plan_cache(model, plan) if c is None else apply.apply_plan(c, plan, model) for c in caches]
         if len(args) > 3:
             args[3] = caches
         else:
@@ -90,19 +104,19 @@ def _batch_generate(wrapped, instance, args, kwargs):
 
 def _maybe_quantize_kv_cache(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
-    kv_config.promote_pending(_arg(args, kwargs, 0, "prompt_cache"))
+    apply.promote_pending(_arg(args, kwargs, 0, "prompt_cache"))
     return result
 
 
 def _load(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
     path = _arg(args, kwargs, 0, "path_or_hf_repo")
-    found = kv_config.find_kv_config(path) if path is not None else None
+    found = apply.find_kv_config(path) if path is not None else None
     if found is not None:
-        plan = kv_config.read_kv_config(found)
+        plan = read_kv_config(found)
         # validating builds the model graph once; a lazy load defers that to first use
-        kv_config.attach_plan(result[0], plan, validate=not kwargs.get("lazy"))
-        if kv_config._ACTIVE.get() is kv_config._UNSET:  # else use_kv_config / a CLI flag decides
+        apply.attach_plan(result[0], plan, validate=not kwargs.get("lazy"))
+        if not apply.override_is_set():  # else use_kv_config / a CLI flag decides
             print(f"mlx_lm_optiq: per-layer KV plan {plan.source} ({plan.summary()})", file=sys.stderr)
     return result
 
@@ -110,11 +124,16 @@ def _load(wrapped, instance, args, kwargs):
 def _setup_arg_parser(wrapped, instance, args, kwargs):
     parser = wrapped(*args, **kwargs)
     group = parser.add_argument_group("mlx_lm_optiq", "per-layer KV cache (mlx-lm-optiq)")
-    group.add_argument("--optiq-kv-config", default=None, metavar="PATH",
-                       help="Per-layer KV cache plan (kv_config.json or a folder holding one). "
-                            "Default: the kv_config.json in the model folder, if there is one.")
-    group.add_argument("--optiq-no-kv-config", action="store_true",
-                       help="Ignore a kv_config.json found in the model folder.")
+    group.add_argument(
+        "--optiq-kv-config",
+        default=None,
+        metavar="PATH",
+        help="Per-layer KV cache plan (kv_config.json or a folder holding one). "
+        "Default: the kv_config.json in the model folder, if there is one.",
+    )
+    group.add_argument(
+        "--optiq-no-kv-config", action="store_true", help="Ignore a kv_config.json found in the model folder."
+    )
     stock_parse_args = parser.parse_args
 
     def parse_args(*a, **k):
@@ -125,24 +144,23 @@ def _setup_arg_parser(wrapped, instance, args, kwargs):
             if getattr(ns, "kv_bits", None) is not None:
                 parser.error(f"--kv-bits {ns.kv_bits} cannot be combined with --optiq-kv-config")
             try:
-                plan = kv_config.read_kv_config(ns.optiq_kv_config)
+                plan = read_kv_config(ns.optiq_kv_config)
             except OptiqFileError as e:
                 parser.error(f"--optiq-kv-config: {e}")
-            _CLI_TOKEN.append(kv_config._ACTIVE.set(plan))  # validated against the model at first use
+            _CLI_TOKEN.append(apply.set_override(plan))  # validated against the model at first use
         elif ns.optiq_no_kv_config:
-            _CLI_TOKEN.append(kv_config._ACTIVE.set(None))
+            _CLI_TOKEN.append(apply.set_override(None))
         return ns
 
     parser.parse_args = parse_args  # this parser instance only: main() parses once with it
     return parser
 
 
-def install(module):
+def install(module: Any) -> None:
     assert sys.modules.get("mlx_lm.generate") is module
-    _patching.wrap(module, "generate_step", _generate_step)
-    _patching.wrap(module, "speculative_generate_step", _speculative_generate_step)
-    _patching.wrap(module, "maybe_quantize_kv_cache", _maybe_quantize_kv_cache)
-    _patching.wrap(module, "setup_arg_parser", _setup_arg_parser)
-    _patching.wrap(module, "batch_generate", _batch_generate, aliases=[("mlx_lm", "batch_generate")])
-    _patching.wrap(sys.modules["mlx_lm.utils"], "load", _load,
-                   aliases=[("mlx_lm", "load"), ("mlx_lm.generate", "load")])
+    patching.wrap(module, "generate_step", _generate_step)
+    patching.wrap(module, "speculative_generate_step", _speculative_generate_step)
+    patching.wrap(module, "maybe_quantize_kv_cache", _maybe_quantize_kv_cache)
+    patching.wrap(module, "setup_arg_parser", _setup_arg_parser)
+    patching.wrap(module, "batch_generate", _batch_generate, aliases=[("mlx_lm", "batch_generate")])
+    patching.wrap(sys.modules["mlx_lm.utils"], "load", _load, aliases=[("mlx_lm", "load"), ("mlx_lm.generate", "load")])

@@ -14,12 +14,18 @@ Prompt-cache reuse needs nothing more: LRUPromptCache deep-copies and trims the
 caches, which are ordinary KVCache/BatchKVCache subclasses.
 """
 
+from __future__ import annotations
+
+import importlib
 import logging
 import sys
 import weakref
+from typing import Any
 
-from .. import _patching
-from . import on_reset
+from mlx_lm_optiq.core.jsonio import OptiqFileError
+from mlx_lm_optiq.hooks import on_reset, patching
+from mlx_lm_optiq.kv.apply import attach_plan, find_kv_config, make_plan_cache, use_kv_config
+from mlx_lm_optiq.kv.plan_file import KVPlan, load_kv_config
 
 # The plan the server was started with and the model object it applies to.
 # `decided`: the server chose for --model (a plan, or float with --optiq-no-kv-config).
@@ -31,21 +37,22 @@ def _clear():
     _STATE.update(model_path=None, plan=None, model=None, decided=False)
 
 
-def add_arguments(group):
+def add_arguments(group: Any) -> None:
     group.add_argument(
-        "--optiq-kv-config", default=None, metavar="PATH",
+        "--optiq-kv-config",
+        default=None,
+        metavar="PATH",
         help="Per-layer KV cache plan (kv_config.json, or a folder holding one) for --model. "
         "Default: the kv_config.json in the model folder, if there is one.",
     )
     group.add_argument(
-        "--optiq-no-kv-config", action="store_true",
+        "--optiq-no-kv-config",
+        action="store_true",
         help="Ignore a kv_config.json found in the model folder (serve with a float KV cache).",
     )
 
 
-def after_parse(args, parser):
-    from ..kv_config import find_kv_config
-
+def after_parse(args: Any, parser: Any) -> None:
     path = args.optiq_kv_config
     if path is not None and args.optiq_no_kv_config:
         parser.error("--optiq-kv-config and --optiq-no-kv-config contradict each other; pass one of them")
@@ -64,15 +71,15 @@ def after_parse(args, parser):
         )
     plan = _load_and_validate(path, args.model, parser)
     _STATE.update(model_path=args.model, plan=plan, model=None, decided=True)
-    print(f"mlx_lm_optiq: per-layer KV plan {plan.source} ({plan.summary()}; quantized from token "
-          f"{plan.quantized_kv_start})", file=sys.stderr)
+    print(
+        f"mlx_lm_optiq: per-layer KV plan {plan.source} ({plan.summary()}; quantized from token "
+        f"{plan.quantized_kv_start})",
+        file=sys.stderr,
+    )
 
 
-def _load_and_validate(path, model_path, parser):
-    from mlx_lm.utils import load
-
-    from ..io_utils import OptiqFileError
-    from ..kv_config import load_kv_config
+def _load_and_validate(path, model_path, parser) -> KVPlan:
+    from mlx_lm.utils import load  # looked up at call time: the load hook may have wrapped it
 
     try:
         model = load(model_path, lazy=True)[0]  # weights stay on disk: validation needs shapes only
@@ -95,8 +102,6 @@ def _load(wrapped, instance, args, kwargs):
     path = args[0] if args else kwargs.get("path_or_hf_repo")
     if not (_STATE["decided"] and str(path) == str(_STATE["model_path"])):
         return wrapped(*args, **kwargs)
-    from ..kv_config import attach_plan, use_kv_config
-
     plan = _STATE["plan"]
     with use_kv_config(plan):  # tells the scripts-path load hook that the server decides
         result = wrapped(*args, **kwargs)
@@ -117,17 +122,13 @@ def _make_prompt_cache(wrapped, instance, args, kwargs):
     plan = _plan_for(model)
     if plan is None:
         return wrapped(*args, **kwargs)
-    from ..kv_config import make_plan_cache
-
     # Affine slots are MixedQuantizedKVCaches: they have `merge`, so stock
     # `_is_batchable` stays True and BatchGenerator can batch them.
     max_kv_size = args[1] if len(args) > 1 else kwargs.get("max_kv_size")
     return make_plan_cache(model, plan, max_kv_size=max_kv_size)
 
 
-def install(server_module):
-    import importlib
-
-    _patching.wrap(server_module, "load", _load)
-    _patching.wrap(server_module, "make_prompt_cache", _make_prompt_cache)
-    _patching.wrap(importlib.import_module("mlx_lm.generate"), "make_prompt_cache", _make_prompt_cache)
+def install(server_module: Any) -> None:
+    patching.wrap(server_module, "load", _load)
+    patching.wrap(server_module, "make_prompt_cache", _make_prompt_cache)
+    patching.wrap(importlib.import_module("mlx_lm.generate"), "make_prompt_cache", _make_prompt_cache)

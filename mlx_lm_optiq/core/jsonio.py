@@ -1,0 +1,95 @@
+"""Small file helpers shared by every feature: versioned JSON and atomic outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+
+class OptiqFileError(ValueError):
+    """A file we read is missing, malformed, or of the wrong kind/version."""
+
+
+def _umask_mode(mode):
+    # mkstemp/mkdtemp create private (0600/0700) entries; outputs are meant to be
+    # shared like any file the user writes, so apply the process umask instead.
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def write_json(path: str | Path, payload: dict, kind: str, format_version: int = 1) -> Path:
+    """Write `payload` as JSON with `kind`/`format_version` first, atomically."""
+    path = Path(path)
+    data = {"format_version": format_version, "kind": kind}
+    data.update({k: v for k, v in payload.items() if k not in ("format_version", "kind")})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_json(
+    path: str | Path, kind: str | None = None, supported_versions: Sequence[int] = (1,), required: Sequence[str] = ()
+) -> dict:
+    """Read a JSON file we (or the user) wrote; errors name the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise OptiqFileError(f"{path}: file not found")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise OptiqFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise OptiqFileError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    if kind is not None:
+        if data.get("kind") != kind:
+            raise OptiqFileError(f"{path}: field 'kind' is {data.get('kind')!r}, expected {kind!r}")
+        if data.get("format_version") not in supported_versions:
+            raise OptiqFileError(
+                f"{path}: field 'format_version' is {data.get('format_version')!r}, "
+                f"expected one of {list(supported_versions)}"
+            )
+    for field in required:
+        if field not in data:
+            raise OptiqFileError(f"{path}: missing required field {field!r}")
+    return data
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final_path: str | Path) -> Iterator[Path]:
+    """Yield a staging directory that becomes `final_path` only on success.
+
+    An interrupted run leaves a hidden `.NAME.optiq-partial-*` directory beside
+    the target, never something at `final_path` that looks complete.
+    """
+    final_path = Path(final_path)
+    if final_path.exists():
+        raise FileExistsError(
+            f"Cannot save to the path {final_path} as it already exists."
+            " Please delete the file/directory or specify a new path to save to."
+        )
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final_path.name}.optiq-partial-", dir=final_path.parent))
+    os.chmod(staging, _umask_mode(0o777))
+    try:
+        yield staging
+        os.replace(staging, final_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,182 @@
+"""The model as a tree of modules, and the one way each feature finds and loads a model.
+
+mlx-lm models are nested `nn.Module`s whose quantizable leaves (`to_quantized`) are
+addressed by dotted paths ("model.layers.3.mlp.down_proj"). Every feature walks,
+swaps and loads them through these functions so that a path, a "float model" and a
+"local model directory" mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+MODEL_CONVERSION_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class ModelError(ValueError):
+    """A model that cannot be used as asked (missing, already quantized, no weight ...)."""
+
+
+# ---------------------------------------------------------------- the module tree
+
+
+def get_module(model: Any, path: str) -> Any:
+    """The submodule at dotted `path` (list items by index)."""
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else getattr(node, part)
+    return node
+
+
+def set_module(model: Any, path: str, module: Any) -> None:
+    """Replace the submodule at dotted `path` with `module`."""
+    parent_path, _, name = path.rpartition(".")
+    parent = get_module(model, parent_path) if parent_path else model
+    if isinstance(parent, list):
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
+
+
+def quantizable_modules(model: Any) -> dict[str, Any]:
+    """{path: module} of every `to_quantized` leaf, in model order.
+
+    Raises when the model has already-quantized leaves: their float weights are
+    gone, so they must be dequantized first (`dequantize`).
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    out = {}
+    for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if "scales" in module:
+            raise ModelError(
+                f"module {path} is already quantized ({type(module).__name__}); "
+                "dequantize the model first (mlx_lm.utils.dequantize_model)"
+            )
+        if hasattr(module, "to_quantized"):
+            if not isinstance(module.get("weight"), mx.array):
+                raise ModelError(f"module {path} ({type(module).__name__}) has no 'weight' array")
+            out[path] = module
+    return out
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether any module of the loaded `model` is quantized."""
+    return any("scales" in m and hasattr(m, "bits") for _, m in model.named_modules())
+
+
+def float_dtype_of(model: Any) -> Any:
+    """The dtype of the model's first floating-point parameter (float32 if it has none)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    for _, v in tree_flatten(model.parameters()):
+        if mx.issubdtype(v.dtype, mx.floating):
+            return v.dtype
+    return mx.float32
+
+
+def cast_floats(model: Any, dtype: Any) -> Any:
+    """Cast every floating-point parameter of `model` to `dtype` in place (integers untouched)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    model.update(tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+    return model
+
+
+# ---------------------------------------------------------------- finding and loading
+
+
+def looks_like_local_path(spec: str) -> bool:
+    """A spec that can only be a local path (not a hub id "org/name")."""
+    s = str(spec)
+    return s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s
+
+
+def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """The local directory of a model: the path itself, or the hub snapshot mlx-lm would download.
+
+    A spec that can only be a local path and does not exist is a clear FileNotFoundError,
+    not a hub lookup of a mistyped path.
+    """
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        return p
+    if looks_like_local_path(str(path_or_repo)):
+        raise FileNotFoundError(f"{path_or_repo}: no such model directory")
+    from mlx_lm.utils import _download
+
+    return Path(_download(str(path_or_repo), revision=revision))
+
+
+def is_quantized_checkpoint(config: dict) -> bool:
+    """Whether a model's config.json describes a quantized checkpoint."""
+    return "quantization" in config or "quantization_config" in config
+
+
+def conversion_dtype(config: dict, dtype_arg: str | None) -> Any:
+    """The dtype stock convert casts float weights to (same rule as mlx_lm.convert), or None."""
+    import mlx.core as mx
+
+    dtype = dtype_arg or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return getattr(mx, dtype) if dtype in MODEL_CONVERSION_DTYPES else None
+
+
+def dequantize(model: Any) -> tuple[Any, dict[str, Any]]:
+    """(model with every quantized leaf dequantized, {path: the original quantized module}).
+
+    Lazy weights stay lazy. The originals let a caller re-read one module's exact
+    quantized values (the low-bit reference of the sweep does).
+    """
+    from mlx_lm.utils import dequantize_model
+
+    originals = {name: m for name, m in model.named_modules() if "scales" in m and hasattr(m, "bits")}
+    if originals:
+        model = dequantize_model(model)
+    return model, originals
+
+
+def load_float_model(
+    path_or_repo: str | Path, dtype: Any = None, *, lazy: bool = True, revision: str | None = None
+) -> tuple[Any, dict]:
+    """(model, config) of a model as floats: a quantized checkpoint is dequantized.
+
+    dtype: None keeps the checkpoint's float dtype, else an `mx.Dtype` or its name
+    ("float32": fastest on CPU, and what simulated-quantization measurements use).
+    With lazy=False the weights are evaluated before returning.
+    """
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    path = resolve_model_path(path_or_repo, revision)
+    model, config = load_model(path, lazy=True)
+    model, originals = dequantize(model)
+    if originals:
+        logging.info("mlx_lm_optiq: %s is quantized; the float model is its dequantization", path)
+    if dtype is not None:
+        cast_floats(model, getattr(mx, dtype) if isinstance(dtype, str) else dtype)
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, config
+
+
+def write_float_source(model_path: str | Path, dst: Path) -> Path:
+    """Dequantize a quantized checkpoint into `dst` with mlx-lm's own functions.
+
+    Stock convert cannot re-quantize quantized layers (QuantizedLinear has no
+    `to_quantized`, so `-q` would silently keep the old bits); the dequantized
+    copy is the float source every plan is made for.
+    """
+    from mlx_lm.utils import dequantize_model, load, save
+
+    model, tokenizer, config = load(str(model_path), lazy=True, return_config=True)
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    model = dequantize_model(model)
+    save(dst, model_path, model, tokenizer, config)
+    return dst

@@ -1,0 +1,96 @@
+"""One KV plan from one config: load the float model, measure, allocate.
+
+`plan_kv(model_path, config)` is what both `python -m mlx_lm_optiq.kv` and
+`mlx_lm.convert` with a KV target (hooks/convert_kv.py) run. The measurement runs on the model's
+float version (a quantized checkpoint is dequantized, in float32: fastest on CPU)
+with simulated cache quantization; see kv/sensitivity.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.utils import load_tokenizer
+
+from mlx_lm_optiq.core.calibration import load_calibration
+from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.model_tree import load_float_model, resolve_model_path
+from mlx_lm_optiq.kv.apply import attach_plan
+from mlx_lm_optiq.kv.config import KVPlanConfig
+from mlx_lm_optiq.kv.plan_file import KVPlan
+from mlx_lm_optiq.kv.sensitivity import allocate_kv, measure_kv_sensitivity, read_kv_table, write_kv_table
+
+
+@dataclass
+class KVPlanResult:
+    """The allocated plan and the sensitivity table it was allocated from."""
+
+    plan: KVPlan
+    table: dict
+
+
+def load_float_reference(model_path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer): every quantized layer dequantized, weights cast to `dtype` and evaluated."""
+    path = resolve_model_path(model_path)
+    model, config = load_float_model(path, dtype, lazy=False)
+    # the folder's own kv_config.json (if any) must not shape the reference caches
+    attach_plan(model, None)
+    return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+
+
+def token_windows(tokenizer: Any, data: str | None, num_windows: int, length: int, seed: int = 0) -> list:
+    """`num_windows` windows of `length` tokens from a .txt file, a calibration .jsonl,
+    or (data=None) the bundled calibration set. Errors about the text name the `data` field."""
+    if data is not None and Path(data).suffix == ".txt":
+        path = Path(data)
+        if not path.is_file():
+            raise ConfigError("data", f"{path}: file not found")
+        ids = np.array(tokenizer.encode(path.read_text()), dtype=np.int32)
+        n = len(ids) // length
+        if n < num_windows:
+            raise ConfigError(
+                "data", f"{path}: {len(ids)} tokens make only {n} windows of {length} tokens, {num_windows} requested"
+            )
+        picks = np.sort(np.random.default_rng(seed).choice(n, size=num_windows, replace=False))
+        return [mx.array(ids[p * length : (p + 1) * length]) for p in picks]
+    tokens = load_calibration(tokenizer, data, num_samples=num_windows, sequence_length=length, seed=seed)
+    return [tokens[i] for i in range(tokens.shape[0])]
+
+
+def plan_kv(
+    model_path: str | Path, config: KVPlanConfig, *, model_name: str | None = None, progress: bool = True
+) -> KVPlanResult:
+    """Measure `model_path` (or read `config.sensitivity`) and allocate a KVPlan under `config.target_bits`.
+
+    `model_name` is what the table and the plan record as the model (default: `model_path`).
+    A measured table is also written to `config.sensitivity_out` when set.
+    """
+    model_name = model_name or str(model_path)
+    if config.sensitivity is not None:
+        table = read_kv_table(config.sensitivity)
+    else:
+        model, tokenizer = load_float_reference(model_path)
+        windows = token_windows(tokenizer, config.data, config.num_windows, config.window_tokens)
+        table = measure_kv_sensitivity(
+            model,
+            windows,
+            config.prefix_tokens,
+            config.candidates,
+            progress=progress,
+            model_name=model_name,
+            probe=config.probe,
+        )
+        if config.sensitivity_out is not None:
+            write_kv_table(table, config.sensitivity_out)
+    plan = allocate_kv(
+        table,
+        config.target_bits,
+        context_length=config.context_length,
+        quantized_kv_start=config.quantized_kv_start,
+        model_name=model_name,
+    )
+    return KVPlanResult(plan=plan, table=table)

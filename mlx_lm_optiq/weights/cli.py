@@ -1,0 +1,80 @@
+"""`python -m mlx_lm_optiq.weights`: measure a sensitivity table and write it (weights/table.py)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from mlx_lm_optiq.core.calibration import load_calibration
+from mlx_lm_optiq.core.model_tree import resolve_model_path
+from mlx_lm_optiq.weights import clipping
+from mlx_lm_optiq.weights.probes import log_line
+from mlx_lm_optiq.weights.sweep import REFERENCE_MODES, SweepSettings, measure_sensitivity
+from mlx_lm_optiq.weights.table import METHODS, write_table
+
+_BATCH_PROBES = {"auto": None, "on": True, "off": False}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_lm_optiq.weights",
+        description="Measure per-module quantization sensitivity (KL divergence) of an mlx-lm model.",
+    )
+    parser.add_argument("--model", required=True, help="local model directory or Hugging Face repo")
+    parser.add_argument("--output", required=True, help="sensitivity table to write (JSON)")
+    parser.add_argument("--candidates", default="4:64,8:64", help="comma-separated, e.g. 2:64,4:64,8:64 or mxfp4:32")
+    parser.add_argument("--method", choices=METHODS, default="exact")
+    parser.add_argument("--reference", choices=REFERENCE_MODES, default="auto")
+    parser.add_argument(
+        "--clipping",
+        choices=clipping.METHODS,
+        default="activation",
+        help="group ranges of every probe: clipped by activation-weighted error, or stock min/max",
+    )
+    parser.add_argument("--calibration", default=None, help="JSONL with 'text' or 'messages' (default: bundled set)")
+    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--sequence-length", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--checkpoint", default=None, help="resume file for an interrupted sweep")
+    parser.add_argument("--modules", default=None, help="comma-separated module paths (default: all)")
+    parser.add_argument(
+        "--no-reuse-hidden-states", action="store_true", help="full forward per probe (slow; for checking)"
+    )
+    parser.add_argument(
+        "--batch-probes",
+        choices=tuple(_BATCH_PROBES),
+        default="auto",
+        help="stack probes of one block into shared forwards (auto: on a GPU only)",
+    )
+    parser.add_argument("--distributed", action="store_true", help="shard over mx.distributed ranks (mlx.launch)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import mlx.core as mx
+    from mlx_lm.utils import load_tokenizer
+
+    args = build_parser().parse_args(argv)
+    group = mx.distributed.init() if args.distributed else None
+    model_path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(model_path)
+    tokens = load_calibration(tokenizer, args.calibration, args.num_samples, args.sequence_length, args.seed)
+    settings = SweepSettings(
+        method=args.method,
+        reference=args.reference,
+        clipping=args.clipping,
+        batch_size=args.batch_size,
+        modules=args.modules.split(",") if args.modules else None,
+        reuse_hidden_states=not args.no_reuse_hidden_states,
+        batch_probes=_BATCH_PROBES[args.batch_probes],
+        seed=args.seed,
+        checkpoint_path=args.checkpoint,
+    )
+    table = measure_sensitivity(model_path, tokens, args.candidates, settings, progress=not args.quiet, group=group)
+    table["calibration"]["source"] = args.calibration or "bundled"
+    if group is None or group.rank() == 0:
+        write_table(table, args.output)
+        log_line(f"wrote {args.output} ({len(table['modules'])} modules)")
+    return 0

@@ -1,0 +1,233 @@
+"""`WeightsConfig`: everything one mixed-precision conversion is asked to do, validated once.
+
+Built once by the convert hook from its flags (or the keywords of the Python API) plus
+the stock convert arguments it depends on, then handed to
+`weights.pipeline`. Candidates are parsed here, once, into candidate dicts; nothing
+below re-parses them. Errors are `core.config.ConfigError`s naming fields; a field
+mentioned inside an error's detail is written in backticks (`target_bpw`) so the hook
+can spell it as the flag the user typed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mlx_lm_optiq.core import formats
+from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.weights import clipping, sweep
+from mlx_lm_optiq.weights.plan import PROTECTIONS, check_protections
+
+DEFAULT_CANDIDATE_BITS = (4, 8)
+DEFAULT_GROUP_SIZE = 64
+
+# Fields that configure measuring the sensitivity table: meaningless when it is read from a file.
+MEASURING_FIELDS = (
+    "calibration",
+    "num_samples",
+    "sequence_length",
+    "sensitivity_method",
+    "reference",
+    "checkpoint",
+    "clipping",
+)
+# Fields that only make sense with a target (everything but the target and text_only).
+PLANNING_FIELDS = ("candidate_bits", "group_sizes", "candidates", "sensitivity", "protect", *MEASURING_FIELDS)
+# Stock convert arguments the weights feature reads (not its own flags).
+STOCK_FIELDS = ("q_group_size", "q_mode", "dequantize", "quant_predicate")
+# Fields with a fixed set of values.
+CHOICES = {"sensitivity_method": sweep.METHODS, "reference": sweep.REFERENCE_MODES, "clipping": clipping.METHODS}
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class WeightsConfig:
+    """One mixed-precision conversion (and/or a text-only rewrite); `None` means "not given".
+
+    After `__post_init__`, `candidates` holds the validated candidate dicts (cheapest
+    first) whether they were listed explicitly or given as `candidate_bits` x
+    `group_sizes` (which are then cleared: `candidates` says it all), and `protect`
+    is a list of protection names.
+    """
+
+    target_bpw: float | None = field(
+        default=None,
+        metadata=_help(
+            "Mixed precision: average bits per weight (as mlx-lm counts it, scales included) "
+            "to spend where the measured KL divergence says it matters."
+        ),
+    )
+    candidate_bits: str | list[int] | None = field(
+        default=None, metadata=_help("Comma-separated bit widths to choose from per module (default 4,8).")
+    )
+    group_sizes: str | list[int] | None = field(
+        default=None, metadata=_help("Comma-separated group sizes to choose from (default: --q-group-size or 64).")
+    )
+    candidates: str | list[Any] | None = field(
+        default=None,
+        metadata=_help(
+            "Explicit comma-separated candidates instead of bits x group sizes: BITS:GROUP "
+            "(affine) or MODE:GROUP for mlx's float formats, e.g. 3:64,4:64,nvfp4:16,8:64."
+        ),
+    )
+    calibration: str | Path | None = field(
+        default=None,
+        metadata=_help(
+            "Calibration JSONL, one {'text': ...} or {'messages': [...]} per line (default: the bundled set)."
+        ),
+    )
+    num_samples: int | None = field(default=None, metadata=_help("Calibration sequences (default 16)."))
+    sequence_length: int | None = field(default=None, metadata=_help("Tokens per sequence (default 512)."))
+    sensitivity: str | Path | None = field(
+        default=None,
+        metadata=_help(
+            "Plan from a saved sensitivity table (or a converted model's optiq_metadata.json) instead of measuring."
+        ),
+    )
+    sensitivity_method: str | None = field(
+        default=None, metadata=_help("exact: measured KL per module and candidate; fisher: fast second-order estimate.")
+    )
+    reference: str | None = field(default=None, metadata=_help("Reference model of the KL measurement (default auto)."))
+    clipping: str | None = field(
+        default=None,
+        metadata=_help(
+            "Group ranges, measured and written alike: clipped where the calibration activations say it "
+            "lowers the layer's output error (default activation), or stock min/max (none)."
+        ),
+    )
+    checkpoint: str | Path | None = field(
+        default=None, metadata=_help("Resume file for the sensitivity sweep (written as it goes).")
+    )
+    protect: str | list[str] | None = field(
+        default=None,
+        metadata=_help(f"Comma-separated modules to keep at their most precise candidate: {','.join(PROTECTIONS)}."),
+    )
+    text_only: bool = field(
+        default=False,
+        metadata=_help("Write only the text model of a multi-modal checkpoint (drop vision/audio weights and config)."),
+    )
+    # Stock convert's own arguments that the rules above depend on.
+    q_group_size: int | None = field(default=None, metadata=_help("Stock convert's group size."))
+    q_mode: str | None = field(default=None, metadata=_help("Stock convert's quantization mode."))
+    dequantize: bool = field(default=False, metadata=_help("Stock convert's dequantize switch."))
+    quant_predicate: Any = field(default=None, metadata=_help("Stock convert's quant_predicate."))
+
+    def __post_init__(self) -> None:
+        self.text_only = bool(self.text_only)
+        if self.target_bpw is None:
+            stray = [f for f in PLANNING_FIELDS if getattr(self, f) is not None]
+            if stray:
+                raise ConfigError("/".join(stray), "need `target_bpw`")
+            return
+        self.target_bpw = _positive(self.target_bpw, "target_bpw", float)
+        if self.dequantize:
+            raise ConfigError("target_bpw", "mixed precision quantizes, so it cannot be combined with `dequantize`")
+        if self.quant_predicate is not None:
+            raise ConfigError(
+                "target_bpw", "chooses the bits per layer, so it cannot be combined with `quant_predicate`"
+            )
+        self.candidates = self._parse_candidates()
+        self.candidate_bits = self.group_sizes = None
+        self.protect = _names(self.protect)
+        check_protections(self.protect)
+        if self.sensitivity is not None:
+            measuring = [f for f in MEASURING_FIELDS if getattr(self, f) is not None]
+            if measuring:
+                raise ConfigError(
+                    "/".join(measuring), "configure measuring, which `sensitivity` skips: drop one or the other"
+                )
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ConfigError(name, f"expected one of {', '.join(allowed)}, got {value!r}")
+        for name in ("num_samples", "sequence_length"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _positive(getattr(self, name), name, int))
+
+    def _parse_candidates(self) -> list[formats.Candidate]:
+        mode = self.q_mode or "affine"
+        if self.candidates is not None:
+            both = [f for f in ("candidate_bits", "group_sizes") if getattr(self, f) is not None]
+            if both:
+                raise ConfigError("candidates", f"lists every candidate: drop `{both[0]}`")
+            if mode != "affine":
+                raise ConfigError("candidates", f"names each candidate's format: drop `q_mode` {mode}")
+            try:
+                return formats.parse_candidates(self.candidates)
+            except (formats.FormatError, ValueError) as e:
+                raise ConfigError("candidates", str(e)) from None
+        bits = _int_list(self.candidate_bits, "candidate_bits") or list(DEFAULT_CANDIDATE_BITS)
+        groups = _int_list(self.group_sizes, "group_sizes") or [self.q_group_size or DEFAULT_GROUP_SIZE]
+        if mode != "affine":
+            raise ConfigError(
+                "q_mode",
+                f"only affine quantization is supported with `candidate_bits` x "
+                f"`group_sizes`, got {mode!r} (other formats go in `candidates`, "
+                "e.g. 4:64,nvfp4:16,8:64)",
+            )
+        try:
+            return formats.make_candidates(bits, groups)
+        except formats.FormatError as e:
+            raise ConfigError("candidate_bits/group_sizes", str(e)) from None
+
+    @classmethod
+    def from_convert(cls, options: Mapping[str, Any], call: Mapping[str, Any]) -> WeightsConfig:
+        """The config of one convert call.
+
+        options: the convert hook's option values, prefix stripped (None: not given; other
+        features' options are ignored). call: stock convert's bound arguments.
+        """
+        own = {f.name for f in fields(cls)} - set(STOCK_FIELDS)
+        given = {k: v for k, v in options.items() if k in own and v is not None}
+        return cls(**given, **{k: call.get(k) for k in STOCK_FIELDS if call.get(k) is not None})
+
+    def calibration_sizes(self) -> dict[str, int]:
+        """The calibration sizes that were given (`load_calibration` has the defaults)."""
+        return {k: getattr(self, k) for k in ("num_samples", "sequence_length") if getattr(self, k) is not None}
+
+    def sweep_settings(self) -> sweep.SweepSettings:
+        """How to measure the sensitivity table (`SweepSettings` has the defaults)."""
+        given = {
+            "method": self.sensitivity_method,
+            "reference": self.reference,
+            "clipping": self.clipping,
+            "checkpoint_path": self.checkpoint,
+        }
+        return sweep.SweepSettings(**{k: v for k, v in given.items() if v is not None})
+
+
+def _int_list(value: Any, name: str) -> list[int] | None:
+    """ "4,8" or [4, 8] -> [4, 8]; None stays None."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        out = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        raise ConfigError(name, f"expected comma-separated integers, got {value!r}") from None
+    if not out:
+        raise ConfigError(name, f"expected at least one integer, got {value!r}")
+    return out
+
+
+def _names(value: Any) -> list[str]:
+    """ "embeddings,lm-head" or a list -> list of names."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _positive(value: Any, name: str, kind: type) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"expected a positive number, got {value!r}") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise ConfigError(name, f"expected a positive number, got {value!r}")
+    return number

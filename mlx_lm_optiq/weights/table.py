@@ -1,0 +1,120 @@
+"""The sensitivity table file (kind optiq-sensitivity): its one writer, reader and validator.
+
+A table holds, for every measured module, its size and the mean per-token KL of
+quantizing that module alone at each candidate (weights/sweep.py measures it). It is
+written on its own (`python -m mlx_lm_optiq.weights --output T`) and embedded as the
+`sensitivity` field of a converted model's optiq_metadata.json (weights/metadata.py),
+and both are validated here with the same rules. Layout:
+
+    {"format_version": 1, "kind": "optiq-sensitivity",
+     "model": str, "method": "exact"|"fisher", "reference": "float"|"low-bit",
+     "calibration": {"num_samples", "sequence_length", "tokens": int >= 1, "sha256": str, ...},
+     "candidates": [{"bits": int, "group_size": int, "mode": str}, ...],
+     "modules": {path: {"num_params": int, "shape": [int, ...], "kl": {candidate key: float >= 0}}},
+     "clipping": {...}   (optional, weights/clipping.py; absent in tables older than clipping)
+     ... informational fields (float_reference, probes_per_pass, reference_model_bytes, ...)}
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from mlx_lm_optiq.core.formats import candidate_key
+from mlx_lm_optiq.core.jsonio import OptiqFileError, read_json, write_json
+from mlx_lm_optiq.weights import clipping
+
+TABLE_KIND = "optiq-sensitivity"
+METHODS = ("exact", "fisher")
+# What a table records as its reference ("auto" is resolved to one of these before measuring).
+REFERENCES = ("float", "low-bit")
+REQUIRED_FIELDS = ("model", "method", "reference", "calibration", "candidates", "modules")
+
+
+def write_table(table: dict[str, Any], path: str | Path) -> Path:
+    """Validate and write a sensitivity table (kind optiq-sensitivity, format_version 1)."""
+    validate_table(table, path)
+    return write_json(path, table, kind=TABLE_KIND)
+
+
+def read_table(path: str | Path) -> dict[str, Any]:
+    """Read and validate a sensitivity table file; errors name the file and the field."""
+    table = read_json(path, kind=TABLE_KIND, required=REQUIRED_FIELDS)
+    return validate_table(table, path)
+
+
+def validate_table(table: Any, where: str | Path, field: str = "") -> dict[str, Any]:
+    """Check the structure and numbers of a sensitivity table; returns it.
+
+    where: the file, named first in every error ("PATH: field 'modules.x.kl.4:64' ...").
+    field: prefix of the field names when the table sits inside another file
+    ("sensitivity." in optiq_metadata.json).
+    """
+
+    def bad(name, expected):
+        raise OptiqFileError(f"{where}: field '{field}{name}' {expected}")
+
+    if not isinstance(table, dict):
+        raise OptiqFileError(
+            f"{where}: field '{field.rstrip('.') or '(top level)'}' must be a sensitivity "
+            f"table object, got {type(table).__name__}"
+        )
+    for name in REQUIRED_FIELDS:
+        if name not in table:
+            raise OptiqFileError(f"{where}: missing required field '{field}{name}'")
+    if table["method"] not in METHODS:
+        bad("method", f"must be one of {list(METHODS)}, got {table['method']!r}")
+    if table["reference"] not in REFERENCES:
+        bad("reference", f"must be one of {list(REFERENCES)}, got {table['reference']!r}")
+    calib = table["calibration"]
+    if not isinstance(calib, dict):
+        bad("calibration", "must be an object")
+    for name in ("num_samples", "sequence_length", "tokens"):
+        value = calib.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            bad(f"calibration.{name}", f"must be a positive integer, got {value!r}")
+    if not isinstance(calib.get("sha256"), str):
+        bad("calibration.sha256", "must be a string")
+    cands = table["candidates"]
+    if not isinstance(cands, list) or not cands:
+        bad("candidates", "must be a non-empty list")
+    keys = set()
+    for i, c in enumerate(cands):
+        if (
+            not isinstance(c, dict)
+            or not isinstance(c.get("bits"), int)
+            or not isinstance(c.get("group_size"), int)
+            or not isinstance(c.get("mode"), str)
+        ):
+            bad(f"candidates[{i}]", f"must be {{'bits': int, 'group_size': int, 'mode': str}}, got {c!r}")
+        keys.add(candidate_key(c["bits"], c["group_size"], c["mode"]))
+    mods = table["modules"]
+    if not isinstance(mods, dict) or not mods:
+        bad("modules", "must be a non-empty object of module path -> entry")
+    for path, entry in mods.items():
+        at = f"modules.{path}"
+        if not isinstance(entry, dict):
+            bad(at, "must be an object")
+        n = entry.get("num_params")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            bad(f"{at}.num_params", f"must be a positive integer, got {n!r}")
+        shape = entry.get("shape")
+        if (
+            not isinstance(shape, list)
+            or not shape
+            or not all(isinstance(s, int) and s > 0 for s in shape)
+            or math.prod(shape) != n
+        ):
+            bad(f"{at}.shape", f"must be a list of positive ints with product num_params, got {shape!r}")
+        kl = entry.get("kl")
+        if not isinstance(kl, dict):
+            bad(f"{at}.kl", "must be an object of candidate key -> KL")
+        for key, v in kl.items():
+            if key not in keys:
+                bad(f"{at}.kl.{key}", f"is not one of the table's candidates {sorted(keys)}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(f"{at}.kl.{key}", f"must be a finite number >= 0, got {v!r}")
+    if "clipping" in table:
+        clipping.validate_table_entry(table["clipping"], mods, where, f"{field}clipping")
+    return table
