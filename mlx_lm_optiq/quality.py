@@ -162,37 +162,120 @@ def check_not_calibration_text(model_path: str | Path, text_path: str | Path) ->
         )
 
 
-def format_table(results: Mapping[str, dict], info: Mapping[str, dict]) -> str:
-    ref = results["reference"]
-    lines = [
-        f"{'model':<40} {'bpw':>7} {'PPL':>9} {'ΔPPL':>8} {'KL':>9} {'top-1':>7}  compute",
-        f"{'reference (float)':<40} {info['reference']['bpw']:>7.3f} {ref['ppl']:>9.3f} {0:>8.3f} "
-        f"{0:>9.5f} {1:>7.4f}  fp32",
-    ]
-    for name, r in results.items():
-        if name == "reference":
-            continue
-        lines.append(
-            f"{name:<40} {info[name]['bpw']:>7.3f} {r['ppl']:>9.3f} {r['ppl'] - ref['ppl']:>8.3f} "
-            f"{r['kl']:>9.5f} {r['top1']:>7.4f}  {info[name]['compute']}"
-        )
+def _number(value: float, decimals: int) -> str:
+    """`value` with `decimals` places, except where that hides it: beyond a million (the PPL
+    of an untrained or broken model) 4 significant digits, and a nonzero value that would
+    round to 0 (the KL of a near-lossless model) in scientific notation."""
+    if math.isfinite(value) and abs(value) >= 1e6:
+        return f"{value:.4g}"
+    if value and abs(value) < 0.5 * 10**-decimals:
+        return f"{value:.2e}"
+    return f"{value:.{decimals}f}"
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
+    """Columns sized from their widest cell and two spaces apart; `align` has one "<" (left)
+    or ">" (right) per column. Fixed widths broke alignment as soon as one value was wide."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for r in [header, *rows]:
+        cells = [f"{str(c):{a}{w}}" for c, a, w in zip(r, align, widths)]
+        lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
+def format_table(results: Mapping[str, dict], info: Mapping[str, dict]) -> str:
+    """The results as aligned columns: model, bpw, PPL, ΔPPL, KL, top-1, compute."""
+    ref = results["reference"]
+    ref_bpw = f"{info['reference']['bpw']:.3f}"
+    rows = [["reference (float)", ref_bpw, _number(ref["ppl"], 3), "0.000", "0.00000", "1.0000", "fp32"]]
+    for name, r in results.items():
+        if name == "reference":
+            continue
+        rows.append(
+            [
+                name,
+                f"{info[name]['bpw']:.3f}",
+                _number(r["ppl"], 3),
+                _number(r["ppl"] - ref["ppl"], 3),
+                _number(r["kl"], 5),
+                f"{r['top1']:.4f}",
+                info[name]["compute"],
+            ]
+        )
+    return render_table(["model", "bpw", "PPL", "ΔPPL", "KL", "top-1", "compute"], rows, "<>>>>><")
+
+
+PROG = "python -m mlx_lm_optiq.quality"
+
+EPILOG = """\
+columns:
+  bpw      bits per weight as mlx-lm counts them (scales and biases included); the
+           reference runs in fp32, so it says 32
+  PPL      perplexity of the model on the text; ΔPPL = PPL - the reference's PPL
+  KL       mean KL(reference || model) per token, in nats (0 = same distribution)
+  top-1    share of positions whose most likely next token matches the reference's
+  compute  quantized (real kernels), simulated (dequantized to fp32: same numbers up to
+           float rounding) or float (an unquantized model)
+
+example:
+  python -m mlx_lm_optiq.quality --model OUT --model UNIFORM --reference FLOAT \\
+      --text HELD_OUT.txt --output eval.json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every option's help says its default, so `--help` is the reference."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--model", action="append", required=True, help="Quantized model directory (repeat to compare several)."
+        "--model",
+        action="append",
+        required=True,
+        help="Quantized model directory or Hugging Face repo; repeat to compare several (required).",
     )
-    parser.add_argument("--reference", required=True, help="Float reference model (a quantized one is dequantized).")
-    parser.add_argument("--text", required=True, help="Held-out text file (not the calibration text).")
-    parser.add_argument("--num-tokens", type=int, default=2048)
-    parser.add_argument("--sequence-length", type=int, default=512)
-    parser.add_argument("--skip-tokens", type=int, default=0, help="Start this many tokens into the text.")
-    parser.add_argument("--compute", choices=["auto", "quantized", "simulated"], default="auto")
-    parser.add_argument("--output", help="Also write the results as JSON here.")
+    parser.add_argument(
+        "--reference",
+        required=True,
+        help="Float reference model; a quantized checkpoint is dequantized to fp32 and said so (required).",
+    )
+    parser.add_argument(
+        "--text", required=True, help="Held-out text file, not the text the models were calibrated on (required)."
+    )
+    parser.add_argument(
+        "--num-tokens",
+        type=int,
+        default=2048,
+        help="Tokens to score, a multiple of --sequence-length (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--sequence-length", type=int, default=512, help="Tokens per scored sequence (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--skip-tokens", type=int, default=0, help="Start this many tokens into the text (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--compute",
+        choices=["auto", "quantized", "simulated"],
+        default="auto",
+        help=(
+            "quantized: real quantized kernels; simulated: dequantize to fp32 first (fast with BLAS on CPU); "
+            f"auto: quantized on a GPU or up to {AUTO_QUANTIZED_MAX_TOKENS} tokens, else simulated "
+            "(default: %(default)s)."
+        ),
+    )
+    parser.add_argument(
+        "--output", help="Also write the results as JSON (kind optiq-eval) here (default: none, print only)."
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     for m in args.model:

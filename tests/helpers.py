@@ -170,3 +170,91 @@ def write_random_adapter(
         config = {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": lora_parameters}
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(adapter_path)
+
+
+# ---------------------------------------------------------------------------
+# Batched vs single-request comparisons that hold on every CPU and BLAS.
+#
+# A batch computes each row with other matrix shapes than a single request, so the BLAS
+# (OpenBLAS picks its kernels per CPU) sums in another order: logits differ by float32
+# rounding noise (~1e-5 here). Quantized KV caches amplify that: a key or value that sits
+# on a rounding boundary is stored one quantization step apart, which moves later logits
+# by up to ~0.2 on the tiny test models. Either can flip a greedy argmax at a near-tie, after
+# which free-running continuations legitimately diverge. So the comparison is teacher-forced:
+# the single-request path is replayed on the batched tokens, and at EVERY position the
+# batched token must be the single request's greedy choice up to a near-tie (`margin`) and
+# the batched log-probabilities must equal the single request's up to `atol`. Broken
+# batching (a swapped row, a wrong offset or padding) moves logits by O(1) and fails both.
+
+# Tolerances (largest log-probability change), measured by perturbing every weight by a
+# relative 1e-7 or 1e-6 (as another summation order does) and replaying the tests' prompts,
+# 6 seeds each: float caches moved log-probabilities by at most 3.4e-4; quantized KV caches
+# by up to 0.08 (8/4-bit, tiny random gemma3) and 0.12 (SmolLM2 with 2-bit values), while a
+# wrongly batched row moves them by O(1). Both keep a margin of 3-6x over what was seen.
+FLOAT_NOISE = 2e-3
+QUANTIZED_KV_NOISE = 0.3
+
+
+def replay_solo_logprobs(model: Any, prompt: Sequence[int], tokens: Sequence[int], **generate_kwargs: Any) -> list[Any]:
+    """The single-request path's log-probabilities at each of `tokens`' positions, the
+    continuation forced to `tokens`: mlx-lm's own `generate_step` (same prefill, same cache
+    handling) with a sampler that replays them. `generate_kwargs` go to `generate_step`
+    (e.g. `prompt_cache=`). Returns one (vocab,) array per token."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    forced = [int(t) for t in tokens]
+    calls = iter(range(len(forced) + 1))
+
+    def replay(logprobs):  # generate_step samples one step ahead: the last call's token is unused
+        return mx.array([forced[min(next(calls), len(forced) - 1)]])
+
+    out = []
+    steps = generate_step(mx.array(list(prompt)), model, max_tokens=len(forced), sampler=replay, **generate_kwargs)
+    for t, logprobs in steps:
+        assert t == forced[len(out)]
+        out.append(logprobs)
+    return out
+
+
+def assert_greedy_matches_solo(
+    tokens: Sequence[int],
+    solo_logprobs: Sequence[Any],
+    *,
+    noise: float,
+    logprobs: Sequence[Any] | None = None,
+    token_logprobs: Sequence[float] | None = None,
+    label: str = "",
+) -> int:
+    """Assert that a batched (or concurrent) greedy continuation is what the single request
+    computes, up to `noise`: the largest change of a log-probability that another batch
+    shape may bring (see above).
+
+    `solo_logprobs[i]` is the single request's (vocab,) log-probabilities at position i
+    with the same context as `tokens[:i]` (`replay_solo_logprobs`). With `logprobs` (the
+    batched (vocab,) vectors) or `token_logprobs` (the batched chosen token's
+    log-probability, e.g. from a server) those must equal the single request's within
+    `noise`; and at every position `tokens[i]` must be the single request's greedy token or
+    a near-tie within 2 * `noise` of it (two values each off by at most `noise` can swap
+    order only then). Every position is checked, so this cannot pass vacuously. Returns how
+    many positions picked exactly the single request's greedy token.
+    """
+    import mlx.core as mx
+
+    assert len(tokens) == len(solo_logprobs), f"{label}: {len(tokens)} tokens vs {len(solo_logprobs)} solo positions"
+    assert len(tokens) > 0, f"{label}: nothing to compare"
+    exact = 0
+    for i, (t, solo) in enumerate(zip(tokens, solo_logprobs)):
+        best, best_lp, got_lp = int(mx.argmax(solo).item()), solo.max().item(), solo[int(t)].item()
+        assert best_lp - got_lp <= 2 * noise, (
+            f"{label}: position {i}: token {t} is {best_lp - got_lp:.3g} below the single request's "
+            f"greedy token {best}, more than a near-tie (2 * noise = {2 * noise})"
+        )
+        exact += int(t) == best
+        if logprobs is not None:
+            diff = mx.abs(logprobs[i] - solo).max().item()
+            assert diff <= noise, f"{label}: position {i}: log-probabilities differ by {diff:.3g} > {noise}"
+        if token_logprobs is not None:
+            diff = abs(token_logprobs[i] - got_lp)
+            assert diff <= noise, f"{label}: position {i}: token log-probability differs by {diff:.3g} > {noise}"
+    return exact

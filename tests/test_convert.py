@@ -245,6 +245,81 @@ def test_replan_from_sidecar_with_python_api_does_not_measure(
             assert mx.array_equal(first[f"{p}.{part}"], again[f"{p}.{part}"]).item(), (p, part)
 
 
+@pytest.fixture(scope="module")
+def measured_with_3_bits(tiny_q4_path, tmp_path_factory):
+    """A convert that measured 3-bit too (fisher, stock ranges, one short sample: fast)."""
+    import mlx_lm_optiq
+
+    out = tmp_path_factory.mktemp("rich") / "mixed"
+    mlx_lm_optiq.enable()
+    try:
+        from mlx_lm import convert  # the hooked one
+
+        convert(
+            str(tiny_q4_path),
+            mlx_path=str(out),
+            quantize=True,
+            optiq_target_bpw=4.8,
+            optiq_candidates="3:64,4:64,8:64",
+            optiq_sensitivity_method="fisher",
+            optiq_clipping="none",
+            optiq_num_samples=1,
+            optiq_sequence_length=64,
+        )
+    finally:
+        mlx_lm_optiq.disable()
+    return out
+
+
+def test_replan_from_sidecar_uses_the_candidates_it_measured(
+    measured_with_3_bits, tiny_q4_path, tmp_path, hooks_enabled, monkeypatch
+):
+    """No candidate flag when re-planning: the sidecar's own candidates (3:64 included), not the
+    4:64/8:64 defaults, which could not reach 4.0 bits per weight."""
+    from mlx_lm import convert
+
+    from mlx_lm_optiq.weights import sweep
+
+    monkeypatch.setattr(sweep, "measure_sensitivity", lambda *a, **k: pytest.fail("measured again"))
+    out = tmp_path / "replanned"
+    convert(
+        str(tiny_q4_path),
+        mlx_path=str(out),
+        quantize=True,
+        optiq_target_bpw=4.0,
+        optiq_sensitivity=str(measured_with_3_bits / "optiq_metadata.json"),
+    )
+    meta = _sidecar(out)
+    assert [f"{c['bits']}:{c['group_size']}" for c in meta["candidates"]] == ["3:64", "4:64", "8:64"]
+    assert 3.9 < meta["achieved_bpw"] <= 4.0
+    assert any(c["bits"] == 3 for c in meta["layers"].values())
+
+    # candidate flags still restrict the choice to a subset of the measured ones
+    subset = tmp_path / "subset"
+    convert(
+        str(tiny_q4_path),
+        mlx_path=str(subset),
+        quantize=True,
+        optiq_target_bpw=4.6,
+        optiq_candidate_bits="4,8",
+        optiq_sensitivity=str(measured_with_3_bits),
+    )
+    assert {c["bits"] for c in _sidecar(subset)["layers"].values()} == {4, 8}
+    # ... and one the table did not measure is a clear error naming it
+    from mlx_lm_optiq.weights.plan import PlanError
+
+    with pytest.raises(PlanError, match=r"--optiq-sensitivity: .* did not measure candidate\(s\) \['2:64'\]"):
+        convert(
+            str(tiny_q4_path),
+            mlx_path=str(tmp_path / "unmeasured"),
+            quantize=True,
+            optiq_target_bpw=4.0,
+            optiq_candidates="2:64,4:64",
+            optiq_sensitivity=str(measured_with_3_bits),
+        )
+    assert not (tmp_path / "unmeasured").exists()
+
+
 def test_protections_keep_modules_at_their_most_precise_candidate(measured, tiny_q4_path, tmp_path, hooks_enabled):
     from mlx_lm import convert
 
@@ -444,3 +519,19 @@ def test_text_only_writes_the_plain_text_model(tiny_float_path, tmp_path, hooks_
     probe = mx.array([[1, 50, 200, 3000, 7]])
     assert mx.array_equal(text_model(probe), full_model(probe)).item()
     assert type(text_model).__module__.endswith("llama")
+
+
+def test_misspelt_python_api_keyword_is_an_error_before_any_work(tiny_q4_path, tmp_path, hooks_enabled, monkeypatch):
+    """`optiq_num_sample=2` (no s) must not silently measure with the default sample count."""
+    from mlx_lm import convert  # the hooked one
+
+    from mlx_lm_optiq.weights import sweep
+
+    def never(*a, **k):
+        raise AssertionError("measured despite a misspelt keyword")
+
+    monkeypatch.setattr(sweep, "measure_sensitivity", never)
+    out = tmp_path / "out"
+    with pytest.raises(TypeError, match="unexpected keyword\\(s\\) optiq_num_sample; known: .*optiq_num_samples"):
+        convert(str(tiny_q4_path), mlx_path=str(out), quantize=True, optiq_target_bpw=4.5, optiq_num_sample=2)
+    assert not out.exists()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -126,3 +127,48 @@ def test_eval_refuses_the_calibration_text_and_names_bad_inputs(tmp_path, shared
         quality.text_tokens(Tok(), short, 256, 128)
     with pytest.raises(quality.EvalError, match="multiple of --sequence-length"):
         quality.text_tokens(Tok(), short, 100, 128)
+
+
+def _cells(line):
+    """(start, end) of each cell: runs of text whose words are one space apart (columns are two)."""
+    return [(m.start(), m.end()) for m in re.finditer(r"\S+(?: \S+)*", line)]
+
+
+def test_table_columns_stay_aligned_for_huge_and_tiny_values():
+    """A 4-layer (non-LM) model's PPL is ~1e8; fixed widths pushed every later column right."""
+    results = {
+        "reference": {"ppl": 3.87654},
+        "q4": {"ppl": 110093487.333, "kl": 14.2, "top1": 0.0123},
+        "a/long/path/to/model-mixed-4.5": {"ppl": 3.9, "kl": 3.2e-9, "top1": 0.99999},
+        "broken": {"ppl": float("inf"), "kl": float("nan"), "top1": 0.0},
+        "negative": {"ppl": 1.5, "kl": 0.0, "top1": 1.0},
+    }
+    info = {"reference": {"bpw": 32.0}}
+    info.update({k: {"bpw": 4.503, "compute": "simulated"} for k in results if k != "reference"})
+    lines = quality.format_table(results, info).splitlines()
+    assert len(lines) == len(results) + 1
+    cells = [_cells(line) for line in lines]
+    assert all(len(c) == 7 for c in cells), lines
+    for col in range(7):
+        # model and compute are left-aligned (same start), the numbers right-aligned (same end)
+        edge = 0 if col in (0, 6) else 1
+        assert len({c[col][edge] for c in cells}) == 1, (col, lines)
+    assert "1.101e+08" in lines[2] and "3.20e-09" in lines[3]  # huge and tiny values stay legible
+
+
+def test_help_documents_every_option_with_its_default():
+    res = subprocess.run([sys.executable, "-m", "mlx_lm_optiq.quality", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: python -m mlx_lm_optiq.quality ")
+    options = res.stdout.split("options:", 1)[1].split("\ncolumns:", 1)[0]
+    text = " ".join(options.split())
+    for action in quality.build_parser()._actions:
+        if action.dest == "help":
+            continue
+        flag = action.option_strings[0]
+        # the option's own help entry: from its flag to the next option's flag
+        entry_start = re.compile(r"(?:^| )--[a-z-]+ (?:[A-Z_]+|\{[a-z,]+\}) ")
+        start = next(m.start() for m in entry_start.finditer(text) if m.group().strip().startswith(flag + " "))
+        entry = entry_start.split(text[start + 1 :], maxsplit=2)[1]
+        default = "none" if action.default is None else action.default
+        assert ("(required)" if action.required else f"(default: {default}") in entry, (flag, entry)

@@ -142,3 +142,98 @@ def test_outputs_are_written_with_the_process_umask(tmp_path):
     with pytest.raises(FileExistsError):
         with io_utils.atomic_output_dir(tmp_path / "out"):
             pass
+
+
+def _bin(name):
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+CONVERT_ARGS = ["--hf-path", "x", "--optiq-target-bpw", "4"]
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        [_bin("mlx_lm.convert")],  # the console script
+        [_bin("mlx_lm"), "convert"],  # the `mlx_lm <cmd>` script
+        [sys.executable, "-m", "mlx_lm", "convert"],  # only sys.orig_argv names mlx_lm here
+    ],
+)
+def test_optiq_flag_without_the_variable_says_which_variable_to_set(cmd):
+    """Stock argparse only says "unrecognized arguments"; the .pth bootstrap adds one line."""
+    off = subprocess.run(
+        cmd + CONVERT_ARGS,
+        env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"},
+        capture_output=True,
+        text=True,
+    )
+    assert off.returncode == 2 and "unrecognized arguments: --optiq-target-bpw" in off.stderr
+    hint = "mlx_lm_optiq: --optiq-target-bpw needs the mlx-lm-optiq hooks: set MLX_LM_OPTIQ=1"
+    assert off.stderr.count(hint) == 1, off.stderr  # once, although a venv runs the .pth line twice
+    if cmd[0] != _bin("mlx_lm.convert"):
+        return
+    # with the variable set the flag is known: no hint (--help exits before any work)
+    on = subprocess.run(
+        cmd + CONVERT_ARGS + ["--help"], env={**os.environ, "MLX_LM_OPTIQ": "1"}, capture_output=True, text=True
+    )
+    assert on.returncode == 0 and "--optiq-target-bpw" in on.stdout and "mlx_lm_optiq:" not in on.stderr
+
+
+def test_no_hint_for_commands_we_do_not_hook():
+    env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
+    for cmd in ([sys.executable, "-c", "pass", "--optiq-x"], [_bin("mlx_lm.chat"), "--optiq-x"]):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert "mlx_lm_optiq" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, orig_argv, command",
+    [
+        (["/v/bin/mlx_lm.convert", "--optiq-x"], ["/v/bin/python", "/v/bin/mlx_lm.convert", "--optiq-x"], "convert"),
+        (["/v/bin/mlx_lm", "server"], ["/v/bin/python", "/v/bin/mlx_lm", "server"], "server"),
+        (["-m", "lora"], ["python", "-m", "mlx_lm", "lora"], "lora"),
+        (["-m", "--x"], ["python", "-X", "importtime", "-m", "mlx_lm.generate", "--x"], "generate"),
+        (["-c", "--optiq-x"], ["python", "-c", "pass", "-m", "mlx_lm.convert"], None),
+        (["script.py"], ["python", "script.py", "-m", "mlx_lm.convert"], None),
+        (["C:\\v\\mlx_lm.convert.exe"], ["python", "C:\\v\\mlx_lm.convert.exe"], "convert"),
+    ],
+)
+def test_mlx_lm_command_from_argv(argv, orig_argv, command):
+    from mlx_lm_optiq._lazy import mlx_lm_command
+
+    argv = [a.replace("\\", os.sep) for a in argv]
+    assert mlx_lm_command(argv, orig_argv) == command
+
+
+def test_runpy_server_warning_is_printed_once():
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_lm.server", "--help"],
+        env={**os.environ, "MLX_LM_OPTIQ": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0
+    assert out.stderr.count("mlx_lm_optiq: `python -m mlx_lm.server` bypasses the hooks") == 1, out.stderr
+
+
+def test_every_module_imports_first_with_the_bootstrap_on():
+    """With MLX_LM_OPTIQ=1 the hooks install inside the first `import mlx_lm`, which one of our own
+    modules may be doing: no module may then see another half-initialized (a fresh interpreter each)."""
+    import pkgutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlx_lm_optiq
+
+    names = [
+        m.name for m in pkgutil.walk_packages(mlx_lm_optiq.__path__, "mlx_lm_optiq.") if not m.name.endswith("__main__")
+    ]
+    env = dict(os.environ, MLX_LM_OPTIQ="1")
+
+    def first_import(name):
+        out = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True, text=True)
+        return name, out.returncode, out.stderr[-600:]
+
+    with ThreadPoolExecutor(2) as pool:
+        failed = [r for r in pool.map(first_import, names) if r[1] != 0]
+    assert len(names) > 50
+    assert not failed, failed

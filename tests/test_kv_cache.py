@@ -1,4 +1,5 @@
-"""MixedQuantizedKVCache / BatchMixedQuantizedKVCache: storage, batch operations, and batched == single decoding."""
+"""MixedQuantizedKVCache / BatchMixedQuantizedKVCache: storage, batch operations, and batched decoding that
+computes what single requests compute (up to the noise of another batch shape: tests.helpers)."""
 
 import copy
 import sys
@@ -8,6 +9,7 @@ import pytest
 from mlx_lm.models.cache import KVCache
 
 from mlx_lm_optiq.kv.caches import BatchMixedQuantizedKVCache, MixedQuantizedKVCache, check_kv_quantization
+from tests.helpers import QUANTIZED_KV_NOISE, assert_greedy_matches_solo, replay_solo_logprobs
 
 H, D = 3, 64
 
@@ -124,9 +126,14 @@ def test_merge_of_float_and_quantized_rows_quantizes_a_copy():
         MixedQuantizedKVCache.merge([long_, MixedQuantizedKVCache(k_bits=8, v_bits=4)])
 
 
-@pytest.mark.parametrize("quantized_kv_start", [0, 6])
+@pytest.mark.parametrize("quantized_kv_start", [0, 4])
 def test_batch_generator_matches_single_requests(tiny_float_path, quantized_kv_start):
-    """Continuous batching (left padding, prefill, filter on finish) == one request at a time."""
+    """Continuous batching (left padding, prefill, filter on finish) computes what one request
+    at a time computes, up to the noise another batch shape brings (tests.helpers): each row's
+    single request is replayed on the batched tokens. (A batch switches to quantized storage once,
+    when its longest row reaches quantized_kv_start: a row shorter than the start is quantized
+    sooner than alone, which moves its logits by O(1). The start 4 is below every prompt length
+    here, 5, 15 and 8 tokens, so rows switch as they do alone.)"""
     from mlx_lm import load
     from mlx_lm.generate import BatchGenerator, generate_step
 
@@ -145,12 +152,8 @@ def test_batch_generator_matches_single_requests(tiny_float_path, quantized_kv_s
             "1, 2, 3,",
         )
     ]
+    assert min(len(p) for p in prompts) > quantized_kv_start
     max_tokens = [10, 6, 8]
-    single = [
-        [int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=m, prompt_cache=plan_cache())]
-        for p, m in zip(prompts, max_tokens)
-    ]
-    fp = [int(t) for t, _ in generate_step(mx.array(prompts[1]), model, max_tokens=6)]
     original = gen.make_prompt_cache
     gen.make_prompt_cache = plan_cache
     try:
@@ -159,12 +162,23 @@ def test_batch_generator_matches_single_requests(tiny_float_path, quantized_kv_s
         got = {u: [] for u in uids}
         while responses := batch.next_generated():
             for r in responses:
-                got[r.uid].append(r.token)
+                got[r.uid].append((r.token, r.logprobs))
                 if r.finish_reason is not None:
                     assert all(isinstance(c, MixedQuantizedKVCache) and c.quantized for c in r.prompt_cache)
         batch.close()
     finally:
         gen.make_prompt_cache = original
-    assert [got[u] for u in uids] == single
+    assert [len(got[u]) for u in uids] == max_tokens
+    for row, (u, prompt) in enumerate(zip(uids, prompts)):
+        tokens = [t for t, _ in got[u]]
+        solo = replay_solo_logprobs(model, prompt, tokens, prompt_cache=plan_cache())
+        assert_greedy_matches_solo(
+            tokens, solo, logprobs=[lp for _, lp in got[u]], noise=QUANTIZED_KV_NOISE, label=f"row {row}"
+        )
     if quantized_kv_start == 0:
-        assert single[1] != fp  # the plan really changes the computation (2-bit values on layer 3)
+        # the plan really changes the computation (2-bit values on layer 3)
+        fp = [int(t) for t, _ in generate_step(mx.array(prompts[1]), model, max_tokens=6)]
+        planned = [
+            int(t) for t, _ in generate_step(mx.array(prompts[1]), model, max_tokens=6, prompt_cache=plan_cache())
+        ]
+        assert planned != fp

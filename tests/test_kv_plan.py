@@ -18,6 +18,7 @@ from mlx_lm_optiq.kv import apply, cli, pipeline, plan_file, sensitivity
 from mlx_lm_optiq.kv.caches import MixedQuantizedKVCache
 from mlx_lm_optiq.kv.candidates import KVCandidate, parse_kv_candidates
 from mlx_lm_optiq.kv.geometry import average_bits, cache_geometry
+from tests.helpers import QUANTIZED_KV_NOISE, assert_greedy_matches_solo, replay_solo_logprobs
 from tests.tiny_models import tiny_hybrid, tiny_sliding
 
 PREFIX, SCORED = 128, 32
@@ -223,20 +224,32 @@ def test_generate_picks_up_plan_from_model_folder(model_dir, hooks_enabled):
 
 
 def test_batch_generate_keeps_batching_with_the_plan(tiny_float, hooks_enabled):
-    from mlx_lm import batch_generate, stream_generate
+    from mlx_lm import batch_generate
+    from mlx_lm.models.cache import make_prompt_cache
 
     model, tok = tiny_float
     rows = [NONE, A84, {"scheme": "affine", "k_bits": 4, "v_bits": 2, "group_size": 32}, A84]
     plan = plan_file.plan_from_dict({"layers": [dict(layer=i, cache_slot=i, **r) for i, r in enumerate(rows)]})
     prompts = [tok.encode("Anne Elliot was"), tok.encode("It is a truth universally acknowledged that")]
     with apply.use_kv_config(plan, model=model):
-        res = batch_generate(model, tok, prompts, max_tokens=5, return_prompt_caches=True, return_token_ids=True)
-        single = [[r.token for r in stream_generate(model, tok, p, max_tokens=5)] for p in prompts]
+        res = batch_generate(
+            model, tok, prompts, max_tokens=5, return_prompt_caches=True, return_token_ids=True, return_logprobs=True
+        )
+        # the single-request path (its caches from the hooked make_prompt_cache), replayed on the batched tokens
+        solo = [
+            replay_solo_logprobs(model, p, t, prompt_cache=make_prompt_cache(model))
+            for p, t in zip(prompts, res.token_ids)
+        ]
     for caches in res.caches:
         assert type(caches[0]).__name__ == "KVCache"
         assert [(c.k_bits, c.v_bits, c.group_size) for c in caches[1:]] == [(8, 4, 64), (4, 2, 32), (8, 4, 64)]
         assert all(isinstance(c, MixedQuantizedKVCache) and c.quantized for c in caches[1:])
-    assert res.token_ids == single  # batched rows compute what the single-request path does
+    # batched rows compute what the single-request path does
+    assert [len(t) for t in res.token_ids] == [5, 5]
+    for row, (tokens, token_logprobs, s) in enumerate(zip(res.token_ids, res.logprobs, solo)):
+        assert_greedy_matches_solo(
+            tokens, s, token_logprobs=token_logprobs, noise=QUANTIZED_KV_NOISE, label=f"row {row}"
+        )
 
 
 def test_use_kv_config_and_quantized_kv_start(tiny_float, tmp_path, hooks_enabled):
@@ -440,10 +453,12 @@ def test_sliding_window_layers_are_measured_and_quantized(hooks_enabled):
 @pytest.mark.parametrize("quantized_kv_start", [0, 8])
 def test_sliding_window_caches_batch_like_single_requests(quantized_kv_start, hooks_enabled):
     """BatchGenerator (left padding, merge, extend, filter, extract) with quantized rotating caches
-    == one request at a time, with prompts longer and shorter than the window. (A batch switches
-    to quantized storage once, when its longest row reaches quantized_kv_start, as the full-attention
-    batch cache does: the start is below every prompt length here, so rows switch as they do alone.)"""
-    from mlx_lm.generate import BatchGenerator, generate_step
+    computes what one request at a time computes, with prompts longer and shorter than the window.
+    (A batch switches to quantized storage once, when its longest row reaches quantized_kv_start,
+    as the full-attention batch cache does: the start is below every prompt length here, so rows
+    switch as they do alone.) Compared up to the noise another batch shape brings (tests.helpers):
+    each row's single request is replayed on the batched tokens."""
+    from mlx_lm.generate import BatchGenerator
 
     from mlx_lm_optiq.kv.caches import MixedQuantizedKVCache, MixedQuantizedRotatingKVCache
 
@@ -457,10 +472,6 @@ def test_sliding_window_caches_batch_like_single_requests(quantized_kv_start, ho
 
     prompts = [[int(t) for t in (mx.arange(n) * 7 + s) % 500] for n, s in ((30, 1), (9, 2), (21, 3))]
     max_tokens = [10, 14, 6]
-    single = [
-        [int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=m, prompt_cache=plan_cache())]
-        for p, m in zip(prompts, max_tokens)
-    ]
     original = gen.make_prompt_cache
     gen.make_prompt_cache = plan_cache
     try:
@@ -469,20 +480,26 @@ def test_sliding_window_caches_batch_like_single_requests(quantized_kv_start, ho
         got = {u: [] for u in uids}
         kinds = set()
         for r in batch.next_generated():
-            got[r.uid].append(r.token)
+            got[r.uid].append((r.token, r.logprobs))
         # a request joining the running batch: its caches are extended into the batch's
         late = batch.insert(prompts[2:], max_tokens=max_tokens[2:])
         uids += late
         got.update({u: [] for u in late})
         while responses := batch.next_generated():
             for r in responses:
-                got[r.uid].append(r.token)
+                got[r.uid].append((r.token, r.logprobs))
                 if r.finish_reason is not None:
                     kinds |= {type(c) for c in r.prompt_cache}
         batch.close()
     finally:
         gen.make_prompt_cache = original
-    assert [got[u] for u in uids] == single
+    assert [len(got[u]) for u in uids] == max_tokens
+    for row, (u, prompt) in enumerate(zip(uids, prompts)):
+        tokens = [t for t, _ in got[u]]
+        solo = replay_solo_logprobs(model, prompt, tokens, prompt_cache=plan_cache())
+        assert_greedy_matches_solo(
+            tokens, solo, logprobs=[lp for _, lp in got[u]], noise=QUANTIZED_KV_NOISE, label=f"row {row}"
+        )
     assert kinds == {MixedQuantizedRotatingKVCache, MixedQuantizedKVCache}  # extracted rows keep their kind
 
 

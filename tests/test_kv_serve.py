@@ -1,9 +1,11 @@
 """`mlx_lm.server --optiq-kv-config`: a real server on 127.0.0.1 with a per-layer KV plan.
 
 Checks that concurrent requests are served by the continuous-batching path with the
-plan applied (same tokens as the single-request path and as an in-process run with
-the plan, different from the float cache), that prompt-cache hits give a cold run's
-tokens, and that bad configs / --kv-bits stop the server at start-up.
+plan applied (what the single-request path and an in-process run with the plan compute,
+different from the float cache), that prompt-cache hits compute what a cold run does, and
+that bad configs / --kv-bits stop the server at start-up. Served tokens are compared with
+the in-process single request replayed on them, up to the noise another batch shape or
+prefill split brings (tests.helpers.assert_greedy_matches_solo).
 """
 
 import json
@@ -11,12 +13,21 @@ import shutil
 import subprocess
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import mlx.core as mx
 import pytest
 
 from mlx_lm_optiq.core.jsonio import write_json
-from tests.helpers import ServerProcess, free_port, server_argv
+from tests.helpers import (
+    FLOAT_NOISE,
+    QUANTIZED_KV_NOISE,
+    ServerProcess,
+    assert_greedy_matches_solo,
+    free_port,
+    replay_solo_logprobs,
+    server_argv,
+)
 
 PLAN_BITS = [(8, 4), (4, 4), (8, 8), (4, 2)]  # the 2-bit values on slot 3 visibly change tokens
 PROMPTS = [
@@ -42,13 +53,19 @@ def _write_plan(path, bits=PLAN_BITS, group_size=64, **extra):
     return write_json(path, payload, kind="optiq-kv-config")
 
 
+class Completion(NamedTuple):
+    tokens: list[int]
+    cached: int  # prompt tokens served from the prompt cache
+    logprobs: list[float]  # each token's log-probability
+
+
 class Server(ServerProcess):
     """`python -m mlx_lm server` for `model` with `flags` (tests.helpers.ServerProcess), plus completions."""
 
     def __init__(self, model, env, log_path, *flags):
         super().__init__(model, *flags, env=env, log_path=log_path)
 
-    def complete(self, prompt, **body):
+    def complete(self, prompt, **body) -> Completion:
         body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, "logprobs": True, **body}
         req = urllib.request.Request(
             f"http://127.0.0.1:{self.port}/v1/completions",
@@ -59,8 +76,9 @@ class Server(ServerProcess):
             out = json.loads(r.read())
         if "error" in out:
             raise AssertionError(out)
-        tokens = [c["id"] for c in out["choices"][0]["logprobs"]["content"]]
-        return tokens, out["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        content = out["choices"][0]["logprobs"]["content"]
+        cached = out["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        return Completion([c["id"] for c in content], cached, [c["logprob"] for c in content])
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +127,16 @@ def reference(tiny_float_path, plan_path):
         ids = tok.encode(prompt)
         return [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=MAX_TOKENS, prompt_cache=cache)]
 
+    def check(prompt, served, planned=True, label=""):
+        """The served completion is what this process's single request computes (replayed on its tokens)."""
+        cache = make_plan_cache(model, plan) if planned else None
+        solo = replay_solo_logprobs(model, tok.encode(prompt), served.tokens, prompt_cache=cache)
+        noise = QUANTIZED_KV_NOISE if planned else FLOAT_NOISE
+        assert len(served.tokens) == MAX_TOKENS, label
+        assert_greedy_matches_solo(served.tokens, solo, token_logprobs=served.logprobs, noise=noise, label=label)
+
     run.tokenizer = tok
+    run.check = check
     return run
 
 
@@ -121,32 +148,35 @@ def _largest_kv_batch(log_text):
 
 def test_concurrent_requests_batch_with_the_plan(plan_server, reference):
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        batched = [t for t, _ in pool.map(plan_server.complete, PROMPTS)]
+        batched = list(pool.map(plan_server.complete, PROMPTS))
     # they really shared a batch of per-layer quantized caches
     assert _largest_kv_batch(plan_server.log_path.read_text()) >= 2
     # a request with a seed is not batchable: stock serves it through _serve_single
-    single = [plan_server.complete(p, seed=0)[0] for p in PROMPTS]
-    assert batched == single
+    single = [plan_server.complete(p, seed=0) for p in PROMPTS]
+    for p, b, s in zip(PROMPTS, batched, single):
+        reference.check(p, b, label=f"batched {p!r}")
+        reference.check(p, s, label=f"single {p!r}")
     planned = [reference(p, planned=True) for p in PROMPTS]
-    assert batched == planned
     # the plan is really in effect on both paths (a silently float cache would match this)
     assert planned != [reference(p, planned=False) for p in PROMPTS]
 
 
 def test_prompt_cache_hits_match_a_cold_run(plan_server, reference):
     prompt = "Captain Wentworth had no fortune. He had been lucky in his profession, but"
-    cold, cached = plan_server.complete(prompt)
-    assert cached == 0
-    again, cached = plan_server.complete(prompt)  # the stored entry is trimmed back to the prompt
-    assert cached > 0 and again == cold
+    cold = plan_server.complete(prompt)
+    assert cold.cached == 0
+    reference.check(prompt, cold, label="cold")
+    again = plan_server.complete(prompt)  # the stored entry is trimmed back to the prompt
+    assert again.cached > 0
+    reference.check(prompt, again, label="prompt-cache hit")
     longer = prompt + " spending freely what had come freely, had realized"
-    extended, cached = plan_server.complete(longer)  # hit on the prefix, prefill the rest
-    assert cached >= len(reference.tokenizer.encode(prompt)) - 1
-    assert extended == reference(longer, planned=True)
-    assert again == reference(prompt, planned=True)
+    extended = plan_server.complete(longer)  # hit on the prefix, prefill the rest
+    assert extended.cached >= len(reference.tokenizer.encode(prompt)) - 1
+    reference.check(longer, extended, label="prefix hit")
     # the same through the single-request path
-    single, cached = plan_server.complete(longer, seed=0)
-    assert cached > 0 and single == extended
+    single = plan_server.complete(longer, seed=0)
+    assert single.cached > 0
+    reference.check(longer, single, label="single-request prefix hit")
 
 
 def test_server_serves_a_turbo_plan(tiny_float_path, tmp_path_factory, hooks_enabled):
@@ -181,7 +211,7 @@ def test_server_serves_a_turbo_plan(tiny_float_path, tmp_path_factory, hooks_ena
     server = _serve(tiny_float_path, tmp_path_factory, "--optiq-kv-config", str(plan_file))
     try:
         with ThreadPoolExecutor(2) as pool:
-            served = [t for t, _ in pool.map(server.complete, PROMPTS[:2])]
+            served = [c.tokens for c in pool.map(server.complete, PROMPTS[:2])]
     finally:
         server.stop()
     assert served == [in_process(p) for p in PROMPTS[:2]]
@@ -196,12 +226,13 @@ def test_no_kv_config_flag_serves_float_on_both_paths(planned_model, reference, 
     server = _serve(planned_model, tmp_path_factory, "--optiq-no-kv-config")
     try:
         with ThreadPoolExecutor(2) as pool:
-            batched = [t for t, _ in pool.map(server.complete, PROMPTS[:2])]
-        single = [server.complete(p, seed=0)[0] for p in PROMPTS[:2]]
+            batched = list(pool.map(server.complete, PROMPTS[:2]))
+        single = [server.complete(p, seed=0) for p in PROMPTS[:2]]
     finally:
         server.stop()
-    floats = [reference(p, planned=False) for p in PROMPTS[:2]]
-    assert batched == floats and single == floats
+    for p, b, s in zip(PROMPTS[:2], batched, single):
+        reference.check(p, b, planned=False, label=f"batched {p!r}")
+        reference.check(p, s, planned=False, label=f"single {p!r}")
     assert "per-layer KV plan" not in server.log_path.read_text()
 
 

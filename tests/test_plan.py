@@ -205,6 +205,13 @@ def test_config_parses_candidates_once_and_names_fields():
     with pytest.raises(ConfigError, match="sensitivity_method: expected one of exact, fisher"):
         WeightsConfig(target_bpw=5, sensitivity_method="fast")
     assert WeightsConfig(text_only=True).candidates is None  # nothing to plan
+    # re-planning from a table without candidate flags: the table's candidates (the pipeline reads them)
+    assert WeightsConfig(target_bpw=4, sensitivity="t.json").candidates is None
+    assert WeightsConfig(target_bpw=4, sensitivity="t.json", q_group_size=32).candidates is None
+    # given ones still restrict the choice
+    assert [
+        candidate_key(**c) for c in WeightsConfig(target_bpw=5, sensitivity="t.json", candidate_bits="4").candidates
+    ] == ["4:64"]
 
 
 def test_explicit_candidates_and_the_top_level_entry():

@@ -102,7 +102,8 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) ->
     """The local directory of a model: the path itself, or the hub snapshot mlx-lm would download.
 
     A spec that can only be a local path and does not exist is a clear FileNotFoundError,
-    not a hub lookup of a mistyped path.
+    not a hub lookup of a mistyped path; a failed hub lookup is a FileNotFoundError that
+    names the spec and the hub's reason (one line).
     """
     p = Path(path_or_repo).expanduser()
     if p.exists():
@@ -111,7 +112,13 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) ->
         raise FileNotFoundError(f"{path_or_repo}: no such model directory")
     from mlx_lm.utils import _download
 
-    return Path(_download(str(path_or_repo), revision=revision))
+    try:
+        return Path(_download(str(path_or_repo), revision=revision))
+    except Exception as e:  # huggingface_hub's errors (offline, unknown repo, bad id) have no common base
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FileNotFoundError(
+            f"{path_or_repo}: no such model directory, and the Hugging Face Hub lookup failed ({reason})"
+        ) from e
 
 
 def is_quantized_checkpoint(config: dict) -> bool:

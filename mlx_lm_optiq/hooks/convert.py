@@ -33,6 +33,16 @@ def _extensions():
     return [importlib.import_module(name) for name in EXTENSIONS]
 
 
+def _known_options() -> set[str]:
+    """Every `optiq_*` keyword the extensions accept (their flags' dests, prefix stripped)."""
+    import argparse
+
+    group = argparse.ArgumentParser().add_argument_group("optiq")
+    for ext in _extensions():
+        ext.add_arguments(group)
+    return {a.dest[len("optiq_") :] for a in group._group_actions}
+
+
 def _configure_parser(wrapped, instance, args, kwargs):
     parser = wrapped(*args, **kwargs)
     group = parser.add_argument_group("mlx_lm_optiq", "sensitivity-aware quantization (mlx-lm-optiq)")
@@ -44,6 +54,12 @@ def _configure_parser(wrapped, instance, args, kwargs):
 def _convert(wrapped, instance, args, kwargs):
     kwargs = dict(kwargs)
     options = pop_options(kwargs)  # stock convert() rejects unknown keywords
+    unknown = sorted(set(options) - _known_options())
+    if unknown:  # a misspelt keyword must not silently fall back to a default
+        raise TypeError(
+            f"convert() got unexpected keyword(s) {', '.join('optiq_' + k for k in unknown)}; "
+            f"known: {', '.join('optiq_' + k for k in sorted(_known_options()))}"
+        )
     exts = [e for e in _extensions() if e.is_requested(options)]
     if not exts:
         return wrapped(*args, **kwargs)

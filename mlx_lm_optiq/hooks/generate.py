@@ -20,12 +20,33 @@ Each wrapper passes straight through when no plan is active.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from mlx_lm_optiq.core.jsonio import OptiqFileError
 from mlx_lm_optiq.hooks import on_reset, patching
-from mlx_lm_optiq.kv import apply
-from mlx_lm_optiq.kv.plan_file import KVPlan, read_kv_config
+
+if TYPE_CHECKING:
+    from mlx_lm_optiq.kv.plan_file import KVPlan
+
+
+def _apply() -> ModuleType:
+    """`mlx_lm_optiq.kv.apply`, imported at first use, never when this module is imported.
+
+    This hook's installer runs inside the first `import mlx_lm` (the .pth trigger), and a
+    kv module may be the one importing mlx_lm: a module-level import here would then see
+    that kv module half-initialized (tests/test_hooks.py imports every module first).
+    """
+    from mlx_lm_optiq.kv import apply
+
+    return apply
+
+
+def _read_kv_config(path: Any) -> KVPlan:
+    from mlx_lm_optiq.kv.plan_file import read_kv_config
+
+    return read_kv_config(path)
+
 
 _CLI_TOKEN = []
 
@@ -34,7 +55,7 @@ _CLI_TOKEN = []
 def _clear():
     # the console script's choice was set in this thread's context; undo it
     while _CLI_TOKEN:
-        apply.reset_override(_CLI_TOKEN.pop())
+        _apply().reset_override(_CLI_TOKEN.pop())
 
 
 def _check_no_kv_bits(kv_bits, plan: KVPlan):
@@ -57,18 +78,18 @@ def _planned_step(wrapped, args, kwargs, extra_caches):
     extra_caches(args, kwargs) -> caches appended after the model's own (the draft model's).
     """
     model = _arg(args, kwargs, 1, "model")
-    plan = apply.active_plan(model)
+    plan = _apply().active_plan(model)
     if plan is None:
         return wrapped(*args, **kwargs)
     _check_no_kv_bits(kwargs.get("kv_bits"), plan)
     kwargs = dict(kwargs)
     if kwargs.get("prompt_cache") is None:
         max_kv_size = kwargs.get("max_kv_size") if extra_caches is None else None
-        cache = apply.make_plan_cache(model, plan, max_kv_size=max_kv_size)
+        cache = _apply().make_plan_cache(model, plan, max_kv_size=max_kv_size)
         kwargs["prompt_cache"] = cache if extra_caches is None else cache + extra_caches(args, kwargs)
     else:
         # speculative: stock splits the list as model caches first, then the draft model's
-        apply.apply_plan(kwargs["prompt_cache"], plan, model)
+        _apply().apply_plan(kwargs["prompt_cache"], plan, model)
     return wrapped(*args, **kwargs)
 
 
@@ -88,13 +109,15 @@ def _speculative_generate_step(wrapped, instance, args, kwargs):
 
 def _batch_generate(wrapped, instance, args, kwargs):
     model = _arg(args, kwargs, 0, "model")
-    plan = apply.active_plan(model)
+    plan = _apply().active_plan(model)
     if plan is not None:
         args, kwargs = list(args), dict(kwargs)
         prompts = _arg(args, kwargs, 2, "prompts")
         caches = _arg(args, kwargs, 3, "prompt_caches") or [None] * len(prompts)
         # BatchGenerator would make float caches for missing ones: hand it planned caches
-        caches = [apply.make_plan_cache(model, plan) if c is None else apply.apply_plan(c, plan, model) for c in caches]
+        caches = [
+            _apply().make_plan_cache(model, plan) if c is None else _apply().apply_plan(c, plan, model) for c in caches
+        ]
         if len(args) > 3:
             args[3] = caches
         else:
@@ -104,19 +127,19 @@ def _batch_generate(wrapped, instance, args, kwargs):
 
 def _maybe_quantize_kv_cache(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
-    apply.promote_pending(_arg(args, kwargs, 0, "prompt_cache"))
+    _apply().promote_pending(_arg(args, kwargs, 0, "prompt_cache"))
     return result
 
 
 def _load(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
     path = _arg(args, kwargs, 0, "path_or_hf_repo")
-    found = apply.find_kv_config(path) if path is not None else None
+    found = _apply().find_kv_config(path) if path is not None else None
     if found is not None:
-        plan = read_kv_config(found)
+        plan = _read_kv_config(found)
         # validating builds the model graph once; a lazy load defers that to first use
-        apply.attach_plan(result[0], plan, validate=not kwargs.get("lazy"))
-        if not apply.override_is_set():  # else use_kv_config / a CLI flag decides
+        _apply().attach_plan(result[0], plan, validate=not kwargs.get("lazy"))
+        if not _apply().override_is_set():  # else use_kv_config / a CLI flag decides
             print(f"mlx_lm_optiq: per-layer KV plan {plan.source} ({plan.summary()})", file=sys.stderr)
     return result
 
@@ -144,12 +167,12 @@ def _setup_arg_parser(wrapped, instance, args, kwargs):
             if getattr(ns, "kv_bits", None) is not None:
                 parser.error(f"--kv-bits {ns.kv_bits} cannot be combined with --optiq-kv-config")
             try:
-                plan = read_kv_config(ns.optiq_kv_config)
+                plan = _read_kv_config(ns.optiq_kv_config)
             except OptiqFileError as e:
                 parser.error(f"--optiq-kv-config: {e}")
-            _CLI_TOKEN.append(apply.set_override(plan))  # validated against the model at first use
+            _CLI_TOKEN.append(_apply().set_override(plan))  # validated against the model at first use
         elif ns.optiq_no_kv_config:
-            _CLI_TOKEN.append(apply.set_override(None))
+            _CLI_TOKEN.append(_apply().set_override(None))
         return ns
 
     parser.parse_args = parse_args  # this parser instance only: main() parses once with it

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.model_tree import looks_like_local_path, resolve_model_path
 from mlx_lm_optiq.kv.config import KVPlanConfig, flag_specs
 from mlx_lm_optiq.kv.pipeline import plan_kv
 from mlx_lm_optiq.kv.plan_file import FILENAME, write_kv_config
@@ -40,30 +41,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve_model(parser: argparse.ArgumentParser, model: str) -> str:
+    """The model's local directory, before anything is loaded; a clear parser error when there is none
+    (core.model_tree.resolve_model_path words both cases: a mistyped local path, a failed hub lookup)."""
+    try:
+        return str(resolve_model_path(model))
+    except FileNotFoundError as e:
+        parser.error(str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    # Re-planning from a table needs no model: a hub id is then not downloaded, a local path still checked.
+    model_path = args.model
+    if args.sensitivity is None or looks_like_local_path(args.model):
+        model_path = _resolve_model(parser, args.model)
     out = Path(args.output) if args.output else None
     if out is None:
-        if not Path(args.model).is_dir():
+        if not Path(args.model).expanduser().is_dir():  # never into a hub snapshot
             parser.error(f"{args.model} is not a local folder: give --output for kv_config.json")
-        out = Path(args.model) / FILENAME
+        out = Path(args.model).expanduser() / FILENAME
     if out.is_dir():
         out = out / FILENAME
     if out.exists() and not args.force:
         parser.error(f"--output {out} already exists (use --force to overwrite)")
     try:
         config = KVPlanConfig(**{name: getattr(args, name) for name, _ in flag_specs()})
-        plan = plan_kv(args.model, config).plan
+        plan = plan_kv(model_path, config, model_name=args.model).plan
     except ConfigError as e:
         parser.error(e.render(_flag))
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    write_kv_config(plan, out)
+    path = write_kv_config(plan, out).resolve()
     print(
-        f"wrote {out}: {plan.summary()}; average {plan.achieved_bits} bits "
+        f"wrote {path}: {plan.summary()}; average {plan.achieved_bits} bits "
         f"(target {args.target_bits}), summed KL {plan_kl(plan):.5f}"
     )
     return 0

@@ -26,7 +26,12 @@ TABLE_PATH_FIELDS = ("sensitivity", "sensitivity_out")
 
 @dataclass
 class KVPlanConfig:
-    """How to measure a model's per-layer KV sensitivity and allocate a plan from it."""
+    """How to measure a model's per-layer KV sensitivity and allocate a plan from it.
+
+    After `__post_init__`, `candidates` is a tuple of KVCandidates, or None when re-planning
+    from a saved table (`sensitivity`) without candidates: the table's own are then the
+    candidates (kv.pipeline.plan_kv), so a re-plan never narrows to defaults it did not measure.
+    """
 
     target_bits: float = field(
         metadata={"type": float, "help": "average bits per cached element (fp16 = 16; 4-bit g64 costs 4.5)"}
@@ -35,7 +40,8 @@ class KVPlanConfig:
         default=None,
         metadata={
             "help": "comma-separated K_BITS/V_BITS:GROUP candidates, e.g. 8/8:64,8/4:64,4/4:64 "
-            "(default: K in {8,4} x V in {8,4,2} x group {64,32})"
+            "(default: K in {8,4} x V in {8,4,2} x group {64,32}; when re-planning from a saved "
+            "table: every candidate it measured)"
         },
     )
     data: str | None = field(
@@ -68,7 +74,11 @@ class KVPlanConfig:
         metadata={"help": "keep each cache in float until it holds this many tokens (mlx-lm's quantized_kv_start)"},
     )
     sensitivity: str | None = field(
-        default=None, metadata={"help": "reuse a saved sensitivity table instead of measuring (allocation only)"}
+        default=None,
+        metadata={
+            "help": "re-plan without measuring, from a saved KV sensitivity table or a kv_config.json "
+            "(it holds every layer's measured KLs)"
+        },
     )
     sensitivity_out: str | None = field(
         default=None, metadata={"help": "also save the measured sensitivity table here"}
@@ -81,7 +91,8 @@ class KVPlanConfig:
             or not (0 < self.target_bits <= FLOAT_BITS)
         ):
             raise ConfigError("target_bits", f"expected a number in (0, {FLOAT_BITS}], got {self.target_bits}")
-        self.candidates = self._parse_candidates(self.candidates)
+        if self.candidates is not None or self.sensitivity is None:
+            self.candidates = self._parse_candidates(self.candidates)
         for name in ("prefix_tokens", "scored_tokens", "num_windows", "context_length"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -8,6 +8,7 @@ with simulated cache quantization; see kv/sensitivity.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,22 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.utils import load_tokenizer
 
+from mlx_lm_optiq.core.backend import warn_if_slow_blas
 from mlx_lm_optiq.core.calibration import load_calibration
 from mlx_lm_optiq.core.config import ConfigError
 from mlx_lm_optiq.core.model_tree import load_float_model, resolve_model_path
 from mlx_lm_optiq.kv.apply import attach_plan
+from mlx_lm_optiq.kv.candidates import KVCandidate
 from mlx_lm_optiq.kv.config import KVPlanConfig
 from mlx_lm_optiq.kv.plan_file import KVPlan
-from mlx_lm_optiq.kv.sensitivity import allocate_kv, measure_kv_sensitivity, read_kv_table, write_kv_table
+from mlx_lm_optiq.kv.sensitivity import (
+    allocate_kv,
+    measure_kv_sensitivity,
+    read_kv_table,
+    restrict_table,
+    unmeasured_candidates,
+    write_kv_table,
+)
 
 
 @dataclass
@@ -61,10 +71,28 @@ def token_windows(tokenizer: Any, data: str | None, num_windows: int, length: in
     return [tokens[i] for i in range(tokens.shape[0])]
 
 
+def _measured_subset(table: dict, candidates: Sequence[KVCandidate], source: str | Path) -> dict:
+    """`table` restricted to `candidates`; one the table did not measure is an error on `candidates`."""
+    missing = unmeasured_candidates(table, candidates)
+    if missing:
+        slot, keys = next(iter(missing.items()))
+        measured = sorted(table["slots"][slot]["kl"])
+        raise ConfigError(
+            "candidates",
+            f"{keys} not measured in {source} (slot {slot} has {measured}): measure again with them, "
+            "or choose from the measured ones",
+        )
+    return restrict_table(table, candidates)
+
+
 def plan_kv(
     model_path: str | Path, config: KVPlanConfig, *, model_name: str | None = None, progress: bool = True
 ) -> KVPlanResult:
     """Measure `model_path` (or read `config.sensitivity`) and allocate a KVPlan under `config.target_bits`.
+
+    `config.sensitivity` may be a KV sensitivity table or a kv_config.json (its KLs); without
+    `config.candidates` every candidate it measured is a choice, with them only those (each
+    must have been measured). Measuring warns once when MLX's CPU BLAS is the slow one.
 
     `model_name` is what the table and the plan record as the model (default: `model_path`).
     A measured table is also written to `config.sensitivity_out` when set.
@@ -72,7 +100,10 @@ def plan_kv(
     model_name = model_name or str(model_path)
     if config.sensitivity is not None:
         table = read_kv_table(config.sensitivity)
+        if config.candidates is not None:  # given: a subset of what the table measured
+            table = _measured_subset(table, config.candidates, config.sensitivity)
     else:
+        warn_if_slow_blas()
         model, tokenizer = load_float_reference(model_path)
         windows = token_windows(tokenizer, config.data, config.num_windows, config.window_tokens)
         table = measure_kv_sensitivity(

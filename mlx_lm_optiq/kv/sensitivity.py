@@ -19,7 +19,7 @@ under an average-bits budget, weighted by the bytes each slot really holds (KV h
 head_dim, window-capped for sliding layers), with the exact knapsack of core.allocate.
 
 The table (kind optiq-kv-sensitivity) has its one writer, reader and validator here:
-`write_kv_table`, `read_kv_table`.
+`write_kv_table`, `read_kv_table` (which also reads the table a kv_config.json holds).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from tqdm import tqdm
 
 from mlx_lm_optiq.core import allocate
-from mlx_lm_optiq.core.jsonio import read_json, write_json
+from mlx_lm_optiq.core.jsonio import OptiqFileError, read_json, write_json
 from mlx_lm_optiq.kv.candidates import DEFAULT_KV_CANDIDATES, KVCandidate
 from mlx_lm_optiq.kv.geometry import (
     FLOAT_BITS,
@@ -46,7 +46,8 @@ from mlx_lm_optiq.kv.geometry import (
     elements_per_token,
     token_weight,
 )
-from mlx_lm_optiq.kv.plan_file import KVPlan, SlotPlan
+from mlx_lm_optiq.kv.plan_file import FILENAME, KVPlan, SlotPlan, read_kv_config
+from mlx_lm_optiq.kv.plan_file import KIND as PLAN_KIND
 
 TABLE_KIND = "optiq-kv-sensitivity"
 PROBES = ("exact", "fast")
@@ -325,13 +326,105 @@ def write_kv_table(table: dict, path: str | Path) -> Path:
 
 
 def read_kv_table(path: str | Path) -> dict:
-    """Read and validate a KV sensitivity table; errors name the file and field."""
+    """Read a KV sensitivity table, or the table a kv_config.json holds; errors name the file and field.
+
+    A kv_config.json records every slot's geometry and measured KLs (`layers[i].kl`), so a
+    written plan re-plans another budget without measuring; it is read by its own reader
+    (kv.plan_file.read_kv_config) and turned into a table by `table_from_plan`. A folder
+    means the kv_config.json inside it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    kind = read_json(path).get("kind")
+    if kind == PLAN_KIND:
+        plan = read_kv_config(path)
+        return _check_slots(table_from_plan(plan), path, "layers")
+    if kind != TABLE_KIND:
+        raise OptiqFileError(
+            f"{path}: field 'kind' is {kind!r}, expected {TABLE_KIND!r} (a saved KV sensitivity table) "
+            f"or {PLAN_KIND!r} (a kv_config.json)"
+        )
     data = read_json(path, kind=TABLE_KIND, required=["slots", "candidates"])
+    if not isinstance(data["slots"], list) or not data["slots"]:
+        raise OptiqFileError(f"{path}: field 'slots' must be a non-empty list of per-slot entries")
     for i, e in enumerate(data["slots"]):
         for f in ("slot", "cache", "kl"):
-            if f not in e:
-                raise ValueError(f"{path}: slots[{i}] is missing field {f!r}")
-    return data
+            if not isinstance(e, dict) or f not in e:
+                raise OptiqFileError(f"{path}: slots[{i}] is missing field {f!r}")
+    return _check_slots(data, path, "slots")
+
+
+def _check_slots(table: dict, path: Path, entries: str) -> dict:
+    """Every KL key is a KV candidate and every KL a finite number >= 0 (`entries`: the file's list)."""
+    for i, e in enumerate(table["slots"]):
+        if not isinstance(e["kl"], dict):
+            raise OptiqFileError(f"{path}: field '{entries}[{i}].kl' must be an object of candidate -> KL")
+        for key, v in e["kl"].items():
+            try:
+                KVCandidate.parse(key)
+            except ValueError as err:
+                raise OptiqFileError(f"{path}: field '{entries}[{i}].kl': {err}") from None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise OptiqFileError(f"{path}: field '{entries}[{i}].kl.{key}' must be a finite number >= 0, got {v!r}")
+    return table
+
+
+def table_from_plan(plan: KVPlan) -> dict:
+    """The sensitivity table a parsed kv_config.json holds: each slot's recorded geometry and KLs.
+
+    Plans written by `python -m mlx_lm_optiq.kv` or convert record both; a hand-written plan
+    without them cannot be re-planned (OptiqFileError naming the field).
+    """
+    slots = []
+    for s in plan.slots:
+        if "cache" not in s.declared:
+            raise OptiqFileError(
+                f"{plan.source}: layers[{s.slot}] has no field 'cache': re-planning needs the geometry and "
+                "KLs that a measured plan (python -m mlx_lm_optiq.kv, convert) records"
+            )
+        entry = {"slot": s.slot, "layer": s.layer, "cache": s.declared["cache"]}
+        entry.update({k: s.declared.get(k) for k in ("n_kv_heads", "k_head_dim", "v_head_dim", "window")})
+        entry["kl"] = dict(s.kl)
+        slots.append(entry)
+    keys = sorted({k for e in slots for k in e["kl"]})
+    if not keys:
+        raise OptiqFileError(
+            f"{plan.source}: no layer holds measured KLs (field 'layers[i].kl'), so it cannot be re-planned; "
+            "measure the model instead"
+        )
+    measured = plan.extra.get("sensitivity") if isinstance(plan.extra.get("sensitivity"), dict) else {}
+    return {
+        "model": plan.model,
+        **{k: measured.get(k) for k in ("probe", "prefix_tokens", "scored_tokens", "num_windows")},
+        "candidates": keys,
+        "slots": slots,
+    }
+
+
+def unmeasured_candidates(table: dict, candidates: Sequence[KVCandidate]) -> dict[int, list[str]]:
+    """{slot: keys of `candidates` that apply to the slot (its group size divides the head dims) but
+    have no KL in the table}; empty when the table covers them all."""
+    missing = {}
+    for e, g in zip(table["slots"], table_geometry(table)):
+        if not g.quantizable:
+            continue
+        keys = [
+            c.key
+            for c in candidates
+            if g.k_head_dim % c.group_size == 0 and g.v_head_dim % c.group_size == 0 and c.key not in e["kl"]
+        ]
+        if keys:
+            missing[g.slot] = keys
+    return missing
+
+
+def restrict_table(table: dict, candidates: Sequence[KVCandidate]) -> dict:
+    """A copy of `table` whose slots keep only the KLs of `candidates` (the allocation's choices)."""
+    keep = {c.key for c in candidates}
+    out = dict(table, candidates=[c.key for c in candidates])
+    out["slots"] = [dict(e, kl={k: v for k, v in e["kl"].items() if k in keep}) for e in table["slots"]]
+    return out
 
 
 def allocate_kv(

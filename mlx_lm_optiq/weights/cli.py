@@ -56,9 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import mlx.core as mx
     from mlx_lm.utils import load_tokenizer
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     group = mx.distributed.init() if args.distributed else None
-    model_path = resolve_model_path(args.model)
+    try:  # before any loading: a mistyped path or a failed hub lookup is one clear line
+        model_path = resolve_model_path(args.model)
+    except FileNotFoundError as e:
+        parser.error(str(e))
     tokenizer = load_tokenizer(model_path)
     tokens = load_calibration(tokenizer, args.calibration, args.num_samples, args.sequence_length, args.seed)
     settings = SweepSettings(

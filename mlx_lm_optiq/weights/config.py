@@ -33,6 +33,8 @@ MEASURING_FIELDS = (
     "checkpoint",
     "clipping",
 )
+# Fields that choose the candidates (none given with a `sensitivity` table: the table's candidates).
+CANDIDATE_FIELDS = ("candidate_bits", "group_sizes", "candidates")
 # Fields that only make sense with a target (everything but the target and text_only).
 PLANNING_FIELDS = ("candidate_bits", "group_sizes", "candidates", "sensitivity", "protect", *MEASURING_FIELDS)
 # Stock convert arguments the weights feature reads (not its own flags).
@@ -52,7 +54,10 @@ class WeightsConfig:
     After `__post_init__`, `candidates` holds the validated candidate dicts (cheapest
     first) whether they were listed explicitly or given as `candidate_bits` x
     `group_sizes` (which are then cleared: `candidates` says it all), and `protect`
-    is a list of protection names.
+    is a list of protection names. Re-planning from a `sensitivity` table with none of
+    those given leaves `candidates` None: the plan then chooses from every candidate the
+    table measured (weights.pipeline.plan_weights), not from defaults it may lack; given,
+    they restrict the choice to that subset of the table's.
     """
 
     target_bpw: float | None = field(
@@ -63,7 +68,11 @@ class WeightsConfig:
         ),
     )
     candidate_bits: str | list[int] | None = field(
-        default=None, metadata=_help("Comma-separated bit widths to choose from per module (default 4,8).")
+        default=None,
+        metadata=_help(
+            "Comma-separated bit widths to choose from per module (default 4,8; when re-planning "
+            "from a saved sensitivity table: the table's candidates)."
+        ),
     )
     group_sizes: str | list[int] | None = field(
         default=None, metadata=_help("Comma-separated group sizes to choose from (default: --q-group-size or 64).")
@@ -131,7 +140,10 @@ class WeightsConfig:
             raise ConfigError(
                 "target_bpw", "chooses the bits per layer, so it cannot be combined with `quant_predicate`"
             )
-        self.candidates = self._parse_candidates()
+        if self.sensitivity is not None and all(getattr(self, f) is None for f in CANDIDATE_FIELDS):
+            self.candidates = None  # re-planning: the table's own candidates (weights.pipeline)
+        else:
+            self.candidates = self._parse_candidates()
         self.candidate_bits = self.group_sizes = None
         self.protect = _names(self.protect)
         check_protections(self.protect)

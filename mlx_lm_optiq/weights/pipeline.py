@@ -23,7 +23,7 @@ from typing import Any
 
 from mlx_lm_optiq.core import calibration, model_tree
 from mlx_lm_optiq.core.config import ConfigError
-from mlx_lm_optiq.core.formats import Candidate, top_level_quantization
+from mlx_lm_optiq.core.formats import Candidate, FormatError, candidate_key, parse_candidates, top_level_quantization
 from mlx_lm_optiq.weights import clipping, metadata, plan, sweep, text_only
 from mlx_lm_optiq.weights.config import WeightsConfig
 
@@ -65,13 +65,16 @@ def plan_weights(
 
     staging_dir: where a dequantized float source may be written (the convert's staging
     directory: removed with it). dtype, revision: stock convert's arguments of those names.
+    Re-planning from `config.sensitivity` chooses from the table's candidates when the config
+    names none (`config.candidates` None), else from the named ones, which the table must hold.
     """
     if config.target_bpw is None:
         raise ConfigError("target_bpw", "is needed to plan mixed precision")
-    table, source = None, "measured sensitivity"
+    table, source, candidates = None, "measured sensitivity", config.candidates
     if config.sensitivity is not None:  # read first: a bad file fails before any work
         source = str(config.sensitivity)
         table = metadata.load_sensitivity(source)
+        candidates = _table_candidates(table, candidates, source)
     model_path = model_tree.resolve_model_path(model, revision)
     float_source = None
     if model_tree.is_quantized_checkpoint(_read_config(model_path)):
@@ -85,7 +88,7 @@ def plan_weights(
         float_model,
         model_config,
         table,
-        config.candidates,
+        candidates,
         config.target_bpw,
         dtype=dtype,
         protect=config.protect,
@@ -99,12 +102,32 @@ def plan_weights(
     return WeightsPlanResult(
         table=table,
         plan=result,
-        candidates=config.candidates,
+        candidates=candidates,
         base_model=str(model),
         float_source=float_source,
         quant_predicate=plan.quant_predicate(result["layers"], clipping.from_table(table)),
-        quantization=top_level_quantization(config.candidates),
+        quantization=top_level_quantization(candidates),
     )
+
+
+def _table_candidates(table: dict[str, Any], given: list[Candidate] | None, source: str) -> list[Candidate]:
+    """The candidates of a re-plan: the table's own when none were given, else the given ones,
+    each of which the table must have measured (ConfigError on `sensitivity` naming the rest)."""
+    try:
+        measured = parse_candidates(table["candidates"])
+    except FormatError as e:
+        raise ConfigError("sensitivity", f"{source}: field 'candidates': {e}") from None
+    if given is None:
+        return measured
+    keys = [candidate_key(**c) for c in measured]
+    missing = [candidate_key(**c) for c in given if candidate_key(**c) not in keys]
+    if missing:
+        raise ConfigError(
+            "sensitivity",
+            f"{source} did not measure candidate(s) {missing} (it measured {keys}): "
+            "measure again with them, or choose from the measured ones",
+        )
+    return given
 
 
 def _read_config(model_path: Path) -> dict[str, Any]:

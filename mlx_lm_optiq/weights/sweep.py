@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from mlx_lm_optiq.core.backend import warn_if_slow_blas
 from mlx_lm_optiq.core.formats import applicable, candidate_key, check_with_mlx, parse_candidates
 from mlx_lm_optiq.core.model_tree import dequantize, float_dtype_of, quantizable_modules, resolve_model_path
 from mlx_lm_optiq.weights import clipping
@@ -157,6 +158,8 @@ def measure_sensitivity(
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
 
     model_path = resolve_model_path(model_path)
+    if rank == 0:
+        warn_if_slow_blas()
     model, quantized_input, originals = _load_lazy(model_path)
     quant_dtype = float_dtype_of(model)
     if quantized_input is not None:
