@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lm_optiq.core import model_tree
-from mlx_lm_optiq.core.jsonio import read_json, write_json
-from mlx_lm_optiq.weights.metadata import METADATA_FILE
+from mlx_lm_optiq.core.jsonio import write_json
+from mlx_lm_optiq.weights.metadata import METADATA_FILE, calibration_source
 
 EVAL_KIND = "optiq-eval"
 # Above this many tokens, CPU evaluation with real quantized kernels is too slow
@@ -151,10 +151,7 @@ def resolve_compute(compute: str, num_tokens: int) -> str:
 def check_not_calibration_text(model_path: str | Path, text_path: str | Path) -> None:
     """Refuse to evaluate on the text a model was calibrated on (its sidecar says which)."""
     sidecar = Path(model_path) / METADATA_FILE
-    if not sidecar.is_file():
-        return
-    calib = read_json(sidecar).get("sensitivity", {}).get("calibration") or {}
-    used = calib.get("source")
+    used = calibration_source(model_path)
     if used and used != "bundled" and Path(used).resolve() == Path(text_path).resolve():
         raise EvalError(
             f"--text {text_path} is the calibration text of {model_path} "

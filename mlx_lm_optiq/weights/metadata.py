@@ -128,6 +128,23 @@ def load_sensitivity(path: str | Path) -> dict[str, Any]:
     )
 
 
+def calibration_source(model_dir: str | Path) -> str | None:
+    """The calibration text a converted model's sensitivity was measured on, or None.
+
+    From `sensitivity.calibration.source` of the sidecar in `model_dir` ("bundled", a file
+    path, or absent). Lenient on purpose: the quality tool only uses it to refuse evaluating
+    a model on its own calibration text, and a model without a (complete) sidecar is simply
+    not checked. Reads through `read_json` like every reader here (kind and version checked).
+    """
+    path = Path(model_dir) / METADATA_FILE
+    if not path.is_file():
+        return None
+    sensitivity = read_json(path, kind=METADATA_KIND).get("sensitivity")
+    calib = sensitivity.get("calibration") if isinstance(sensitivity, dict) else None
+    source = calib.get("source") if isinstance(calib, dict) else None
+    return source if isinstance(source, str) else None
+
+
 def find_metadata(model_path: str | Path, metadata_path: str | Path | None = None) -> Path:
     """Path of the sidecar to use: `metadata_path` when given, else the one next to the model's weights.
 
