@@ -46,7 +46,12 @@ def write_json(path: str | Path, payload: dict, kind: str, format_version: int =
 def read_json(
     path: str | Path, kind: str | None = None, supported_versions: Sequence[int] = (1,), required: Sequence[str] = ()
 ) -> dict:
-    """Read a JSON file we (or the user) wrote; errors name the file and field."""
+    """Read a JSON file we (or the user) wrote; errors name the file and field.
+
+    With `kind`, the header and `required` fields are checked (`check_header`); without it the
+    object is returned as read, for a caller that dispatches on `data["kind"]` itself and then
+    checks the header of the kind it found (one read of the file, whatever its kind).
+    """
     path = Path(path)
     if not path.is_file():
         raise OptiqFileError(f"{path}: file not found")
@@ -58,13 +63,21 @@ def read_json(
     if not isinstance(data, dict):
         raise OptiqFileError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     if kind is not None:
-        if data.get("kind") != kind:
-            raise OptiqFileError(f"{path}: field 'kind' is {data.get('kind')!r}, expected {kind!r}")
-        if data.get("format_version") not in supported_versions:
-            raise OptiqFileError(
-                f"{path}: field 'format_version' is {data.get('format_version')!r}, "
-                f"expected one of {list(supported_versions)}"
-            )
+        check_header(data, path, kind, supported_versions, required)
+    return data
+
+
+def check_header(
+    data: dict, path: str | Path, kind: str, supported_versions: Sequence[int] = (1,), required: Sequence[str] = ()
+) -> dict:
+    """Check an object read from `path`: its `kind`, `format_version` and `required` fields; returns it."""
+    if data.get("kind") != kind:
+        raise OptiqFileError(f"{path}: field 'kind' is {data.get('kind')!r}, expected {kind!r}")
+    if data.get("format_version") not in supported_versions:
+        raise OptiqFileError(
+            f"{path}: field 'format_version' is {data.get('format_version')!r}, "
+            f"expected one of {list(supported_versions)}"
+        )
     for field in required:
         if field not in data:
             raise OptiqFileError(f"{path}: missing required field {field!r}")

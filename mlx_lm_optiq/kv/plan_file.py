@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lm_optiq.core.formats import AFFINE_BITS, AFFINE_GROUPS
-from mlx_lm_optiq.core.jsonio import OptiqFileError, read_json, write_json
+from mlx_lm_optiq.core.jsonio import OptiqFileError, check_header, read_json, write_json
 from mlx_lm_optiq.kv import turbo
 from mlx_lm_optiq.kv.geometry import QUANTIZABLE_KINDS, SlotGeometry, cache_geometry
 
@@ -240,8 +240,12 @@ def read_kv_config(path: str | Path) -> KVPlan:
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
-    data = read_json(path, kind=KIND, required=["layers"])
-    return plan_from_dict(data, source=str(path))
+    return plan_from_file_data(read_json(path), path)
+
+
+def plan_from_file_data(data: dict[str, Any], path: str | Path) -> KVPlan:
+    """The plan in an object already read from `path` (header and fields checked, then parsed)."""
+    return plan_from_dict(check_header(data, path, KIND, required=["layers"]), source=str(path))
 
 
 def load_kv_config(path: str | Path, model: Any) -> KVPlan:

@@ -35,7 +35,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from tqdm import tqdm
 
 from mlx_lm_optiq.core import allocate
-from mlx_lm_optiq.core.jsonio import OptiqFileError, read_json, write_json
+from mlx_lm_optiq.core.jsonio import OptiqFileError, check_header, read_json, write_json
 from mlx_lm_optiq.kv.candidates import DEFAULT_KV_CANDIDATES, KVCandidate
 from mlx_lm_optiq.kv.geometry import (
     FLOAT_BITS,
@@ -46,7 +46,7 @@ from mlx_lm_optiq.kv.geometry import (
     elements_per_token,
     token_weight,
 )
-from mlx_lm_optiq.kv.plan_file import FILENAME, KVPlan, SlotPlan, read_kv_config
+from mlx_lm_optiq.kv.plan_file import FILENAME, KVPlan, SlotPlan, plan_from_file_data
 from mlx_lm_optiq.kv.plan_file import KIND as PLAN_KIND
 
 TABLE_KIND = "optiq-kv-sensitivity"
@@ -330,22 +330,22 @@ def read_kv_table(path: str | Path) -> dict:
 
     A kv_config.json records every slot's geometry and measured KLs (`layers[i].kl`), so a
     written plan re-plans another budget without measuring; it is read by its own reader
-    (kv.plan_file.read_kv_config) and turned into a table by `table_from_plan`. A folder
+    (kv.plan_file, from the same read of the file) and turned into a table by `table_from_plan`. A folder
     means the kv_config.json inside it.
     """
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
-    kind = read_json(path).get("kind")
+    data = read_json(path)  # once: which kind it is decides how it is checked
+    kind = data.get("kind")
     if kind == PLAN_KIND:
-        plan = read_kv_config(path)
-        return _check_slots(table_from_plan(plan), path, "layers")
+        return _check_slots(table_from_plan(plan_from_file_data(data, path)), path, "layers")
     if kind != TABLE_KIND:
         raise OptiqFileError(
             f"{path}: field 'kind' is {kind!r}, expected {TABLE_KIND!r} (a saved KV sensitivity table) "
             f"or {PLAN_KIND!r} (a kv_config.json)"
         )
-    data = read_json(path, kind=TABLE_KIND, required=["slots", "candidates"])
+    check_header(data, path, TABLE_KIND, required=["slots", "candidates"])
     if not isinstance(data["slots"], list) or not data["slots"]:
         raise OptiqFileError(f"{path}: field 'slots' must be a non-empty list of per-slot entries")
     for i, e in enumerate(data["slots"]):

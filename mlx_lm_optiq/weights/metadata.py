@@ -23,10 +23,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlx_lm_optiq.core.jsonio import OptiqFileError, read_json, write_json
+from mlx_lm_optiq.core.jsonio import OptiqFileError, check_header, read_json, write_json
 from mlx_lm_optiq.core.model_tree import resolve_model_path
 from mlx_lm_optiq.weights import clipping
-from mlx_lm_optiq.weights.table import TABLE_KIND, read_table, validate_table
+from mlx_lm_optiq.weights.table import TABLE_KIND, table_from_file_data, validate_table
 
 METADATA_FILE = "optiq_metadata.json"
 METADATA_KIND = "optiq-metadata"
@@ -116,12 +116,13 @@ def load_sensitivity(path: str | Path) -> dict[str, Any]:
     without a `sensitivity` field is an error naming the field.
     """
     path = _sidecar_path(path)
-    kind = read_json(path).get("kind")
+    data = read_json(path)  # once: which kind it is decides how it is checked
+    kind = data.get("kind")
     if kind == METADATA_KIND:
-        data = read_json(path, kind=METADATA_KIND, required=["sensitivity"])
+        check_header(data, path, METADATA_KIND, required=["sensitivity"])
         return validate_table(data["sensitivity"], path, "sensitivity.")
     if kind == TABLE_KIND:
-        return read_table(path)
+        return table_from_file_data(data, path)
     raise OptiqFileError(
         f"{path}: field 'kind' is {kind!r}, expected {TABLE_KIND!r} (a saved sensitivity table) "
         f"or {METADATA_KIND!r} (an optiq_metadata.json of a converted model)"

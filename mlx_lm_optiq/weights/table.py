@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lm_optiq.core.formats import candidate_key
-from mlx_lm_optiq.core.jsonio import OptiqFileError, read_json, write_json
+from mlx_lm_optiq.core.jsonio import OptiqFileError, check_header, read_json, write_json
 from mlx_lm_optiq.weights import clipping
 
 TABLE_KIND = "optiq-sensitivity"
@@ -40,8 +40,12 @@ def write_table(table: dict[str, Any], path: str | Path) -> Path:
 
 def read_table(path: str | Path) -> dict[str, Any]:
     """Read and validate a sensitivity table file; errors name the file and the field."""
-    table = read_json(path, kind=TABLE_KIND, required=REQUIRED_FIELDS)
-    return validate_table(table, path)
+    return table_from_file_data(read_json(path), path)
+
+
+def table_from_file_data(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The table in an object already read from `path` (header and fields checked, then validated)."""
+    return validate_table(check_header(data, path, TABLE_KIND, required=REQUIRED_FIELDS), path)
 
 
 def validate_table(table: Any, where: str | Path, field: str = "") -> dict[str, Any]:
