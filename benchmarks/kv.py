@@ -127,6 +127,17 @@ LLAMA_1B = dict(
 # layer 0 kept at 8 bits, a few K8/V4, the rest K4/V4 and K4/V2. Speed and memory depend
 # on the bit mix only; the real model's plan (quality) comes from `python -m mlx_lm_optiq.kv`.
 SYNTHETIC_PLAN = [(8, 8)] + [(8, 4)] * 2 + [(4, 4)] * 6 + [(4, 2)] * 7
+# The 8B shape of issue 14 (head_dim 128): 27x K4/V4 + 4x K4/V2 + 1x K8/V8 = 4.5 bits.
+LLAMA_8B = dict(
+    LLAMA_1B,
+    hidden_size=4096,
+    num_hidden_layers=32,
+    intermediate_size=14336,
+    head_dim=128,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+)
+PLAN_8B = [(8, 8)] + [(4, 2)] * 4 + [(4, 4)] * 27
 # --tiny: a CPU smoke run of the gpu command (same code paths, toy sizes)
 LLAMA_TINY = dict(
     LLAMA_1B, hidden_size=256, num_hidden_layers=4, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2
@@ -134,7 +145,11 @@ LLAMA_TINY = dict(
 
 
 def synthetic_plan(n):
-    return SYNTHETIC_PLAN if n == len(SYNTHETIC_PLAN) else ([(8, 8), (8, 4), (4, 4), (4, 2)] * n)[:n]
+    if n == len(SYNTHETIC_PLAN):
+        return SYNTHETIC_PLAN
+    if n == len(PLAN_8B):
+        return PLAN_8B
+    return ([(8, 8), (8, 4), (4, 4), (4, 2)] * n)[:n]
 
 
 def build_random_model(out_dir, tokenizer_dir, shape=LLAMA_1B):
@@ -154,6 +169,7 @@ def build_random_model(out_dir, tokenizer_dir, shape=LLAMA_1B):
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(**shape))
     model.update(tree_map(lambda p: p.astype(mx.float16), model.parameters()))
+    mx.eval(model.parameters())
     save_model(out_dir, model)
     save_config(dict(shape, torch_dtype="float16"), out_dir / "config.json")
     for f in Path(tokenizer_dir).glob("tokenizer*"):
@@ -181,56 +197,57 @@ def _time(fn, iters=100):
     return (time.perf_counter() - tic) / iters * 1e6
 
 
-def attention(contexts):
+def attention(contexts, head_dim=64, batches=(1,)):
+    """One decode step's attention at long context (µs per call), side by side."""
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
-    H, KV, D = 32, 8, 64
-    print("\nattention: one decode step, 32 query / 8 KV heads, head_dim 64, fp16 (µs per call)")
+    from mlx_lm_optiq.kv import cuda_attention
+    from mlx_lm_optiq.kv.attention import PackedKV
+
+    H, KV, D = 32, 8, head_dim
+    fused = mx.cuda.is_available()
+    print(f"\nattention: one decode step, 32 query / 8 KV heads, head_dim {D}, fp16 (µs per call)")
     print(
-        "| context | fp16 SDPA | ours K4/V4 (dequant+SDPA) | ours K8/V4 | same K4/V4 from unpacked arrays | "
-        "stock 4-bit quantized SDPA | stock, unaligned length (L-249) | stock, 2048-query prefill chunk |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| batch | context | fp16 SDPA | ours fused K4/V4 | ratio vs fp16 | ours fused K8/V4 | ours K4/V4 dequant+SDPA | "
+        "stock 4-bit quantized SDPA | stock, unaligned length (L-249) |\n|---|---|---|---|---|---|---|---|---|"
     )
-    for L in contexts:
-        mx.random.seed(1)
-        q = mx.random.normal((1, H, 1, D)).astype(mx.float16)
-        k = mx.random.normal((1, KV, L, D)).astype(mx.float16)
-        v = mx.random.normal((1, KV, L, D)).astype(mx.float16)
-        scale = D**-0.5
-        fp = _time(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
-        ours = {}
-        for kb, vb in ((4, 4), (8, 4)):
-            pk, pv = Packing(kb, GROUP, D, mx.float16), Packing(vb, GROUP, D, mx.float16)
-            kk, vv = pk.pack(k), pv.pack(v)
-            mx.eval(kk, vv)
-            ours[kb, vb] = _time(
-                lambda: mx.fast.scaled_dot_product_attention(q, pk.unpack(kk), pv.unpack(vv), scale=scale)
-            )
-        qk, qv = mx.quantize(k, group_size=GROUP, bits=4), mx.quantize(v, group_size=GROUP, bits=4)
-        # what the packed single-array layout costs over three separate arrays
-        unpacked = _time(
-            lambda: mx.fast.scaled_dot_product_attention(
-                q,
-                mx.dequantize(*qk, group_size=GROUP, bits=4),
-                mx.dequantize(*qv, group_size=GROUP, bits=4),
-                scale=scale,
-            )
-        )
+    for B in batches:
+        for L in contexts:
+            mx.random.seed(1)
+            q = mx.random.normal((B, H, 1, D)).astype(mx.float16)
+            k = mx.random.normal((B, KV, L, D)).astype(mx.float16)
+            v = mx.random.normal((B, KV, L, D)).astype(mx.float16)
+            mx.eval(q, k, v)
+            scale = D**-0.5
+            fp = _time(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
+            ours, deq = {}, {}
+            for kb, vb in ((4, 4), (8, 4)):
+                pk, pv = Packing(kb, GROUP, D, mx.float16), Packing(vb, GROUP, D, mx.float16)
+                kk, vv = PackedKV(pk.pack(k), pk), PackedKV(pv.pack(v), pv)
+                mx.eval(kk.data, vv.data)
+                deq[kb, vb] = _time(
+                    lambda: mx.fast.scaled_dot_product_attention(q, kk.dequantize(), vv.dequantize(), scale=scale)
+                )
+                ours[kb, vb] = _time(lambda: cuda_attention.attention(q, kk, vv, scale)) if fused else float("nan")
+            qk, qv = mx.quantize(k, group_size=GROUP, bits=4), mx.quantize(v, group_size=GROUP, bits=4)
 
-        def stock(queries, keys, values):
-            return quantized_scaled_dot_product_attention(
-                queries, keys, values, scale=scale, mask=None, group_size=GROUP, bits=4
-            )
+            def stock(queries, keys, values):
+                return quantized_scaled_dot_product_attention(
+                    queries, keys, values, scale=scale, mask=None, group_size=GROUP, bits=4
+                )
 
-        chunk = mx.random.normal((1, H, 2048, D)).astype(mx.float16)
-        unaligned = [tuple(a[..., : L - 249, :] for a in t) for t in (qk, qv)]
-        cells = []
-        for fn in (lambda: stock(q, qk, qv), lambda: stock(q, *unaligned), lambda: stock(chunk, qk, qv)):
-            try:
-                cells.append(f"{_time(fn, iters=10):.0f}")
-            except Exception as e:  # the crash is the measurement: report it
-                cells.append(f"fails: {str(e).splitlines()[0][:70]}")
-        print(f"| {L} | {fp:.0f} | {ours[4, 4]:.0f} | {ours[8, 4]:.0f} | {unpacked:.0f} | {' | '.join(cells)} |")
+            unaligned = [tuple(a[..., : L - 249, :] for a in t) for t in (qk, qv)]
+            cells = []
+            for fn in (lambda: stock(q, qk, qv), lambda: stock(q, *unaligned)):
+                try:
+                    cells.append(f"{_time(fn, iters=10):.0f}")
+                except Exception as e:  # the crash is the measurement: report it
+                    cells.append(f"fails: {str(e).splitlines()[0][:70]}")
+            print(
+                f"| {B} | {L} | {fp:.0f} | {ours[4, 4]:.0f} | {ours[4, 4] / fp:.2f}x | {ours[8, 4]:.0f} | "
+                f"{deq[4, 4]:.0f} | {' | '.join(cells)} |",
+                flush=True,
+            )
 
 
 def micro(contexts):
@@ -312,7 +329,7 @@ def _post(port, body, timeout):
         return json.loads(r.read())
 
 
-def _start_server(model_dir, flags, optiq, log_path):
+def _start_server(model_dir, flags, optiq, log_path, env=None):
     """A stock or optiq-enabled mlx_lm.server on a free port (tests.helpers.ServerProcess)."""
     code = (
         (
@@ -325,7 +342,7 @@ def _start_server(model_dir, flags, optiq, log_path):
     return ServerProcess(
         model_dir,
         *flags,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         log_path=log_path,
         command=[sys.executable, "-c", code],
         timeout=120,
@@ -362,26 +379,32 @@ def _round(port, prompts, max_tokens):
     return sum(counts), time.perf_counter() - tic, errors
 
 
-def server(model_dir, out_dir, clients, prompt_tokens, max_tokens, plan_path):
+def server(model_dir, out_dir, clients, prompt_tokens, max_tokens, plan_path, stock_kv_bits=True):
     prompts = _prompts(model_dir, 2 * clients, prompt_tokens)
     warmup, prompts = prompts[:clients], prompts[clients:]
-    configs = [
-        ("stock, float KV (batched)", [], False),
-        (
-            "stock --kv-bits 4 (unbatched; quantized_kv_start 5000 never reached: an upper bound)",
-            ["--kv-bits", "4"],
-            False,
-        ),
-        ("ours --optiq-kv-config (batched, quantized from token 0)", ["--optiq-kv-config", str(plan_path)], True),
-    ]
+    ours = ["--optiq-kv-config", str(plan_path)]
+    configs = [("stock, float KV (batched)", [], False, {})]
+    if stock_kv_bits:
+        configs.append(
+            (
+                "stock --kv-bits 4 (unbatched; quantized_kv_start 5000 never reached: an upper bound)",
+                ["--kv-bits", "4"],
+                False,
+                {},
+            )
+        )
+    configs.append(
+        ("ours --optiq-kv-config, dequantize+SDPA attention", ours, True, {"MLX_LM_OPTIQ_KV_ATTENTION": "dequantize"})
+    )
+    configs.append(("ours --optiq-kv-config, default attention (fused on CUDA)", ours, True, {}))
     print(
         f"\nserver: {clients} concurrent clients on loopback, ~{prompt_tokens}-token prompts, "
         f"{max_tokens} new tokens each, temperature 0 (after a warm-up round of the same shape)"
     )
-    print("| server | aggregate gen tok/s | wall s | ratio vs stock --kv-bits 4 |\n|---|---|---|---|")
+    print("| server | aggregate gen tok/s | wall s | ratio vs stock float batched |\n|---|---|---|---|")
     results = {}
-    for i, (name, flags, optiq) in enumerate(configs):
-        srv = _start_server(model_dir, flags, optiq, Path(out_dir) / f"server{i}.log")
+    for i, (name, flags, optiq, env) in enumerate(configs):
+        srv = _start_server(model_dir, flags, optiq, Path(out_dir) / f"server{i}.log", env)
         try:
             # same workload, other prompts: kernel compilation and allocation happen here
             _round(srv.port, warmup, max_tokens)
@@ -389,10 +412,12 @@ def server(model_dir, out_dir, clients, prompt_tokens, max_tokens, plan_path):
         finally:
             srv.stop()
         results[name] = (tokens / wall, wall, errors)
-    stock_kv = results[configs[1][0]][0]
+    stock_float = results[configs[0][0]][0]
     for name, (tps, wall, errors) in results.items():
         note = f" (errors: {errors[:1]})" if errors else ""
-        print(f"| {name} | {tps:.1f} | {wall:.1f} | {tps / stock_kv:.2f}x |{note}")
+        print(f"| {name} | {tps:.1f} | {wall:.1f} | {tps / stock_float:.2f}x |{note}")
+    if not stock_kv_bits:
+        return
     # stock --kv-bits 4 once quantization starts (what a user with long prompts gets)
     srv = _start_server(
         model_dir, ["--kv-bits", "4", "--quantized-kv-start", "0"], False, Path(out_dir) / "server_crash_probe.log"
@@ -413,22 +438,26 @@ def gpu(args):
         if not args.plan:
             raise SystemExit("--model needs --plan (the model's kv_config.json)")
         model_dir, plan_path = Path(args.model), Path(args.plan)
+    elif not ({"memory", "server"} & set(args.parts)):
+        model_dir = plan_path = None  # attention/micro need no model
     else:
         if not args.tokenizer:
             raise SystemExit("gpu: pass --tokenizer DIR (random model) or --model DIR --plan FILE")
-        shape = LLAMA_TINY if args.tiny else LLAMA_1B
-        model_dir = build_random_model(
-            Path(args.work) / ("llama-tiny-random" if args.tiny else "llama-1b-random"), args.tokenizer, shape
-        )
+        shape = LLAMA_TINY if args.tiny else {"1b": LLAMA_1B, "8b": LLAMA_8B}[args.shape]
+        name = "tiny" if args.tiny else args.shape
+        model_dir = build_random_model(Path(args.work) / f"llama-{name}-random", args.tokenizer, shape)
         plan_path = model_dir / "optiq_kv_plan.json"
     if "attention" in args.parts:
-        attention(args.attention_contexts)
+        attention(args.attention_contexts, 128 if args.shape == "8b" else 64, args.attention_batches)
     if "micro" in args.parts:
         micro(args.attention_contexts)
     if "memory" in args.parts:
         memory(model_dir, args.memory_contexts, plan_path)
     if "server" in args.parts:
-        server(model_dir, args.out, args.clients, args.prompt_tokens, args.max_tokens, plan_path)
+        for prompt_tokens in args.prompt_tokens:
+            server(
+                model_dir, args.out, args.clients, prompt_tokens, args.max_tokens, plan_path, not args.no_stock_kv_bits
+            )
 
 
 def main():
@@ -450,7 +479,10 @@ def main():
     g.add_argument("--attention-contexts", type=int, nargs="+", default=[8192, 32768, 65536])
     g.add_argument("--memory-contexts", type=int, nargs="+", default=[8192, 32768])
     g.add_argument("--clients", type=int, default=8)
-    g.add_argument("--prompt-tokens", type=int, default=1024)
+    g.add_argument("--prompt-tokens", type=int, nargs="+", default=[1024])
+    g.add_argument("--shape", choices=["1b", "8b"], default="1b", help="random llama shape (8b: head_dim 128)")
+    g.add_argument("--attention-batches", type=int, nargs="+", default=[1])
+    g.add_argument("--no-stock-kv-bits", action="store_true", help="skip the stock --kv-bits rows and crash probe")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument(
         "--parts",

@@ -14,6 +14,14 @@ Decode speed (meant for the GPU; random weights, since speed does not depend on 
   A llama model of the given shape in fp16; each cache is prefilled to the
   context, then `--steps` greedy decode steps are timed. Ratios are against the
   fp16 KVCache and against affine at the same bits, all from this one run.
+
+Decode-step attention microbenchmark (one layer, any backend; CPU-friendly):
+    python benchmarks/turbo.py attention --contexts 4096 8192 16384 --bits 2 3 4
+  A cache holding `context` random K/V vectors; each timed decode step appends one token
+  (TurboQuant: quantizes it) and attends over the cache: best and median wall-clock and
+  best process CPU time of `--repeats` steps, for a float KVCache + MLX's SDPA and for
+  TurboQuant caches. Public API only, so the same script times an older checkout
+  (before/after comparisons in docs/turbo.md).
 """
 
 import argparse
@@ -247,10 +255,75 @@ def speed(args):
     return {"speed": {"info": info, "rows": rows}}
 
 
+def attention(args):
+    from mlx_lm.models.cache import KVCache
+
+    dtype = getattr(mx, args.dtype)
+    B, hq, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
+    scale = d**-0.5
+    rows = []
+    for context in args.contexts:
+        k1, k2, k3 = mx.random.split(mx.random.key(context), 3)
+        k = mx.random.normal((B, hkv, context + 1, d), key=k1).astype(dtype)
+        v = mx.random.normal((B, hkv, context + 1, d), key=k2).astype(dtype)
+        q = mx.random.normal((B, hq, 1, d), key=k3).astype(dtype)
+        mx.eval(k, v, q)
+        # Each cache holds `context` tokens; every timed step appends one token (as decoding
+        # does: the context grows, the buffers grow every 256 tokens) and attends over all.
+        for b in [None, *args.bits]:
+            cache = KVCache() if b is None else turbo.TurboQuantKVCache(head_dim=d, bits=b, seed=0)
+            cache.update_and_fetch(k[:, :, :context], v[:, :, :context])
+            mx.eval(cache.state)
+
+            def step(cache=cache, b=b):
+                keys, values = cache.update_and_fetch(k[:, :, context:], v[:, :, context:])
+                if b is None:
+                    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale)
+                return turbo.turbo_scaled_dot_product_attention(q, keys, scale, None)
+
+            scheme = f"float {args.dtype} (KVCache + SDPA)" if b is None else f"turbo{b}"
+            rows.append({"context": context, "scheme": scheme, **_timed(step, args.repeats)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            del cache
+    info = {
+        "batch": B,
+        "heads": hq,
+        "kv_heads": hkv,
+        "head_dim": d,
+        "dtype": args.dtype,
+        "device": str(mx.default_device()),
+    }
+    print(f"# decode-step attention: {info}")
+    print("| context | scheme | best ms | median ms | best CPU ms | × float SDPA (best) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        base = next(x for x in rows if x["context"] == r["context"] and x["scheme"].startswith("float"))
+        print(
+            f"| {r['context']} | {r['scheme']} | {r['best_ms']:.2f} | {r['median_ms']:.2f} | {r['cpu_ms']:.2f} | "
+            f"{r['best_ms'] / base['best_ms']:.2f} |"
+        )
+    return {"attention": {"info": info, "rows": rows}}
+
+
+def _timed(step, repeats):
+    """Best and median wall-clock ms of `step`, and its best process CPU ms (all threads): on a
+    shared machine the CPU time is less disturbed by other processes than the wall clock."""
+    for _ in range(2):  # warm-up
+        mx.eval(step())
+    times, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        mx.eval(step())
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    times.sort()
+    return {"best_ms": 1e3 * times[0], "median_ms": 1e3 * times[len(times) // 2], "cpu_ms": 1e3 * min(cpu)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
-    for name in ("quality", "speed"):
+    for name in ("quality", "speed", "attention"):
         s = sub.add_parser(name)
         s.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
         s.add_argument("--group-size", type=int, default=64, help="affine group size (default 64)")
@@ -281,12 +354,20 @@ def main(argv=None):
     s.add_argument("--heads", type=int, default=32)
     s.add_argument("--kv-heads", type=int, default=8)
     s.add_argument("--vocab-size", type=int, default=128256)
+    a = sub.choices["attention"]
+    a.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384])
+    a.add_argument("--repeats", type=int, default=20)
+    a.add_argument("--batch", type=int, default=1)
+    a.add_argument("--heads", type=int, default=9, help="query heads (default: SmolLM2-135M's 9)")
+    a.add_argument("--kv-heads", type=int, default=3)
+    a.add_argument("--head-dim", type=int, default=64)
+    a.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
     for b in args.bits:
         if b not in (2, 3, 4, 5, 6):
             p.error(f"--bits {b}: expected 2..6 (widths both mlx affine and TurboQuant support)")
     patch_attention()
-    result = quality(args) if args.what == "quality" else speed(args)
+    result = {"quality": quality, "speed": speed, "attention": attention}[args.what](args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lm_optiq.core import model_tree
+from mlx_lm_optiq.core.errors import OptiqError, user_errors
 from mlx_lm_optiq.core.jsonio import write_json
 from mlx_lm_optiq.weights.metadata import METADATA_FILE, calibration_source
 
@@ -29,8 +30,19 @@ EVAL_KIND = "optiq-eval"
 AUTO_QUANTIZED_MAX_TOKENS = 256
 
 
-class EvalError(ValueError):
+class EvalError(OptiqError):
     pass
+
+
+def read_text(text_path: str | Path) -> str:
+    """The evaluation text; a missing or non-UTF-8 file is an EvalError naming it."""
+    path = Path(text_path)
+    if not path.is_file():
+        raise EvalError(f"--text {path}: file not found")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalError(f"--text {path}: not a UTF-8 text file (byte {e.start})") from None
 
 
 def text_tokens(
@@ -39,16 +51,12 @@ def text_tokens(
     """(num_sequences, sequence_length) token array from a text file; errors name the file."""
     import mlx.core as mx
 
-    path = Path(text_path)
-    if not path.is_file():
-        raise EvalError(f"--text {path}: file not found")
-    text = path.read_text()
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(read_text(text_path))
     need = skip_tokens + num_tokens
     if num_tokens < sequence_length or num_tokens % sequence_length:
         raise EvalError(f"--num-tokens {num_tokens} must be a positive multiple of --sequence-length {sequence_length}")
     if len(ids) < need:
-        raise EvalError(f"--text {path}: has {len(ids)} tokens, need {need} (--skip-tokens + --num-tokens)")
+        raise EvalError(f"--text {text_path}: has {len(ids)} tokens, need {need} (--skip-tokens + --num-tokens)")
     ids = ids[skip_tokens:need]
     return mx.array(ids).reshape(-1, sequence_length)
 
@@ -272,9 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict]:
+    """Errors the user caused (`OptiqError`: a flag, a file, a model path) are one
+    `python -m mlx_lm_optiq.quality: error: ...` line and exit status 1, found before any model
+    is loaded where they can be; anything else keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    with user_errors(parser.prog):
+        return _run(args)
 
+
+def _run(args: Any) -> dict[str, dict]:
+    for path in (args.reference, *args.model):  # every model path and config.json, before loading any
+        model_tree.read_model_config(model_tree.resolve_model_path(path))
+    read_text(args.text)
     for m in args.model:
         check_not_calibration_text(m, args.text)
     compute = resolve_compute(args.compute, args.num_tokens)

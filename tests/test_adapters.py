@@ -277,6 +277,11 @@ def test_mixed_rows_method_variable_is_checked():
         env=dict(os.environ, MLX_LM_OPTIQ_COMPILE_DECODE="0"),
     )
     assert ok.returncode == 0 and ok.stdout.strip() == "False", ok.stderr
+    # gather dies inside mx.gather_mm on CUDA (mlx 0.32.4): refused when the variable is read, not at a request
+    with pytest.raises(ValueError, match="MLX_LM_OPTIQ_MIXED_ROWS is 'gather', which does not run on CUDA"):
+        rows._refuse_gather_on_cuda("gather", "MLX_LM_OPTIQ_MIXED_ROWS", on_cuda=True)
+    for method, on_cuda in [("take", True), ("masked", True), ("gather", False)]:
+        rows._refuse_gather_on_cuda(method, "MLX_LM_OPTIQ_MIXED_ROWS", on_cuda=on_cuda)
 
 
 def _quantized(path, bits, mode, group_size):
@@ -569,6 +574,7 @@ def test_admin_api_mounts_selects_and_unmounts(tiny_float_path, random_adapters,
     status, body = admin_api.unmount(state, "/v1/adapters/nope")
     assert status == 404 and body["error"]["mounted_adapters"] == ["alpha", "beta"]
     assert admin_api.unmount(state, "/v1/other")[0] == 404
+    state.unmount_grace_s = 0.05  # how long an unmount waits for rows that are leaving the batch
     with state.track("beta"):
         assert admin_api.unmount(state, "/v1/adapters/beta")[0] == 409
     assert admin_api.unmount(state, "/v1/adapters/beta") == (200, {"id": "beta", "object": "model", "deleted": True})
@@ -597,6 +603,11 @@ def test_serving_config_errors_name_the_field(tmp_path):
     assert not AdapterServingConfig().enabled and start_serving(AdapterServingConfig()) is None
     with pytest.raises(ConfigError, match="adapter: x=.*no such directory"):
         start_serving(AdapterServingConfig(adapter=[f"x={tmp_path / 'missing'}"]))
+    # adapters are served on the server's own model: without one, runtime mounts were accepted unchecked
+    with pytest.raises(ConfigError, match="adapter_root: serving adapters needs the server's base model"):
+        start_serving(AdapterServingConfig(adapter_root=tmp_path))
+    with pytest.raises(ConfigError, match="adapter_root: cannot read the base model .*missing-model"):
+        start_serving(AdapterServingConfig(adapter_root=tmp_path, model=str(tmp_path / "missing-model")))
 
 
 # ---------------------------------------------------------------------------

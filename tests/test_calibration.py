@@ -92,3 +92,51 @@ def test_too_little_text_and_missing_file(tokenizer, tmp_path):
         load_calibration(tokenizer, tmp_path / "nothere.jsonl")
     with pytest.raises(CalibrationError, match="num_samples must be >= 1"):
         load_calibration(tokenizer, path, num_samples=0)
+
+
+@pytest.fixture(scope="module")
+def base_model_tokenizer(tiny_q4_path, tmp_path_factory):
+    """The 4-layer model's tokenizer with its chat template removed: a base model's tokenizer."""
+    import shutil
+
+    from mlx_lm.utils import load_tokenizer
+
+    d = tmp_path_factory.mktemp("base-model") / "model"
+    shutil.copytree(tiny_q4_path, d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer = load_tokenizer(d)
+    assert getattr(tokenizer, "chat_template", None) is None
+    return tokenizer
+
+
+def test_default_set_works_for_a_tokenizer_without_chat_template(base_model_tokenizer, capsys):
+    """Issue 16 item 17: the bundled set has chats; a base model renders them as plain
+    'role: content' text (and says so in one line) instead of failing, for convert and the KV
+    planner alike (both read calibration text through core.calibration)."""
+    from mlx_lm_optiq.core.calibration import plain_chat_text
+    from mlx_lm_optiq.kv.pipeline import token_windows
+
+    tokens = np.array(load_calibration(base_model_tokenizer, num_samples=4, sequence_length=64))
+    assert tokens.shape == (4, 64)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "no chat template" in line]
+    assert len(notes) == 1 and "chat.jsonl" in notes[0] and "plain 'role: content' text" in notes[0]
+    chat = next(v for kind, v in read_records(DEFAULT_DIR / "chat.jsonl") if kind == "messages")
+    plain = base_model_tokenizer.encode(plain_chat_text(chat))
+    stream = token_stream(base_model_tokenizer).tolist()
+    assert any(stream[i : i + len(plain)] == plain for i in range(len(stream) - len(plain)))
+    assert plain_chat_text(chat).startswith(f"{chat[0]['role']}: {chat[0]['content']}")
+    windows = token_windows(base_model_tokenizer, None, 2, 48)  # the KV planner's default text
+    assert len(windows) == 2 and windows[0].shape == (48,)
+
+
+def test_a_binary_calibration_file_is_named(tokenizer, tmp_path):
+    path = tmp_path / "calib.jsonl"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" + bytes(range(256)))
+    with pytest.raises(CalibrationError, match=r"calib.jsonl: not a UTF-8 text file \(byte 0\)"):
+        load_calibration(tokenizer, path, num_samples=1, sequence_length=4)
+    path.write_text('{"text": ' * 5000 + '"a"' + "}" * 5000 + "\n")
+    with pytest.raises(CalibrationError, match=r"calib.jsonl:1: not valid JSON \(nested too deeply\)"):
+        load_calibration(tokenizer, path, num_samples=1, sequence_length=4)

@@ -535,3 +535,143 @@ def test_misspelt_python_api_keyword_is_an_error_before_any_work(tiny_q4_path, t
     with pytest.raises(TypeError, match="unexpected keyword\\(s\\) optiq_num_sample; known: .*optiq_num_samples"):
         convert(str(tiny_q4_path), mlx_path=str(out), quantize=True, optiq_target_bpw=4.5, optiq_num_sample=2)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- issue 16: errors the user can cause
+
+
+def _convert_main(argv, monkeypatch, capsys):
+    """(exit code, stderr) of the hooked `mlx_lm.convert` command line, in process."""
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", ["mlx_lm.convert", *map(str, argv)])
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module("mlx_lm.convert").main()  # the package binds `mlx_lm.convert` to the function
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def nothing_long(monkeypatch):
+    """Fail the test if any long step (dequantizing the source, measuring) starts."""
+    from mlx_lm_optiq.core import model_tree
+    from mlx_lm_optiq.weights import sweep
+
+    def never(*a, **k):
+        raise AssertionError("started long work before the inputs were checked")
+
+    monkeypatch.setattr(sweep, "measure_sensitivity", never)
+    monkeypatch.setattr(model_tree, "write_float_source", never)
+
+
+def test_command_line_errors_are_one_line_naming_the_input(
+    tiny_q4_path, tmp_path, hooks_enabled, nothing_long, monkeypatch, capsys
+):
+    """Issue 16 item 8: every error a user can cause is `mlx_lm.convert: error: ...` naming the
+    flag / file, exit status 1, no traceback, and before any long work; a bug keeps its traceback."""
+    import importlib
+
+    garbage = tmp_path / "garbage-model"
+    garbage.mkdir()
+    (garbage / "config.json").write_bytes(b"\x89\xff not json")
+    binary = tmp_path / "calib.jsonl"
+    binary.write_bytes(bytes(range(256)))
+    out = ["--mlx-path", tmp_path / "out", "-q"]
+    model = ["--hf-path", tiny_q4_path]
+    for argv, message in (
+        ([*model, "--optiq-target-bpw", "nan"], "--optiq-target-bpw: expected a positive number, got nan"),
+        ([*model, "--optiq-target-bpw", "inf"], "--optiq-target-bpw: expected a positive number, got inf"),
+        ([*model, "--optiq-target-bpw", "-3"], "--optiq-target-bpw: expected a positive number, got -3.0"),
+        ([*model, "--optiq-target-bpw", "4.8", "--optiq-calibration", binary], f"{binary}: not a UTF-8 text file"),
+        (["--hf-path", garbage, "--optiq-target-bpw", "4.8"], f"{garbage}/config.json: not a JSON text file"),
+        (["--hf-path", "no such model", "--optiq-target-bpw", "4.8"], "no such local path, and not a valid Hugging"),
+        (["--hf-path", tmp_path / "nope", "--optiq-target-bpw", "4.8"], f"{tmp_path}/nope: no such model directory"),
+        (
+            [*model, "--optiq-target-bpw", "4.8", "--optiq-sensitivity-method", "fisher", "--optiq-checkpoint", "c"],
+            "--optiq-checkpoint: resumes an exact sweep; --optiq-sensitivity-method fisher",
+        ),
+    ):
+        code, err = _convert_main([*argv, *out], monkeypatch, capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 1 and lines[-1].startswith("mlx_lm.convert: error: ") and message in lines[-1], (argv, err)
+        assert "Traceback" not in err and not (tmp_path / "out").exists()
+    # a bug (not an input error) is not dressed up as one
+    from mlx_lm_optiq.weights import pipeline
+
+    monkeypatch.setattr(pipeline, "plan_weights", lambda *a, **k: {}["a bug"])
+    monkeypatch.setattr(sys, "argv", ["mlx_lm.convert", *map(str, [*model, "--optiq-target-bpw", "4.8", *out])])
+    with pytest.raises(KeyError, match="a bug"):
+        importlib.import_module("mlx_lm.convert").main()
+
+
+def test_console_script_prints_the_error_without_traceback(tiny_q4_path, tmp_path):
+    res = _convert_cli(
+        ["--hf-path", str(tiny_q4_path), "-q", "--optiq-target-bpw", "inf", "--mlx-path", str(tmp_path / "o")],
+        dict(os.environ, MLX_LM_OPTIQ="1"),
+        command=CONVERT_SCRIPT,
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert (
+        res.stderr.strip().splitlines()[-1]
+        == "mlx_lm.convert: error: --optiq-target-bpw: expected a positive number, got inf"
+    )
+
+
+def test_infeasible_targets_fail_before_measuring(tiny_q4_path, tmp_path, hooks_enabled, nothing_long):
+    """Issue 16 item 9: the cheapest plan follows from the shapes; it used to take the whole sweep
+    (and the dequantized copy of the source) to say that 4.5 is out of reach of 4:64/8:64."""
+    from mlx_lm import convert
+
+    from mlx_lm_optiq.core.allocate import InfeasibleBudget
+
+    with pytest.raises(InfeasibleBudget, match=r"--optiq-target-bpw: 4.5 is infeasible.*already needs 4\.50"):
+        convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_target_bpw=4.5)
+    with pytest.raises(InfeasibleBudget, match=r"5.5 is infeasible.* with protections \['embeddings', 'first-block'"):
+        convert(
+            str(tiny_q4_path),
+            mlx_path=str(tmp_path / "o"),
+            quantize=True,
+            optiq_target_bpw=5.5,
+            optiq_protect="embeddings,first-block,last-block,lm-head",
+        )
+    assert not (tmp_path / "o").exists() and not _partials(tmp_path)
+
+
+def test_a_table_missing_a_module_is_an_error_naming_it(measured, tiny_q4_path, tmp_path, hooks_enabled):
+    """Issue 16 item 10: the module used to be left in float without a word (a 66 MB model for 25)."""
+    from mlx_lm import convert
+
+    from mlx_lm_optiq.weights.plan import PlanError
+
+    meta = _sidecar(measured)
+    del meta["sensitivity"]["modules"]["model.layers.2.mlp.down_proj"]
+    del meta["sensitivity"]["clipping"]["moments"]["model.layers.2.mlp.down_proj"]
+    bad = tmp_path / "table.json"
+    bad.write_text(json.dumps(meta))
+    with pytest.raises(PlanError, match=rf"{bad}: has no entry for 1 quantizable module\(s\) of this model "):
+        convert(
+            str(tiny_q4_path),
+            mlx_path=str(tmp_path / "o"),
+            quantize=True,
+            optiq_target_bpw=5.0,
+            optiq_sensitivity=str(bad),
+        )
+    assert not (tmp_path / "o").exists()
+
+
+def test_quality_command_line_errors_are_one_line(tmp_path, capsys):
+    """`python -m mlx_lm_optiq.quality` on a garbage model folder or a binary text: one line, exit 1."""
+    from mlx_lm_optiq import quality
+
+    garbage = tmp_path / "m"
+    garbage.mkdir()
+    (garbage / "config.json").write_text("[1, 2]")
+    text = tmp_path / "t.txt"
+    text.write_text("Some held-out text.")
+    with pytest.raises(SystemExit) as e:
+        quality.main(["--model", str(garbage), "--reference", str(garbage), "--text", str(text)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert (
+        err.strip()
+        == f"{quality.PROG}: error: {garbage}/config.json: expected a JSON object at the top level, got list"
+    )

@@ -182,3 +182,213 @@ def test_batch_generator_matches_single_requests(tiny_float_path, quantized_kv_s
             int(t) for t, _ in generate_step(mx.array(prompts[1]), model, max_tokens=6, prompt_cache=plan_cache())
         ]
         assert planned != fp
+
+
+# ----------------------------------------------------------------------------- sliding windows
+# What a quantized sliding-window cache computes, defined once (caches.py, docs/kv.md "Chunked
+# prefill, prompt-cache hits and batches"): every query attends exactly the keys mlx-lm's
+# RotatingKVCache gives it -- its last `window` positions -- each in its stored (quantized) form,
+# the keys of its own chunk included, whatever the chunking, prompt-cache hit or batch it comes
+# through. Checked here on fixed inputs, where nothing upstream adds noise: the tolerance is the
+# float SDPA noise of another call shape (~1e-6), which stock float caches meet too. (Through a
+# model, quantization turns that noise into occasional one-step code flips: see the model-level
+# test below.)
+
+SLIDING_ATOL = 1e-5
+SCALE = 0.125
+
+
+def _qkv_rows(n, seed, hq=4, hk=2):
+    mx.random.seed(seed)
+    return mx.random.normal((1, hq, n, D)), mx.random.normal((1, hk, n, D)), mx.random.normal((1, hk, n, D))
+
+
+def _stored(x, bits):
+    return mx.dequantize(*mx.quantize(x, group_size=64, bits=bits), group_size=64, bits=bits)
+
+
+def _window_definition(q, k, v, window, k_bits=4, v_bits=4):
+    """The definition spelled out: query i attends keys max(0, i - window + 1) .. i, each
+    quantized and dequantized once (its stored form)."""
+    n = q.shape[2]
+    i, j = mx.arange(n)[:, None], mx.arange(n)[None]
+    mask = (j <= i) & (j > i - window)
+    return mx.fast.scaled_dot_product_attention(q, _stored(k, k_bits), _stored(v, v_bits), scale=SCALE, mask=mask)
+
+
+def _attend(cache, q, k, v, window):
+    """One attention call as a gemma3 layer makes it: mask from the cache, update, attention."""
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    mask = cache.make_mask(q.shape[2], window_size=window)
+    keys, values = cache.update_and_fetch(k, v)
+    return scaled_dot_product_attention(q, keys, values, cache=cache, scale=SCALE, mask=mask)
+
+
+def _chunks(n, size):
+    return [size] * (n // size) + ([n % size] if n % size else [])
+
+
+def _prefill(cache, q, k, v, window, sizes, start=0):
+    out = []
+    for size in sizes:
+        s = slice(start, start + size)
+        out.append(_attend(cache, q[:, :, s], k[:, :, s], v[:, :, s], window))
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("window", [16, 300])  # 300: longer than mlx-lm's 256-position growth step
+def test_sliding_window_cache_attends_its_window_in_stored_form_whatever_the_chunking(window):
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from mlx_lm_optiq.kv.caches import MixedQuantizedRotatingKVCache
+
+    n = 2 * window + 17
+    q, k, v = _qkv_rows(n, 0)
+    want = _window_definition(q, k, v, window)
+    runs = {f"chunks of {c}": [_chunks(n, c)] for c in (n, window, window // 2, 1, 7, window + 1)}
+    # prompt-cache hits: a prefix prefilled, the cache copied (as the server's prompt cache does), continued
+    runs.update({f"hit after {p}": [[p], _chunks(n - p, 5)] for p in (window - 1, window, window + 5)})
+    for label, parts in runs.items():
+        for kind, make, inputs in (
+            ("quantized", lambda: MixedQuantizedRotatingKVCache(window, 0, 4, 4, 64), (k, v)),
+            ("float, stored form fed in", lambda: RotatingKVCache(window), (_stored(k, 4), _stored(v, 4))),
+        ):
+            cache, out, start = make(), [], 0
+            for sizes in parts:
+                out += _prefill(cache, q, *inputs, window, sizes, start)
+                start += sum(sizes)
+                cache = copy.deepcopy(cache)
+            err = mx.abs(mx.concatenate(out, axis=2) - want).max().item()
+            assert err < SLIDING_ATOL, f"{kind}, window {window}, {label}: off the definition by {err:.3g}"
+
+
+@pytest.mark.parametrize("step", [1000, 16, 7])
+def test_batched_sliding_window_cache_attends_each_rows_window_in_stored_form(step):
+    """The batched twin as mlx-lm's BatchGenerator drives it: rows from prompt caches (one past
+    the window) merged, a right-padded prefill in chunks of `step`, decode steps, a second batch
+    extended in, a row filtered out, a row extracted and continued alone. Every output of every
+    row is the definition's for that row."""
+    from mlx_lm_optiq.kv.caches import BatchMixedQuantizedRotatingKVCache, MixedQuantizedRotatingKVCache
+
+    window = 16
+
+    def single():
+        return MixedQuantizedRotatingKVCache(window, 0, 4, 4, 64)
+
+    # whole sequences: prompt-cache prefix + prompt + decoded tokens (+ what "a" prefills alone)
+    lengths = {"a": 82, "b": 38, "c": 27, "d": 50, "e": 34}
+    seqs = {name: _qkv_rows(n, seed) for seed, (name, n) in enumerate(lengths.items())}
+    want = {name: _window_definition(*seqs[name], window) for name in seqs}
+    got = {name: [] for name in seqs}
+    done = dict.fromkeys(seqs, 0)  # positions processed per row
+
+    def prompt_batch(rows, prefixes, prompt_lengths):
+        caches = []
+        for name, p in zip(rows, prefixes):
+            cache = single()
+            if p:
+                got[name] += _prefill(cache, *seqs[name], window, [p])
+                done[name] = p
+            caches.append(copy.deepcopy(cache))
+        batch = caches[0].merge(caches)
+        assert isinstance(batch, BatchMixedQuantizedRotatingKVCache)
+        longest = max(prompt_lengths)
+        padding = [longest - n for n in prompt_lengths]
+        if max(padding):
+            batch.prepare(lengths=prompt_lengths, right_padding=padding)
+        for s in range(0, longest, step):
+            e = min(longest, s + step)
+            parts = [[], [], []]
+            for name, n in zip(rows, prompt_lengths):
+                for part, x in zip(parts, seqs[name]):
+                    x = x[:, :, done[name] + s : done[name] + min(e, n)]
+                    part.append(mx.pad(x, [(0, 0), (0, 0), (0, (e - s) - x.shape[2]), (0, 0)]))
+            out = _attend(batch, *(mx.concatenate(p, axis=0) for p in parts), window)
+            for r, (name, n) in enumerate(zip(rows, prompt_lengths)):
+                got[name].append(out[r : r + 1, :, : max(0, min(e, n) - s)])
+        batch.finalize()
+        for name, n in zip(rows, prompt_lengths):
+            done[name] += n
+        return batch
+
+    def decode(batch, rows, steps):
+        for _ in range(steps):
+            parts = [
+                mx.concatenate([seqs[name][i][:, :, done[name] : done[name] + 1] for name in rows]) for i in range(3)
+            ]
+            out = _attend(batch, *parts, window)
+            for r, name in enumerate(rows):
+                got[name].append(out[r : r + 1])
+                done[name] += 1
+
+    rows = ["a", "b", "c"]
+    batch = prompt_batch(rows, [window + 9, 5, 0], [40, 28, 20])
+    decode(batch, rows, 2)
+    late = prompt_batch(["d", "e"], [0, 3], [44, 25])
+    decode(late, ["d", "e"], 1)
+    batch.extend(late)
+    rows += ["d", "e"]
+    decode(batch, rows, 3)
+    batch.filter([0, 2, 3, 4])  # "b" finished
+    rows.remove("b")
+    decode(batch, rows, 2)
+    alone = batch.extract(0)  # "a" leaves the batch with its cache and continues alone
+    assert isinstance(alone, MixedQuantizedRotatingKVCache)
+    got["a"] += _prefill(copy.deepcopy(alone), *seqs["a"], window, [lengths["a"] - done["a"]], done["a"])
+    done["a"] = lengths["a"]
+    for name in seqs:
+        out = mx.concatenate(got[name], axis=2)
+        err = mx.abs(out - want[name][:, :, : done[name]]).max().item()
+        assert out.shape[2] == done[name] == lengths[name] and err < SLIDING_ATOL, f"row {name}: off by {err:.3g}"
+
+
+def test_quantized_sliding_caches_make_model_logits_depend_on_chunking_only_as_noise_does():
+    """A tiny gemma3 (window 16 < the 53-token prompt), its sliding slots quantized K8/V4: prefill
+    at once, in chunks of the window, half of it, 1 and 7 tokens, and after prompt-cache hits,
+    gives the same log-probabilities up to QUANTIZED_KV_NOISE (tests.helpers: what a 1e-7 relative
+    change of any float op does through a quantized cache, since a key on a rounding boundary is
+    stored one step apart); float caches agree up to FLOAT_NOISE. Quantizing changes the
+    log-probabilities by several times more than that tolerance, so a cache that attended any
+    chunk's keys in float (the all-at-once prefill would then be the float result) fails."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from mlx_lm_optiq.kv.caches import MixedQuantizedRotatingKVCache
+    from tests.helpers import FLOAT_NOISE
+    from tests.tiny_models import tiny_sliding
+
+    window = 16
+    model = tiny_sliding(window=window)
+    n = 3 * window + 5
+    prompt = (mx.arange(n)[None] * 7 + 3) % 500
+
+    def caches(quantized):
+        return [
+            MixedQuantizedRotatingKVCache(c.max_size, c.keep, 8, 4, 64)
+            if quantized and isinstance(c, RotatingKVCache)
+            else c
+            for c in model.make_cache()
+        ]
+
+    def logprobs(cache, sizes, start=0):
+        out = []
+        for size in sizes:
+            logits = model(prompt[:, start : start + size], cache=cache).astype(mx.float32)
+            out.append(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+            start += size
+        return out
+
+    at_once = {}
+    for quantized, noise in ((False, FLOAT_NOISE), (True, QUANTIZED_KV_NOISE)):
+        at_once[quantized] = ref = logprobs(caches(quantized), [n])[0]
+        for size in (window, window // 2, 1, 7):
+            err = mx.abs(mx.concatenate(logprobs(caches(quantized), _chunks(n, size)), axis=1) - ref).max().item()
+            assert err < noise, f"quantized={quantized}, chunks of {size}: {err:.3g}"
+        for prefix in (window - 1, window + 3):
+            cache = caches(quantized)
+            head = logprobs(cache, [prefix])
+            tail = logprobs(copy.deepcopy(cache), _chunks(n - prefix, 5), prefix)
+            err = mx.abs(mx.concatenate(head + tail, axis=1) - ref).max().item()
+            assert err < noise, f"quantized={quantized}, prompt-cache hit after {prefix}: {err:.3g}"
+    assert mx.abs(at_once[True] - at_once[False]).max().item() > 3 * QUANTIZED_KV_NOISE

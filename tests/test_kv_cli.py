@@ -10,8 +10,12 @@ import json
 import pytest
 
 from mlx_lm_optiq.core import backend
+from mlx_lm_optiq.core.errors import OptiqError
 from mlx_lm_optiq.core.jsonio import write_json
+from mlx_lm_optiq.hooks import convert_kv
 from mlx_lm_optiq.kv import cli, pipeline, plan_file
+from mlx_lm_optiq.kv.candidates import DEFAULT_KV_CANDIDATES
+from mlx_lm_optiq.kv.config import CPU_DEFAULTS, GPU_DEFAULTS, MEASUREMENT_FIELDS
 
 CANDIDATES = "8/8:64,4/4:64,2/2:64"
 REFERENCE_BLAS = "/v/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0"
@@ -63,6 +67,80 @@ def measured(tiny_q4_path, shared_dir, tmp_path_factory):
 def test_says_where_the_plan_was_written_and_warns_about_a_slow_blas_once(measured):
     assert measured["out"].startswith(f"wrote {measured['plan'].resolve()}: ")  # absolute, though -o was relative
     assert measured["err"].count("[WARNING] optiq: MLX computes on the CPU with the slow reference BLAS") == 1
+
+
+def test_says_in_one_line_what_it_measures_before_the_first_probe(measured):
+    """Issue 14: one line, before the progress bar, names the backend, the settings (which came
+    from the CPU defaults, and what a GPU would use instead) and probes x estimated time."""
+    err = measured["err"]
+    lines = [line for line in err.splitlines() if line.startswith("[INFO] optiq: KV measurement")]
+    assert len(lines) == 1, err
+    line = lines[0]
+    # 4 slots x 3 candidates (2/2 included), 1 window; --probe and --num-windows left to the CPU defaults
+    assert line.startswith(
+        "[INFO] optiq: KV measurement on cpu: probe fast, 3 candidates, 1 window of 64 + 16 scored tokens, "
+        "bits for a 8192-token context: 12 probes x ~"
+    ), line
+    assert line.endswith(
+        "; cpu defaults for --num-windows, --probe (GPU defaults, more thorough but slower on a CPU: --probe exact)"
+    )
+    assert err.index(line) < err.index("KV sensitivity (fast)")
+
+
+def _config_built(argv, monkeypatch, backend_name):
+    """The KVPlanConfig `python -m mlx_lm_optiq.kv ARGV` hands to plan_kv on `backend_name` (nothing is measured)."""
+    seen = []
+
+    def stop(model_path, config, **kw):
+        seen.append(config)
+        raise OptiqError("stopped before measuring")
+
+    monkeypatch.setattr(backend, "compute_backend", lambda: backend_name)
+    monkeypatch.setattr(cli, "plan_kv", stop)
+    rc, _, err = _main(argv)
+    assert rc == 2 and err.strip().endswith("error: stopped before measuring"), err
+    return seen[0]
+
+
+def _settings(config):
+    return tuple(getattr(config, name) for name in MEASUREMENT_FIELDS)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "cuda", "metal"])
+def test_measurement_defaults_follow_the_backend_and_flags_win(backend_name, tiny_q4_path, tmp_path, monkeypatch):
+    """Issue 14: with no measurement flag a CPU gets its cheap defaults (the fast probe after a
+    512-token prefix: minutes, not hours, on 2 cores), a GPU today's thorough ones; any flag
+    given wins over its default, on the CLI and on convert alike, and the rest stay the backend's."""
+    assert _settings(CPU_DEFAULTS) == (DEFAULT_KV_CANDIDATES, 512, 64, 1, "fast")
+    assert _settings(GPU_DEFAULTS) == (DEFAULT_KV_CANDIDATES, 1536, 128, 1, "exact")
+    expected = CPU_DEFAULTS if backend_name == "cpu" else GPU_DEFAULTS
+    base = [tiny_q4_path, "--target-bits", "4.5", "-o", tmp_path / "kv.json"]
+
+    config = _config_built(base, monkeypatch, backend_name)
+    assert _settings(config) == _settings(expected)
+    assert config.backend == backend_name and config.defaulted == MEASUREMENT_FIELDS
+
+    flags = ["--probe", "exact", "--prefix-tokens", "256", "--num-windows", "2", "--candidates", "8/4:64"]
+    config = _config_built(base + flags, monkeypatch, backend_name)
+    assert (config.probe, config.prefix_tokens, config.num_windows, config.candidates) == (
+        "exact",
+        256,
+        2,
+        ((8, 4, 64),),
+    )
+    assert config.scored_tokens == expected.scored_tokens and config.defaulted == ("scored_tokens",)
+
+    # mlx_lm.convert --optiq-kv-*: the same defaults, the same precedence
+    config = convert_kv.before_convert({}, {"kv_target_bits": 4.5})
+    assert _settings(config) == _settings(expected)
+    config = convert_kv.before_convert({}, {"kv_target_bits": 4.5, "kv_probe": "exact", "kv_scored_tokens": 32})
+    assert (config.probe, config.scored_tokens, config.prefix_tokens) == ("exact", 32, expected.prefix_tokens)
+
+    # re-planning from a table measures nothing: no backend default is filled in
+    table = tmp_path / "table.json"
+    table.write_text("{}")
+    config = _config_built(base + ["--sensitivity", table], monkeypatch, backend_name)
+    assert config.backend is None and config.probe is None and config.candidates is None
 
 
 def test_kv_config_replans_another_budget_without_measuring(measured, tiny_q4_path, tmp_path, monkeypatch):
@@ -183,3 +261,23 @@ def test_a_failed_hub_lookup_names_the_model(tmp_path, monkeypatch):
         "error: org/no-such-model: no such model directory, and the Hugging Face Hub lookup failed "
         "(Got: ConnectError: [Errno -2] Name or service not known)"
     )
+
+
+def test_bad_inputs_are_one_line_before_the_model_loads(tiny_q4_path, tmp_path, monkeypatch):
+    """Issue 16 items 8/17: a binary --data text or a garbage config.json is a parser error naming
+    the file (no UnicodeDecodeError text, no traceback), found before the model is loaded."""
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the model before checking the inputs")
+
+    monkeypatch.setattr(pipeline, "load_float_reference", no_loading)
+    binary = tmp_path / "text.txt"
+    binary.write_bytes(b"\xff\xfe\x00binary" * 10)
+    rc, _, err = _main([tiny_q4_path, "--target-bits", "4", "-o", tmp_path / "kv.json", "--data", binary])
+    assert rc == 2 and err.strip().endswith(f"error: --data: {binary}: not a UTF-8 text file (byte 0)"), err
+    garbage = tmp_path / "model"
+    garbage.mkdir()
+    (garbage / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    rc, _, err = _main([garbage, "--target-bits", "4"])
+    assert rc == 2 and f"error: {garbage}/config.json: field 'model_type' is 'no-such-architecture'" in err, err
+    assert "Traceback" not in err

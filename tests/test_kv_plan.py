@@ -437,10 +437,8 @@ def test_sliding_window_layers_are_measured_and_quantized(hooks_enabled):
     # TurboQuant has no sliding-window cache: refused, naming the slot
     turbo = plan_file.plan_from_dict(
         {
-            "layers": [
-                {"layer": i, "cache_slot": i, "scheme": "turbo" if i == 0 else "none", "k_bits": 3, "v_bits": 3}
-                for i in range(4)
-            ]
+            "layers": [{"layer": 0, "cache_slot": 0, "scheme": "turbo", "k_bits": 3, "v_bits": 3}]
+            + [{"layer": i, "cache_slot": i, "scheme": "none"} for i in range(1, 4)]
         },
         source="turbo.json",
     )

@@ -180,8 +180,11 @@ def test_prompt_cache_hits_match_a_cold_run(plan_server, reference):
 
 
 def test_server_serves_a_turbo_plan(tiny_float_path, tmp_path_factory, hooks_enabled):
-    """Per-layer "scheme": "turbo" through mlx_lm.server: served (one request at a time: the
-    cache has no merge) with the same tokens as the plan in this process."""
+    """Per-layer "scheme": "turbo" through mlx_lm.server: concurrent requests share batched
+    turbo caches (continuous batching is kept) and get what the plan computes in this process
+    for one request (replayed on the served tokens, tests.helpers)."""
+    import re
+
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
@@ -201,21 +204,23 @@ def test_server_serves_a_turbo_plan(tiny_float_path, tmp_path_factory, hooks_ena
     model, tok = load(str(tiny_float_path))
     plan = load_kv_config(plan_file, model)
 
-    def in_process(prompt, planned=True):
-        cache = make_plan_cache(model, plan) if planned else None
-        return [
-            int(t)
-            for t, _ in generate_step(mx.array(tok.encode(prompt)), model, max_tokens=MAX_TOKENS, prompt_cache=cache)
-        ]
-
-    server = _serve(tiny_float_path, tmp_path_factory, "--optiq-kv-config", str(plan_file))
+    server = _serve(tiny_float_path, tmp_path_factory, "--optiq-kv-config", str(plan_file), "--log-level", "DEBUG")
     try:
-        with ThreadPoolExecutor(2) as pool:
-            served = [c.tokens for c in pool.map(server.complete, PROMPTS[:2])]
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            served = list(pool.map(server.complete, PROMPTS))
     finally:
         server.stop()
-    assert served == [in_process(p) for p in PROMPTS[:2]]
-    assert served != [in_process(p, planned=False) for p in PROMPTS[:2]]  # 2-bit turbo slots change tokens
+    # the turbo slots were batched (BatchTurboQuantKVCache logs its row count at DEBUG)
+    rows = re.findall(r"batch of (\d+) rows \((?:merge|extend), turbo\)", server.log_path.read_text())
+    assert max([int(n) for n in rows] + [0]) >= 2, "turbo slots were not batched"
+    for p, c in zip(PROMPTS, served):
+        solo = replay_solo_logprobs(model, tok.encode(p), c.tokens, prompt_cache=make_plan_cache(model, plan))
+        assert len(c.tokens) == MAX_TOKENS, p
+        assert_greedy_matches_solo(c.tokens, solo, token_logprobs=c.logprobs, noise=QUANTIZED_KV_NOISE, label=p)
+    float_tokens = [
+        [int(t) for t, _ in generate_step(mx.array(tok.encode(p)), model, max_tokens=MAX_TOKENS)] for p in PROMPTS
+    ]
+    assert [c.tokens for c in served] != float_tokens  # 2-bit turbo slots change tokens
 
 
 def test_plan_is_reported_at_startup(plan_server, plan_path):
@@ -295,3 +300,16 @@ def test_bad_config_in_the_model_folder_is_found(tiny_float_path, tmp_path, caps
     with pytest.raises(SystemExit):
         _after_parse(["--model", str(model), "--optiq-no-kv-config", "--optiq-kv-config", str(model)])
     assert "contradict" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("fastest", "MLX_LM_OPTIQ_KV_ATTENTION='fastest': expected one of"), ("cuda", "needs MLX's CUDA backend")],
+)
+def test_bad_attention_path_stops_the_server_at_startup(
+    tiny_float_path, plan_path, monkeypatch, capsys, value, expected
+):
+    monkeypatch.setenv("MLX_LM_OPTIQ_KV_ATTENTION", value)
+    with pytest.raises(SystemExit) as exit_info:
+        _after_parse(["--model", str(tiny_float_path), "--optiq-kv-config", str(plan_path)])
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err

@@ -400,35 +400,30 @@ def test_fuse_with_stock_fuse(by_bits_adapter, tiny_float_path, tmp_path):
 
 
 def test_resume_from_padded_adapter(by_bits_adapter, tiny_float_path, sidecar, data_dir, tmp_path):
+    """Resuming a by_bits adapter restores its ranks from its optiq_lora_config.json, with or
+    without --optiq-rank-scaling (issue 16 item 12: without the flag, stock loaded the padded file
+    into constant-rank layers and wrote an adapter whose ranks disagreed with its config)."""
     env = dict(os.environ, MLX_LM_OPTIQ="1")
     resumed = tmp_path / "resumed"
     # learning rate 0: the resumed weights must come out unchanged, which they
     # only do if the padded file was loaded into the compact layers correctly
     args = train_args(
-        tiny_float_path,
-        data_dir,
-        resumed,
-        "--optiq-rank-scaling",
-        "by_bits",
-        "--rank",
-        8,
-        "--optiq-metadata",
-        sidecar,
-        "--resume-adapter-file",
-        by_bits_adapter / "adapters.safetensors",
-        iters=1,
+        tiny_float_path, data_dir, resumed, "--resume-adapter-file", by_bits_adapter / "adapters.safetensors", iters=1
     )
     args[args.index("--learning-rate") + 1] = "0"
     proc = run_mlx_lm("lora", args, env)
-    assert "at the planned per-layer ranks" in proc.stdout
+    assert "by_bits ranks are restored from" in proc.stdout and "at the planned per-layer ranks" in proc.stdout
     before = mx.load(str(by_bits_adapter / "adapters.safetensors"))
     after = mx.load(str(resumed / "adapters.safetensors"))
     assert before.keys() == after.keys()
     for k in before:
         assert mx.array_equal(before[k], after[k]), k
-    assert json.loads((resumed / "adapter_config.json").read_text())["resume_adapter_file"] == str(
-        by_bits_adapter / "adapters.safetensors"
-    )
+    config = json.loads((resumed / "adapter_config.json").read_text())
+    assert config["resume_adapter_file"] == str(by_bits_adapter / "adapters.safetensors")
+    original, restored = adapter_files.read_record(by_bits_adapter), adapter_files.read_record(resumed)
+    assert adapter_files.record_ranks(restored) == adapter_files.record_ranks(original)
+    assert restored["rank_scaling"] == "by_bits" and config["lora_parameters"]["rank"] == original["padded_rank"]
+    adapter_files.check_adapter_dir(resumed)  # record, tensors and stock config agree
 
     # a plan the file does not fit (constant rank 2 would cut off trained columns) is refused
     record = adapter_files.read_record(by_bits_adapter)
@@ -437,6 +432,171 @@ def test_resume_from_padded_adapter(by_bits_adapter, tiny_float_path, sidecar, d
     too_big = {p: record["padded_rank"] + 1 for p in record["modules"]}
     with pytest.raises(ValueError, match="smaller than the recorded rank"):
         adapter_files.fit_adapter_weights(before, too_big, source="resume")
+
+
+def _lora_args(tiny_float_path, adapter_path, **overrides):
+    """The namespace stock `mlx_lm.lora` main() hands to run()/train_model, for in-process runs."""
+    import types
+
+    import mlx_lm.lora
+
+    values = {
+        **mlx_lm.lora.CONFIG_DEFAULTS,
+        "model": str(tiny_float_path),
+        "adapter_path": str(adapter_path),
+        "num_layers": -1,
+        "optiq_rank_scaling": None,
+        "optiq_metadata": None,
+    }
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def test_resume_refuses_flags_that_contradict_the_record(by_bits_adapter, tiny_float_path, tmp_path):
+    import mlx_lm.lora
+    from mlx_lm.utils import load
+
+    import mlx_lm_optiq
+
+    model, _ = load(str(tiny_float_path))
+    resume = str(by_bits_adapter / "adapters.safetensors")
+    mlx_lm_optiq.enable()
+    try:
+        args = _lora_args(tiny_float_path, tmp_path / "ad", resume_adapter_file=resume, optiq_rank_scaling="by_kl")
+        with pytest.raises(
+            ValueError,
+            match=r"--optiq-rank-scaling / optiq_rank_scaling: is by_kl, but the adapter being resumed was trained "
+            r"with rank scaling by_bits \(.*optiq_lora_config.json\); a resumed run keeps its ranks",
+        ):
+            mlx_lm.lora.train_model(args, model, [], [])
+        args = _lora_args(tiny_float_path, tmp_path / "ad", resume_adapter_file=resume, fine_tune_type="dora")
+        with pytest.raises(ValueError, match="--fine-tune-type: is dora, but the adapter being resumed is lora"):
+            mlx_lm.lora.train_model(args, model, [], [])
+    finally:
+        mlx_lm_optiq.disable()
+    assert not (tmp_path / "ad").exists()
+
+
+def test_command_line_errors_are_one_line(tiny_float_path, tmp_path, monkeypatch, capsys):
+    """Issue 16 item 8: `mlx_lm.lora` with a bad optiq flag prints one `mlx_lm.lora: error:` line
+    (exit 1, no traceback) before it loads anything."""
+    import importlib
+
+    import mlx_lm_optiq
+
+    base = ["mlx_lm.lora", "--model", str(tiny_float_path), "--train", "--adapter-path", str(tmp_path / "ad")]
+    mlx_lm_optiq.enable()
+    try:
+        for extra, message in (
+            (["--optiq-max-rank", "4"], "--optiq-max-rank / optiq_max_rank: only applies with --optiq-rank-scaling"),
+            (["--rank", "0"], "--rank / rank: expected a positive integer, got 0"),
+            (
+                ["--optiq-rank-scaling", "by_bits", "--optiq-metadata", str(tmp_path / "none.json")],
+                f"{tmp_path / 'none.json'}: file not found",
+            ),
+        ):
+            monkeypatch.setattr(sys, "argv", [*base, *extra])
+            with pytest.raises(SystemExit) as e:
+                importlib.import_module("mlx_lm.lora").main()
+            err = capsys.readouterr().err
+            assert e.value.code == 1 and "Traceback" not in err, err
+            assert err.strip().splitlines()[-1].startswith("mlx_lm.lora: error: ") and message in err, err
+    finally:
+        mlx_lm_optiq.disable()
+
+
+def test_every_save_of_a_rank_scaled_run_is_stock_loadable_as_it_appears(tiny_float_path, sidecar, data_dir, tmp_path):
+    """Issue 16 item 12: a by_bits run killed after its first save left compact-rank files that stock
+    mlx-lm cannot load. Checked mid-run, right after the first save (what a kill then leaves):
+    stock's own load_adapters loads the adapter directory and computes what the run's model does."""
+    import mlx_lm.lora
+    import mlx_lm.tuner.utils
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.datasets import load_dataset
+    from mlx_lm.utils import load
+
+    import mlx_lm_optiq
+
+    adapter_dir = tmp_path / "ad"
+    args = _lora_args(
+        tiny_float_path,
+        adapter_dir,
+        data=str(data_dir),
+        train=True,
+        iters=3,
+        save_every=1,
+        batch_size=2,
+        max_seq_length=64,
+        val_batches=1,
+        steps_per_eval=1000,
+        steps_per_report=1,
+        learning_rate=1e-3,
+        optiq_rank_scaling="by_bits",
+        optiq_metadata=str(sidecar),
+    )
+    checked = []
+
+    class AfterFirstSave(TrainingCallback):
+        def on_train_loss_report(self, info):
+            if info["iteration"] != 2:  # iteration 1 saved; its save was mirrored before step 2
+                return
+            files = sorted(p.name for p in adapter_dir.glob("*adapters.safetensors"))
+            assert files == ["0000001_adapters.safetensors", "adapters.safetensors"], files
+            stock_load_adapters = mlx_lm.tuner.utils.load_adapters.__wrapped__  # stock's own code
+            fresh, _ = load(str(tiny_float_path))
+            stock_load_adapters(fresh, str(adapter_dir))
+            record = adapter_files.read_record(adapter_dir)
+            assert {adapter_files.module_rank(m) for m in adapter_files.lora_modules(fresh).values()} == {
+                record["padded_rank"]
+            }
+            compact, _ = load(str(tiny_float_path))
+            adapter_files.load_compact_adapters(compact, adapter_dir)
+            assert mx.abs(logits(fresh) - logits(compact)).max().item() < 1e-4
+            checked.append(True)
+
+    mlx_lm_optiq.enable()
+    try:
+        model, tokenizer = load(str(tiny_float_path))
+        train_set, valid_set, _ = load_dataset(args, tokenizer)
+        mlx_lm.lora.train_model(args, model, train_set, valid_set, AfterFirstSave())
+    finally:
+        mlx_lm_optiq.disable()
+    assert checked == [True]
+    assert not (adapter_dir / ".optiq-compact-saves").exists()
+    adapter_files.check_adapter_dir(adapter_dir)
+
+
+def test_lora_info_flags_a_record_that_disagrees_with_the_tensors(by_bits_adapter, tmp_path, capsys):
+    """Issue 16 item 12: lora_info printed a summary (exit 0) of a record that lies about its tensors."""
+    import shutil
+
+    from mlx_lm_optiq.lora import info
+
+    for edit, message in (
+        (lambda r: r["modules"]["model.layers.1.mlp.up_proj"].update(rank=99), "smaller than the recorded rank 99"),
+        (lambda r: r["modules"]["model.layers.0.self_attn.q_proj"].update(input_dims=7), "the record says 7 -> 576"),
+        (lambda r: r["modules"].pop("model.layers.3.mlp.down_proj"), "modules the record does not list"),
+        (lambda r: r.update(padded_rank=3), "the record's padded_rank is 3"),
+    ):
+        ad = tmp_path / "ad"
+        shutil.rmtree(ad, ignore_errors=True)
+        shutil.copytree(by_bits_adapter, ad)
+        record = json.loads((ad / adapter_files.RECORD_FILE).read_text())
+        edit(record)
+        (ad / adapter_files.RECORD_FILE).write_text(json.dumps(record))
+        with pytest.raises(SystemExit) as e:
+            info.main([str(ad)])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and "Traceback" not in err
+        assert err.startswith("python -m mlx_lm_optiq.lora.info: error: ") and "disagrees" in err and message in err
+    config = json.loads((by_bits_adapter / "adapter_config.json").read_text())
+    config["lora_parameters"]["rank"] = 8  # what a run killed before finalize_adapter_dir used to leave
+    shutil.rmtree(ad)
+    shutil.copytree(by_bits_adapter, ad)
+    (ad / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        info.main([str(ad)])
+    assert "adapter_config.json has lora_parameters.rank 8 but the tensors have rank" in capsys.readouterr().err
 
 
 def test_yaml_config_by_kl_dora(tiny_float_path, sidecar, data_dir, tmp_path):
@@ -493,9 +653,11 @@ def test_lora_info_cli(by_bits_adapter, tiny_float_path):
 def test_disable_restores_lora_symbols():
     import mlx_lm.lora
     import mlx_lm.tuner.utils
+    from mlx_lm.tuner.dora import DoRALinear
 
     import mlx_lm_optiq
 
+    dora_from_base = vars(DoRALinear)["from_base"]
     originals = (
         mlx_lm.lora.train_model,
         mlx_lm.lora.linear_to_lora_layers,
@@ -503,14 +665,18 @@ def test_disable_restores_lora_symbols():
         mlx_lm.lora.load_adapters,
         mlx_lm.tuner.utils.load_adapters,
         mlx_lm.lora.build_parser,
+        mlx_lm.lora.main,
+        mlx_lm.lora.train,
     )
     mlx_lm_optiq.enable()
     try:
         assert mlx_lm.lora.train_model is not originals[0]
         assert mlx_lm.tuner.utils.load_adapters is not originals[4]
         assert mlx_lm.lora.load_adapters is mlx_lm.tuner.utils.load_adapters
+        assert vars(DoRALinear)["from_base"] is not dora_from_base
     finally:
         mlx_lm_optiq.disable()
+    assert vars(DoRALinear)["from_base"] is dora_from_base
     assert (
         mlx_lm.lora.train_model,
         mlx_lm.lora.linear_to_lora_layers,
@@ -518,6 +684,8 @@ def test_disable_restores_lora_symbols():
         mlx_lm.lora.load_adapters,
         mlx_lm.tuner.utils.load_adapters,
         mlx_lm.lora.build_parser,
+        mlx_lm.lora.main,
+        mlx_lm.lora.train,
     ) == originals
 
 

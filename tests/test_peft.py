@@ -217,3 +217,86 @@ def test_adapter_made_by_peft_mounts_in_mlx(tiny_float_path, tmp_path):
     stock, _ = load(str(tiny_float_path), adapter_path=str(imported))
     np.testing.assert_allclose(np.array(logits(stock)), expected, atol=2e-3)
     assert Path(imported / "optiq_lora_config.json").is_file()
+
+
+# Every field of the wrong type or value: (field, value, words the error must contain). Each
+# of these ended in a traceback (AttributeError, TypeError, ZeroDivisionError, re.error, ...)
+# or was silently accepted before the schema check (issue 16).
+MALFORMED_FIELDS = [
+    ("rank_pattern", [1, 2], "an object {module pattern: value} or null"),
+    ("rank_pattern", "q_proj", "an object {module pattern: value} or null"),
+    ("rank_pattern", {"q_proj": "4"}, "expected a positive integer"),
+    ("rank_pattern", {"q_proj": 0}, "expected a positive integer"),
+    ("rank_pattern", {"q_proj": 4.0}, "expected a positive integer"),
+    ("rank_pattern", {"(unclosed": 4}, "is not a valid module pattern"),
+    ("alpha_pattern", "16", "an object {module pattern: value} or null"),
+    ("alpha_pattern", {"q_proj": None}, "expected a finite number"),
+    ("alpha_pattern", {"q_proj": True}, "expected a finite number"),
+    ("r", "8", "a positive integer"),
+    ("r", 0, "a positive integer"),
+    ("r", None, "a positive integer"),
+    ("lora_alpha", "16", "a finite number"),
+    ("lora_alpha", [16], "a finite number"),
+    ("use_rslora", "yes", "true or false"),
+    ("lora_dropout", "0.1", "a number in [0, 1)"),
+    ("lora_dropout", 1.5, "a number in [0, 1)"),
+    ("base_model_name_or_path", 7, "a string or null"),
+    ("target_modules", {"q": 1}, "a module name, a list of them"),
+    ("layers_to_transform", ["1"], "a layer index"),
+    ("inference_mode", "true", "true or false"),
+    ("lora_bias", True, "a bias on lora_B"),
+    ("layer_replication", [[0, 2]], "replicated layers"),
+]
+
+
+@pytest.mark.parametrize("field,value,words", MALFORMED_FIELDS, ids=[f"{f}={v!r}" for f, v, _ in MALFORMED_FIELDS])
+def test_peft_config_schema_names_file_and_field(ranked_adapter, tmp_path_factory, field, value, words):
+    exported = export_peft(ranked_adapter, tmp_path_factory.mktemp("schema") / "peft")
+    config = json.loads((exported / "adapter_config.json").read_text())
+    (exported / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(OptiqFileError) as e:
+        load_peft_adapter(exported)
+    message = str(e.value)
+    assert message.startswith(str(exported / "adapter_config.json")) and repr(field) in message, message
+    assert words in message, message
+
+
+def test_peft_unreadable_files_give_clear_errors(ranked_adapter, tmp_path):
+    exported = export_peft(ranked_adapter, tmp_path / "peft")
+    config_file, weights_file = exported / "adapter_config.json", exported / "adapter_model.safetensors"
+    good_config, good_weights = config_file.read_bytes(), weights_file.read_bytes()
+    for content, words in [
+        (b"\xff\xfe\x00binary", "not valid JSON|not a JSON text file"),
+        (b"[" * 100_000, "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object at the top level"),
+        (b'{"peft_type": "LORA", "r": 1' + b"9" * 5000 + b"}", "not valid JSON"),
+    ]:
+        config_file.write_bytes(content)
+        with pytest.raises(OptiqFileError, match=words) as e:
+            load_peft_adapter(exported)
+        assert str(e.value).startswith(str(config_file)) and len(str(e.value)) < 400
+    config_file.write_bytes(good_config)
+
+    from safetensors.numpy import save_file
+
+    for tensors, words in [
+        (None, "cannot read safetensors"),
+        ({"base_model.model.x.lora_A.weight": np.ones(4, np.float32)}, "expected a matrix"),
+        ({"base_model.model.x.lora_A.weight": np.ones((2, 4), np.int32)}, "expected a floating type"),
+        (
+            {
+                "base_model.model.x.lora_A.weight": np.ones((0, 4), np.float32),
+                "base_model.model.x.lora_B.weight": np.ones((4, 0), np.float32),
+            },
+            "lora_A is",
+        ),
+    ]:
+        if tensors is None:
+            weights_file.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+        else:
+            save_file(tensors, str(weights_file))
+        with pytest.raises(OptiqFileError, match=words) as e:
+            load_peft_adapter(exported)
+        assert str(e.value).startswith(str(weights_file)), str(e.value)
+    weights_file.write_bytes(good_weights)
+    load_peft_adapter(exported)  # the untouched files still load

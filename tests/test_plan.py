@@ -108,7 +108,7 @@ def test_predicted_bits_equal_mlx_lm_count_after_quantizing(tiny_float_model, ti
         assert result["predicted_bits"] > 0.99 * result["capacity_bits"], "budget left unused"
         for path, choice in result["layers"].items():
             assert qcfg["quantization"][path] == choice
-        assert result["layers"]["model.layers.0.mlp.up_proj"]["bits"] == 8  # protected: its lowest-KL candidate
+        assert result["layers"]["model.layers.0.mlp.up_proj"]["bits"] == 8  # protected: its most precise candidate
 
 
 def test_infeasible_target_names_the_minimum(tiny_float_model):
@@ -120,6 +120,56 @@ def test_infeasible_target_names_the_minimum(tiny_float_model):
     # protections raise the floor and are named in the message
     with pytest.raises(InfeasibleBudget, match="protections"):
         plan.plan_for_model(model, config, table, cands, 6.0, protect=["embeddings"])
+
+
+def test_what_needs_no_measurement_is_checked_from_shapes_alone(tiny_float_model):
+    """Issue 16 item 9: before any sweep, the cheapest plan follows from the module shapes (protected
+    modules at their most precise candidate): exactly the minimum the measured plan then has, so an
+    infeasible target or protection set fails in seconds, not after the measurement."""
+    from mlx_lm.models import llama
+
+    model, config = tiny_float_model
+    cands = make_candidates([4, 8], [64])
+    table = _table(_shapes(model), cands)
+    for protect in ([], ["embeddings"], ["first-block", "last-block"]):
+        measured = plan.plan_for_model(model, config, table, cands, 15.0, protect=protect)["min_bpw"]
+        assert plan.check_feasible(model, config, cands, 15.0, protect=protect) == pytest.approx(measured, rel=1e-12)
+    with pytest.raises(InfeasibleBudget, match=r"target_bpw: 4.5 is infeasible.*needs 4\.50\d* bits per weight"):
+        plan.check_feasible(model, config, cands, 4.5)
+    with pytest.raises(InfeasibleBudget, match=r"5.5 is infeasible.*with protections \['embeddings', 'first-block'"):
+        plan.check_feasible(model, config, cands, 5.5, protect=["embeddings", "first-block", "last-block"])
+    # protections that leave nothing to choose (a one-block model: first block + embeddings is all)
+    one_block = llama.Model(
+        llama.ModelArgs(
+            model_type="llama",
+            hidden_size=64,
+            num_hidden_layers=1,
+            intermediate_size=128,
+            num_attention_heads=2,
+            rms_norm_eps=1e-5,
+            vocab_size=128,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
+    with pytest.raises(ConfigError, match="protect: embeddings,first-block protect every quantizable module"):
+        plan.check_feasible(one_block, {"tie_word_embeddings": True}, cands, 8.0, protect=["embeddings", "first-block"])
+    with pytest.raises(ConfigError, match="protect: lm-head: no quantizable module matches it"):
+        plan.check_feasible(model, {}, cands, 8.0, protect=["lm-head"])  # untied: no lm_head module
+
+
+def test_a_table_must_cover_every_quantizable_module(tiny_float_model):
+    """Issue 16 item 10: a module missing from the table was left in float without a word."""
+    model, _ = tiny_float_model
+    table = _table(_shapes(model), make_candidates([4, 8], [64]))
+    plan.check_table_matches(table, model, "t.json")
+    del table["modules"]["model.layers.1.mlp.up_proj"], table["modules"]["model.embed_tokens"]
+    with pytest.raises(
+        plan.PlanError,
+        match=r"t.json: has no entry for 2 quantizable module\(s\) of this model "
+        r"\(model.embed_tokens, model.layers.1.mlp.up_proj\)",
+    ):
+        plan.check_table_matches(table, model, "t.json")
 
 
 def test_protections_match_modules_and_reject_unknown(tiny_float_model):
@@ -204,6 +254,18 @@ def test_config_parses_candidates_once_and_names_fields():
         WeightsConfig(target_bpw=5, sensitivity="t.json", num_samples=4)
     with pytest.raises(ConfigError, match="sensitivity_method: expected one of exact, fisher"):
         WeightsConfig(target_bpw=5, sensitivity_method="fast")
+    for bad in (float("nan"), float("inf"), -3, "abc"):
+        with pytest.raises(ConfigError, match="target_bpw: expected a positive number"):
+            WeightsConfig(target_bpw=bad)
+    # issue 16 item 11: fisher is one quick pass; a resume file would be silently ignored
+    with pytest.raises(ConfigError, match="checkpoint: resumes an exact sweep; `sensitivity_method` fisher"):
+        WeightsConfig(target_bpw=5, sensitivity_method="fisher", checkpoint="sweep.json")
+    assert WeightsConfig(target_bpw=5, checkpoint="sweep.json").sweep_settings().checkpoint_path == "sweep.json"
+    from mlx_lm_optiq.weights.probes import SensitivityError
+    from mlx_lm_optiq.weights.sweep import SweepSettings
+
+    with pytest.raises(SensitivityError, match="a checkpoint resumes an exact sweep; method 'fisher'"):
+        SweepSettings(method="fisher", checkpoint_path="sweep.json")
     assert WeightsConfig(text_only=True).candidates is None  # nothing to plan
     # re-planning from a table without candidate flags: the table's candidates (the pipeline reads them)
     assert WeightsConfig(target_bpw=4, sensitivity="t.json").candidates is None

@@ -364,3 +364,32 @@ def test_truncated_table_file(tmp_path):
     path.write_text('{"format_version": 1, "kind": "optiq-sensi')
     with pytest.raises(OptiqFileError, match="cut.json: not valid JSON"):
         read_table(path)
+
+
+def test_command_line_errors_are_one_line_before_loading(tiny_q4_path, tmp_path, capsys, monkeypatch):
+    """Issue 16 items 8/11: `python -m mlx_lm_optiq.weights` reports a bad flag combination, model
+    folder or calibration file as one line (exit 1) before it loads or measures anything."""
+    from mlx_lm_optiq.weights import cli, sweep
+
+    monkeypatch.setattr(sweep, "measure_sensitivity", lambda *a, **k: pytest.fail("measured"))
+    garbage = tmp_path / "model"
+    garbage.mkdir()
+    (garbage / "config.json").write_bytes(b"\x00\x01\x02")
+    binary = tmp_path / "calib.jsonl"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff")
+    out = ["--output", str(tmp_path / "t.json")]
+    for argv, message in (
+        (
+            ["--model", str(tiny_q4_path), "--method", "fisher", "--checkpoint", "c.json"],
+            "a checkpoint resumes an exact",
+        ),
+        (["--model", str(tiny_q4_path), "--candidates", "4:48"], "candidate group sizes must be among"),
+        (["--model", str(garbage)], f"{garbage}/config.json: not valid JSON"),
+        (["--model", str(tiny_q4_path), "--calibration", str(binary)], f"{binary}: not a UTF-8 text file"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*argv, *out])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and "Traceback" not in err, err
+        assert err.strip().startswith("python -m mlx_lm_optiq.weights: error: ") and message in err, err
+    assert not (tmp_path / "t.json").exists()

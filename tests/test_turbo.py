@@ -1,6 +1,8 @@
-"""TurboQuant KV cache: codebooks, distortion/unbiasedness bounds, packing, attention, real-model generation."""
+"""TurboQuant KV cache: codebooks, distortion/unbiasedness bounds, packing and byte lookups, attention,
+batching (merge/extract/filter/extend; BatchGenerator == single requests), real-model generation."""
 
 import math
+import re
 import sys
 
 import mlx.core as mx
@@ -216,12 +218,11 @@ def test_rotated_space_attention_equals_dequantized_attention(attention_patched,
             assert mx.abs(out - ref).max().item() < 1e-4
     assert cache.offset == sum(lengths) and cache.size() == cache.offset
     # trimming and further updates keep the earlier codes
-    before = [a[:, :, :200] for a in turbo._leaves(keys.keys)]
+    before = keys.keys[:, :, :200]
     assert cache.trim(5) == 5 and cache.offset == sum(lengths) - 5
     keys, _ = cache.update_and_fetch(mx.zeros((B, Hkv, 1, D)), mx.zeros((B, Hkv, 1, D)))
     assert cache.offset == sum(lengths) - 4
-    for a, b in zip(turbo._leaves(keys.keys), before):
-        assert mx.array_equal(a[:, :, :200], b).item()
+    assert mx.array_equal(keys.keys[:, :, :200], before).item()
 
 
 @pytest.mark.parametrize("bits", [3, 2.5])
@@ -238,8 +239,7 @@ def test_compiled_graphs_match_plain_ones(attention_patched, monkeypatch, bits):
         kv, _ = cache.update_and_fetch(k, v)
         outs.append((turbo.turbo_scaled_dot_product_attention(q, kv, 0.125, None), kv.keys))
     (plain, plain_keys), (comp, comp_keys) = outs
-    for a, b in zip(turbo._leaves(plain_keys), turbo._leaves(comp_keys)):
-        assert mx.array_equal(a, b).item()
+    assert mx.array_equal(plain_keys, comp_keys).item()
     assert mx.abs(plain - comp).max().item() < 1e-5
 
 
@@ -252,6 +252,40 @@ def test_cache_memory_and_bits(attention_patched):
     assert turbo.affine_bits_per_channel(3, 64) == 3.5
     prod = turbo.TurboQuantKVCache(head_dim=64, bits=3, key_mode="prod")
     assert prod.bits_per_channel() == pytest.approx(3 + (32 + 16) / 2 / 64)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 2.5, 3.5])
+def test_packed_rows_and_byte_lookups_read_back_the_codes(bits):
+    """pack() stores quantize()'s fields in one uint8 row per vector; the byte-lookup tables give
+    exactly the centroids of the codes (what unpacking each code and indexing the codebook gives),
+    for float32 and 16-bit activations."""
+    mode = "prod" if bits in (3, 3.5) else "mse"
+    q = turbo.TurboQuantizer(64, bits, seed=3, mode=mode)
+    x = mx.random.normal((2, 3, 17, 64), key=mx.random.key(int(bits * 2)))
+    fields, packed = q.quantize(x), q.pack(x)
+    assert packed.dtype == mx.uint8 and packed.shape == (2, 3, 17, q.width)
+    # codes + fp16 norm (+ 1-bit QJL signs and the fp16 residual norm: "prod" codes use bits - 1)
+    assert q.width * 8 == (64 * bits + 16 if mode == "mse" else 64 * (bits - 1) + 16 + 64 + 16)
+    back = q.unpack(packed)
+    for key in fields:
+        got, want = back[key], fields[key]
+        for a, b in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):
+            assert mx.array_equal(a, b).item(), key
+    i = 0
+    expected = []
+    for (_, b), c in zip(q.segments, q.centroids):
+        n = len(turbo._planes(b))
+        expected.append(c[turbo.unpack_codes(fields["codes"][i : i + n], b)])
+        i += n
+    expected = mx.concatenate(expected, axis=-1)
+    for dtype in (mx.float32, mx.float16, mx.bfloat16):
+        assert mx.array_equal(q.rotated_unit(back, dtype), expected.astype(dtype)).item(), dtype
+    if mode == "prod":
+        signs = turbo.unpack_codes(fields["qjl"], 1).astype(mx.float32) * 2 - 1
+        assert mx.array_equal(q.qjl_signs(back), signs).item()
+    assert mx.array_equal(q.dequantize(packed), q.dequantize(fields)).item()
+    with pytest.raises(ValueError, match=f"uint8 rows of {q.width} bytes, got uint8 rows of 5"):
+        q.unpack(packed[..., :5])
 
 
 def test_cache_bad_inputs(attention_patched):
@@ -267,6 +301,8 @@ def test_cache_bad_inputs(attention_patched):
         turbo.TurboQuantKVCache(head_dim=64, key_mode="qjl")
     with pytest.raises(ValueError, match="seed must be an int"):
         turbo.TurboQuantKVCache(head_dim=64, seed=None)
+    with pytest.raises(ValueError, match="quantized_kv_start must be an int >= 0, got -1"):
+        turbo.TurboQuantKVCache(head_dim=64, quantized_kv_start=-1)
     cache = turbo.TurboQuantKVCache(head_dim=64, bits=3)
     with pytest.raises(ValueError, match="built for key/value head_dim 64/64, got 128/128"):
         cache.update_and_fetch(mx.ones((1, 1, 2, 128)), mx.ones((1, 1, 2, 128)))
@@ -364,7 +400,11 @@ def test_kv_config_turbo_scheme_builds_turbo_caches(attention_patched, tiny_q4_p
     plan = plan_from_dict(
         {
             "layers": [
-                {"layer": i, "cache_slot": i, "scheme": "turbo" if i % 2 else "none", "k_bits": 3, "v_bits": 3}
+                {
+                    "layer": i,
+                    "cache_slot": i,
+                    **({"scheme": "turbo", "k_bits": 3, "v_bits": 3} if i % 2 else {"scheme": "none"}),
+                }
                 for i in range(n)
             ]
         }
@@ -376,33 +416,189 @@ def test_kv_config_turbo_scheme_builds_turbo_caches(attention_patched, tiny_q4_p
     assert caches[1].offset == caches[0].offset > 0 and bool(mx.isfinite(logits).all())
 
 
-def test_turbo_slots_waiting_for_quantized_kv_start_are_not_batchable(attention_patched, tiny_q4_path):
-    """mlx-lm's server batches a prompt cache when every slot has `merge`; a turbo slot still in
-    float (before quantized_kv_start) must not pass, or merging would keep it float for good."""
-    from mlx_lm import load
-
-    from mlx_lm_optiq.kv.apply import make_plan_cache, promote_pending
+def _plan(n_layers, schemes, quantized_kv_start=0):
     from mlx_lm_optiq.kv.plan_file import plan_from_dict
 
-    model, tok = load(str(tiny_q4_path))
-    n = len(model.layers)
-    plan = plan_from_dict(
+    return plan_from_dict(
         {
-            "quantized_kv_start": 4,
-            "layers": [
-                {"layer": i, "cache_slot": i, "scheme": "turbo" if i == 1 else "none", "k_bits": 3, "v_bits": 3}
-                for i in range(n)
-            ],
+            "quantized_kv_start": quantized_kv_start,
+            "layers": [{"layer": i, "cache_slot": i, **schemes.get(i, {"scheme": "none"})} for i in range(n_layers)],
         }
     )
-    caches = make_plan_cache(model, plan)
-    assert type(caches[1]).__name__ == "PendingKVCache"
-    assert not all(hasattr(c, "merge") for c in caches)  # the server's batchability test
-    with pytest.raises(AttributeError, match="turbo K3/V3 cannot be batched"):
-        caches[1].merge([caches[1]])
-    model(mx.array(tok.encode("Hello there, how are you?"))[None], cache=caches)
-    promote_pending(caches)
-    assert type(caches[1]).__name__ == "TurboQuantKVCache" and caches[1].offset == caches[0].offset
+
+
+def test_turbo_slots_stay_float_until_quantized_kv_start_and_are_batchable(attention_patched, tiny_q4_path):
+    """A plan's quantized_kv_start is applied inside the turbo cache (float until it holds that
+    many tokens), so the slot has `merge` from the start: mlx-lm's server batches the plan."""
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_lm_optiq.kv.apply import make_plan_cache
+
+    model, tok = load(str(tiny_q4_path))
+    plan = _plan(len(model.layers), {1: {"scheme": "turbo", "k_bits": 3, "v_bits": 3}}, quantized_kv_start=4)
+    caches, floats = make_plan_cache(model, plan), make_prompt_cache(model)
+    assert isinstance(caches[1], turbo.TurboQuantKVCache) and caches[1].quantized_kv_start == 4
+    assert all(hasattr(c, "merge") for c in caches)  # the server's batchability test
+    ids = mx.array(tok.encode("Hello there, how are you today?"))[None]
+    # below the start the slot holds float K/V and attention is stock: logits equal a float cache's
+    for piece in (ids[:, :3], ids[:, 3:5]):
+        assert mx.array_equal(model(piece, cache=caches), model(piece, cache=floats)).item()
+        assert not caches[1].quantized and caches[1].keys.dtype != mx.uint8
+    model(ids[:, 5:6], cache=caches)  # the cache held 5 >= 4 tokens at this update: all packed now
+    assert caches[1].quantized and caches[1].offset == caches[0].offset == 6
+    assert caches[1].keys.shape[-1] == caches[1].key_quantizer.width
+
+
+def _turbo_filled(n, data_seed, heads=3, dim=64, **settings):
+    cache = turbo.TurboQuantKVCache(head_dim=dim, **settings)
+    k1, k2 = mx.random.split(mx.random.key(data_seed))
+    cache.update_and_fetch(mx.random.normal((1, heads, n, dim), key=k1), mx.random.normal((1, heads, n, dim), key=k2))
+    return cache
+
+
+def _held(cache):
+    """The (packed or float) key and value rows a single cache holds."""
+    return cache.keys[:, :, : cache.offset], cache.values[:, :, : cache.offset]
+
+
+def _decode_step_matches_rows(batch, singles, seed, compiled=False):
+    """One decode step of the batch (left padding masked by make_mask) == each row's own step."""
+    import copy
+
+    from mlx_lm.models.base import scaled_dot_product_attention as sdpa
+
+    rows = len(singles)
+    k1, k2, k3 = mx.random.split(mx.random.key(seed), 3)
+    k, v = mx.random.normal((rows, 3, 1, 64), key=k1), mx.random.normal((rows, 3, 1, 64), key=k2)
+    q = mx.random.normal((rows, 9, 1, 64), key=k3)
+    mask = batch.make_mask(1)
+    kv, _ = batch.update_and_fetch(k, v)
+    out = sdpa(q, kv, kv, cache=batch, scale=0.125, mask=mask)
+    for i, single in enumerate(singles):
+        single = copy.deepcopy(single)
+        kv_i, _ = single.update_and_fetch(k[i : i + 1], v[i : i + 1])
+        ref = sdpa(q[i : i + 1], kv_i, kv_i, cache=single, scale=0.125, mask=None)  # a single decode step's mask
+        assert mx.abs(out[i : i + 1] - ref).max().item() < 1e-5, (i, compiled)
+    batch.trim(1)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_merge_extract_filter_extend_trim_round_trip(attention_patched, monkeypatch, compiled):
+    """Rows keep their codes through every batch operation, and batched attention (left padding
+    masked) computes each row's own attention, on the plain (CPU) and the compiled (GPU) graph."""
+    monkeypatch.setattr(turbo, "COMPILE_ON_CPU", compiled)
+    settings = dict(key_bits=3, value_bits=2.5, seed=5)  # fractional values: two code segments
+    singles = [_turbo_filled(n, s, **settings) for n, s in ((7, 0), (3, 1), (300, 2))]  # 300 > the 256 step
+    expected = [_held(c) for c in singles]
+    batch = turbo.TurboQuantKVCache.merge(singles)
+    assert isinstance(batch, turbo.BatchTurboQuantKVCache) and batch.quantized
+    assert batch.left_padding.tolist() == [293, 297, 0] and batch.size() == 300
+    for i, (k, v) in enumerate(expected):
+        row = batch.extract(i)
+        assert isinstance(row, turbo.TurboQuantKVCache) and row.offset == k.shape[2] and row.quantized
+        assert mx.array_equal(_held(row)[0], k).item() and mx.array_equal(_held(row)[1], v).item()
+    _decode_step_matches_rows(batch, singles, seed=10, compiled=compiled)
+    batch.filter([2, 0])
+    assert batch.left_padding.tolist() == [0, 293]
+    assert mx.array_equal(_held(batch.extract(1))[0], expected[0][0]).item()
+    other = turbo.TurboQuantKVCache.merge([_turbo_filled(20, 3, **settings)])
+    batch.extend(other)
+    assert batch.left_padding.tolist() == [0, 293, 280]
+    singles = [singles[2], singles[0], _turbo_filled(20, 3, **settings)]
+    for i, c in enumerate(singles):
+        assert mx.array_equal(_held(batch.extract(i))[1], _held(c)[1]).item()
+    _decode_step_matches_rows(batch, singles, seed=11, compiled=compiled)
+    assert batch.trim(2) == 2 and batch.extract(2).offset == 18
+
+
+def test_merge_packs_copies_of_float_rows_and_refuses_other_settings(attention_patched):
+    settings = dict(bits=3, seed=1, quantized_kv_start=6)
+    short = _turbo_filled(4, 0, **settings)  # below the start: float
+    long_ = _turbo_filled(9, 1, **settings)
+    long_.update_and_fetch(mx.zeros((1, 3, 1, 64)), mx.zeros((1, 3, 1, 64)))  # held 9 >= 6 at this update
+    assert not short.quantized and long_.quantized
+    k_short = _held(short)[0]
+    batch = turbo.TurboQuantKVCache.merge([short, long_])
+    assert batch.quantized and not short.quantized  # the prompt-cache entry is left as it was
+    assert mx.array_equal(_held(batch.extract(0))[0], short.key_quantizer.pack(k_short)).item()
+    # a float batch becomes codes when extended with a packed one (and so does its other side)
+    floats = turbo.TurboQuantKVCache.merge([_turbo_filled(2, 2, **settings)])
+    assert not floats.quantized
+    floats.extend(turbo.TurboQuantKVCache.merge([long_]))
+    assert floats.quantized and floats.extract(0).offset == 2 and floats.extract(1).offset == 10
+    with pytest.raises(ValueError, match="different settings"):
+        turbo.TurboQuantKVCache.merge([long_, turbo.TurboQuantKVCache(head_dim=64, bits=4, seed=1)])
+    with pytest.raises(ValueError, match=r"key/value head_dim \(64, 64\) and \(128, 128\)"):
+        turbo.TurboQuantKVCache.merge([long_, _turbo_filled(2, 0, dim=128, **settings)])
+
+
+@pytest.mark.parametrize("quantized_kv_start", [0, 4])
+def test_batch_generator_matches_single_requests(
+    attention_patched, tiny_float_path, monkeypatch, caplog, quantized_kv_start
+):
+    """mlx-lm's continuous batching (merge, right-padded prefill + finalize, left padding,
+    filter on finish, extract) with turbo slots computes what one request at a time computes,
+    up to the noise another batch shape brings (tests.helpers). quantized_kv_start 4 is below
+    every prompt (5, 15 and 8 tokens), so rows switch to codes as they do alone."""
+    import logging
+
+    from mlx_lm import load
+    from mlx_lm.generate import BatchGenerator, generate_step
+
+    from mlx_lm_optiq.kv.apply import make_plan_cache
+    from tests.helpers import QUANTIZED_KV_NOISE, assert_greedy_matches_solo, replay_solo_logprobs
+
+    gen = sys.modules["mlx_lm.generate"]
+    model, tok = load(str(tiny_float_path))
+    schemes = {
+        0: {"scheme": "turbo", "k_bits": 3, "v_bits": 3},
+        1: {"scheme": "affine", "k_bits": 8, "v_bits": 4, "group_size": 64},
+        2: {"scheme": "turbo", "k_bits": 4, "v_bits": 2},
+        3: {"scheme": "turbo", "k_bits": 2, "v_bits": 2},
+    }
+    plan = _plan(len(model.layers), schemes, quantized_kv_start)
+
+    def plan_cache(*_):
+        return make_plan_cache(model, plan)
+
+    prompts = [
+        tok.encode(t)
+        for t in (
+            "The capital of France is",
+            "Once upon a time, in a small village by the sea, there lived",
+            "1, 2, 3,",
+        )
+    ]
+    max_tokens = [10, 6, 8]
+    monkeypatch.setattr(gen, "make_prompt_cache", plan_cache)
+    caplog.set_level(logging.DEBUG)
+    batch = BatchGenerator(model, max_tokens=10)
+    uids = batch.insert(prompts, max_tokens=max_tokens)
+    got = {u: [] for u in uids}
+    while responses := batch.next_generated():
+        for r in responses:
+            got[r.uid].append((r.token, r.logprobs))
+            if r.finish_reason is not None:
+                assert all(isinstance(r.prompt_cache[i], turbo.TurboQuantKVCache) for i in (0, 2, 3))
+                assert r.prompt_cache[0].quantized and r.prompt_cache[0].offset > len(prompts[uids.index(r.uid)])
+    batch.close()
+    monkeypatch.undo()
+    assert "batch of 3 rows (merge, turbo)" in caplog.text  # the rows really shared turbo batches
+    assert [len(got[u]) for u in uids] == max_tokens
+    for row, (u, prompt) in enumerate(zip(uids, prompts)):
+        tokens = [t for t, _ in got[u]]
+        solo = replay_solo_logprobs(model, prompt, tokens, prompt_cache=plan_cache())
+        assert_greedy_matches_solo(
+            tokens, solo, logprobs=[lp for _, lp in got[u]], noise=QUANTIZED_KV_NOISE, label=f"row {row}"
+        )
+    if quantized_kv_start == 0:
+        # the plan really changes the computation (2-bit turbo slots)
+        fp = [int(t) for t, _ in generate_step(mx.array(prompts[1]), model, max_tokens=6)]
+        planned = [
+            int(t) for t, _ in generate_step(mx.array(prompts[1]), model, max_tokens=6, prompt_cache=plan_cache())
+        ]
+        assert planned != fp
 
 
 def test_pth_route_serves_turbo_caches_and_deepcopies(tiny_q4_path, optiq_env):
@@ -495,3 +691,33 @@ def test_model_logits_equal_stock_attention_on_dequantized_codes(attention_patch
         b = model(piece, cache=ref_caches).astype(mx.float32)
         assert mx.abs(a - b).max().item() < 2e-3 * max(1.0, mx.abs(b).max().item())
     assert turbo_caches[0].offset == ids.shape[1]
+
+
+def test_turbo_prompt_cache_says_which_slots_stay_float(tiny_q4_path):
+    """make_turbo_prompt_cache replaces plain KVCache slots only. What it leaves in float is said,
+    never silent: a warning with the count and the reason, and `left_as_is` on the returned list.
+    A gemma3-style model (5 sliding-window layers to 1 global) keeps 5 of 6 slots in float; a
+    hybrid (linear-attention) model its recurrent-state slots; a llama-style model none."""
+    import copy
+    import warnings
+
+    from mlx_lm import load
+
+    from tests.tiny_models import tiny_hybrid, tiny_sliding
+
+    sliding = "sliding-window RotatingKVCache (TurboQuant has no sliding-window cache)"
+    with pytest.warns(UserWarning, match=r"5 of 6 cache slots stay in float, not TurboQuant: 5 " + re.escape(sliding)):
+        cache = turbo.make_turbo_prompt_cache(tiny_sliding(window=16, layers=6, pattern=6), bits=3)
+    assert [type(c).__name__ for c in cache] == ["RotatingKVCache"] * 5 + ["TurboQuantKVCache"]
+    assert cache.left_as_is == dict.fromkeys(range(5), sliding)
+    assert copy.deepcopy(cache).left_as_is == cache.left_as_is  # mlx-lm's prompt caches are deep-copied
+
+    with pytest.warns(UserWarning, match=r"2 of 4 cache slots .*: 2 ArraysCache \(recurrent state"):
+        cache = turbo.make_turbo_prompt_cache(tiny_hybrid(), bits=3)
+    assert sorted(cache.left_as_is) == [0, 2] and isinstance(cache[1], turbo.TurboQuantKVCache)
+
+    model, _ = load(str(tiny_q4_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every slot is TurboQuant: nothing to say
+        cache = turbo.make_turbo_prompt_cache(model, bits=3)
+    assert cache.left_as_is == {} and all(isinstance(c, turbo.TurboQuantKVCache) for c in cache)

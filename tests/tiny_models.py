@@ -3,7 +3,11 @@
 - `tiny_hybrid()`: qwen3_next (linear-attention/SSM layers with ArraysCache + full
   attention layers with KVCache, every `full_attention_interval`-th layer).
 - `tiny_sliding()`: gemma3_text (sliding-window layers with RotatingKVCache +
-  global layers with KVCache, every `sliding_window_pattern`-th layer).
+  global layers with KVCache, every `sliding_window_pattern`-th layer). mlx-lm's own
+  gemma3 classes, so the layer kinds, masks (the sliding mask comes from the first
+  slot's cache) and local/global RoPE are gemma3's; by default 4 layers alternating
+  sliding/global (`pattern=2`); `layers=6, pattern=6` gives gemma3's real ratio of
+  5 sliding layers to 1 global one.
 Weights are seeded and kept in float32 (fast on CPU); head_dim is 64 so group
 sizes 32/64 apply as on real models.
 """
@@ -59,13 +63,13 @@ def tiny_hybrid(seed=0):
     return _init(qwen3_next.Model(args), seed)
 
 
-def tiny_sliding(seed=0, window=32):
+def tiny_sliding(seed=0, window=32, layers=4, pattern=2):
     from mlx_lm.models import gemma3_text
 
     args = gemma3_text.ModelArgs(
         model_type="gemma3_text",
         hidden_size=128,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         intermediate_size=256,
         num_attention_heads=4,
         head_dim=64,
@@ -73,7 +77,7 @@ def tiny_sliding(seed=0, window=32):
         num_key_value_heads=2,
         query_pre_attn_scalar=64,
         sliding_window=window,
-        sliding_window_pattern=2,
+        sliding_window_pattern=pattern,
         max_position_embeddings=4096,
     )
     return _init(gemma3_text.Model(args), seed)

@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import itertools
 import json
+import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,13 +62,30 @@ class UnknownAdapterError(AdapterError):
         super().__init__(f"unknown adapter {name!r}; mounted adapters: {self.mounted}")
 
 
+# What a mounted adapter may hold. Its rows share every forward with other requests'
+# rows, so values that are not finite floats, or a scale that overflows what it
+# multiplies, would turn a request into NaNs (and, before the rows were isolated,
+# everyone else's too). LoRA scales in practice: mlx-lm's default 20, PEFT's
+# lora_alpha / r mostly 0.5-64; beyond 1e4 it is a unit mistake or an attack.
+ADAPTER_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+MAX_LORA_SCALE = 1e4
+
+
 @dataclass
 class AdapterWeights:
-    """LoRA pairs read from disk: module path -> (a (in, r), b (r, out), scale)."""
+    """LoRA pairs read from disk: module path -> (a (in, r), b (r, out), scale).
+
+    Checked when made (`check_adapter_values`): every tensor a finite float16/bfloat16/
+    float32 matrix, every scale finite and at most MAX_LORA_SCALE in magnitude, so an
+    AdapterWeights can always be mounted next to other users' adapters.
+    """
 
     source: str
     format: str  # "mlx-lm" | "optiq" | "peft"
     layers: dict
+
+    def __post_init__(self) -> None:
+        check_adapter_values(self.layers, self.source, self.format)
 
     @property
     def nbytes(self) -> int:
@@ -123,8 +141,10 @@ def _read_config(path, name):
         data = json.loads(file.read_text())
     except FileNotFoundError:
         raise AdapterError(f"{file}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{file}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad syntax, not UTF-8, nested too deep, over-long integers
+        raise AdapterError(f"{file}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    except OSError as e:  # a directory of that name, no permission, ...
+        raise AdapterError(f"{file}: cannot be read ({e.strerror or type(e).__name__})") from None
     if not isinstance(data, dict):
         raise AdapterError(f"{file}: expected a JSON object at the top level")
     return data
@@ -152,6 +172,40 @@ def _trim_zero_rank(a, b):
     if keep.size == 0:
         return a[:, :0], b[:0, :]
     return mx.take(a, keep, axis=1), mx.take(b, keep, axis=0)
+
+
+def check_adapter_values(layers: dict, source: str, fmt: str = "mlx-lm") -> None:
+    """Raise AdapterError naming the adapter and tensor unless every LoRA value can be served.
+
+    Each a/b must be a float16, bfloat16 or float32 array with only finite values (an
+    int or bool tensor, a NaN or an inf is refused), each scale a finite number with
+    |scale| <= MAX_LORA_SCALE. `fmt` picks how tensors are named (PEFT: lora_A/lora_B).
+    """
+    file, names = (
+        ("adapter_model.safetensors", ("lora_A", "lora_B"))
+        if fmt == "peft"
+        else (ADAPTER_WEIGHTS, ("lora_a", "lora_b"))
+    )
+    allowed = ", ".join(str(d).removeprefix("mlx.core.") for d in ADAPTER_DTYPES)
+    for path, (a, b, scale) in layers.items():
+        for leaf, t in zip(names, (a, b)):
+            where = f"adapter {source} ({file}): tensor {path}.{leaf}"
+            if not isinstance(t, mx.array) or t.dtype not in ADAPTER_DTYPES:
+                got = t.dtype if isinstance(t, mx.array) else type(t).__name__
+                raise AdapterError(f"{where} has dtype {str(got).removeprefix('mlx.core.')}, expected {allowed}")
+            bad = int(mx.sum(~mx.isfinite(t)).item()) if t.size else 0
+            if bad:
+                raise AdapterError(f"{where} has {bad} non-finite value(s) (NaN or inf); expected finite values")
+        if (
+            not isinstance(scale, (int, float))
+            or isinstance(scale, bool)
+            or not math.isfinite(scale)
+            or abs(scale) > MAX_LORA_SCALE
+        ):
+            raise AdapterError(
+                f"adapter {source}: layer {path} has LoRA scale {scale!r}; expected a finite number"
+                f" with |scale| <= {MAX_LORA_SCALE:g}"
+            )
 
 
 def _pairs(tensors, file, suffix_a, suffix_b, prefix=""):
@@ -185,6 +239,11 @@ def _scale_of(config, file):
     scale = params.get("scale")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise AdapterError(f"{file}: field 'lora_parameters.scale' must be a number, got {scale!r}")
+    if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+        raise AdapterError(
+            f"{file}: field 'lora_parameters.scale' is {scale!r}; expected a finite number with"
+            f" |scale| <= {MAX_LORA_SCALE:g}"
+        )
     return float(scale)
 
 
@@ -367,6 +426,38 @@ def _check_name(name):
         raise AdapterError(f"adapter name {name!r}: expected a non-empty string without surrounding spaces")
 
 
+def layer_shapes(model: nn.Module) -> dict[str, tuple[int, int] | str]:
+    """{module path: (input_dims, output_dims)} of every linear-like module, the class name of every other one.
+
+    All an adapter is checked against (`check_fits`), so a server can check adapters
+    before its model has loaded: from a lazily loaded copy (no weights read), whose
+    shapes are then all it keeps.
+    """
+    shapes = {}
+    for path, module in model.named_modules():
+        dims = _linear_dims(module)
+        shapes[path] = dims if dims is not None else type(module).__name__
+    return shapes
+
+
+def check_fits(shapes: dict[str, tuple[int, int] | str], name: str, weights: AdapterWeights) -> None:
+    """Raise AdapterError listing every layer of `weights` that does not fit a model of these `layer_shapes`."""
+    errors = []
+    for module_path, (a, b, _) in weights.layers.items():
+        dims = shapes.get(module_path)
+        if dims is None:
+            errors.append(f"  {module_path}: no such module in the model")
+        elif isinstance(dims, str):
+            errors.append(f"  {module_path}: is a {dims}, only linear layers can take a LoRA adapter")
+        elif (a.shape[0], b.shape[1]) != dims:
+            errors.append(
+                f"  {module_path}: adapter maps {a.shape[0]} -> {b.shape[1]} features,"
+                f" the layer maps {dims[0]} -> {dims[1]}"
+            )
+    if errors:
+        raise AdapterError(f"adapter {name!r} ({weights.source}) does not fit the model:\n" + "\n".join(errors))
+
+
 def mount_adapter(model: nn.Module, name: str, path: str | Path | AdapterWeights) -> MountedAdapter:
     """Mount the adapter at `path` (directory, HF repo id, or AdapterWeights) under `name`.
 
@@ -382,23 +473,7 @@ def mount_adapter(model: nn.Module, name: str, path: str | Path | AdapterWeights
             raise AdapterError(
                 f"adapter {name!r} is already mounted (from {registry.adapters[name].source}); unmount it first"
             )
-        errors = []
-        for module_path, (a, b, _) in weights.layers.items():
-            module = modules.get(module_path)
-            dims = _linear_dims(module) if module is not None else None
-            if module is None:
-                errors.append(f"  {module_path}: no such module in the model")
-            elif dims is None:
-                errors.append(
-                    f"  {module_path}: is a {type(module).__name__}, only linear layers can take a LoRA adapter"
-                )
-            elif (a.shape[0], b.shape[1]) != dims:
-                errors.append(
-                    f"  {module_path}: adapter maps {a.shape[0]} -> {b.shape[1]} features,"
-                    f" the layer maps {dims[0]} -> {dims[1]}"
-                )
-        if errors:
-            raise AdapterError(f"adapter {name!r} ({weights.source}) does not fit the model:\n" + "\n".join(errors))
+        check_fits(layer_shapes(model), name, weights)
 
         slot = registry.free_slot()
         for module_path, (a, b, scale) in weights.layers.items():
@@ -423,9 +498,11 @@ def mount_adapter(model: nn.Module, name: str, path: str | Path | AdapterWeights
 def unmount_adapter(model: nn.Module, name: str) -> MountedAdapter:
     """Remove adapter `name`; layers left with no adapter get their original module back."""
     registry = _registry(model)
-    if registry is None or name not in registry.adapters:
-        raise UnknownAdapterError(name, registry.adapters if registry else {})
+    if registry is None:
+        raise UnknownAdapterError(name, {})
     with registry.lock:
+        if name not in registry.adapters:
+            raise UnknownAdapterError(name, registry.adapters)
         info = registry.adapters.pop(name)
         for module_path in list(registry.wrappers):
             wrapper = registry.wrappers[module_path]
@@ -490,9 +567,42 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[None
             raise UnknownAdapterError(bad, {})
         yield
         return
-    slots = tuple(None if n is None else registry.slot_of(n) for n in names)
-    token = _BATCH_ROWS.set(rows.RowSlots(registry, registry.n_slots, slots))
+    with registry.lock:
+        slots = tuple(None if n is None else registry.slot_of(n) for n in names)
+        selection = rows.RowSlots(registry, registry.n_slots, slots)
+    token = _BATCH_ROWS.set(selection)
     try:
         yield
+    finally:
+        _BATCH_ROWS.reset(token)
+
+
+@contextlib.contextmanager
+def mounted_rows(model: nn.Module, mounts: Sequence[MountedAdapter | None]) -> Iterator[list[int]]:
+    """`adapter_rows` for rows that each recorded the mount they started with (None: a base row).
+
+    A row whose mount is no longer the one under its name (unmounted, or unmounted and
+    another adapter mounted under the name) does not raise and never picks up the other
+    adapter: it runs as a base row, and the block receives the indices of such rows so the
+    caller can fail their requests. The server's generation thread selects rows this way,
+    so one request's vanished adapter never stops the batch it shares with others.
+    """
+    registry = _registry(model)
+    if registry is None:
+        yield [i for i, m in enumerate(mounts) if m is not None]
+        return
+    gone, slots = [], []
+    with registry.lock:
+        for i, m in enumerate(mounts):
+            if m is not None and registry.adapters.get(m.name) is m:
+                slots.append(m.slot)
+            else:
+                slots.append(None)
+                if m is not None:
+                    gone.append(i)
+        selection = rows.RowSlots(registry, registry.n_slots, tuple(slots))
+    token = _BATCH_ROWS.set(selection)
+    try:
+        yield gone
     finally:
         _BATCH_ROWS.reset(token)

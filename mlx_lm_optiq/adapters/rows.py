@@ -6,7 +6,9 @@ module for the adapters' pairs stacked side by side (`stack_pairs`) and computes
 row's LoRA in one go (`apply_mixed_rows`), by one of three methods:
 
   "gather": per-row gathered A/B (`mx.gather_mm`): fewest FLOPs; fastest on the CPU
-    (mlx 0.32.4 has no working CUDA path for it: cuGraphAddKernelNode fails).
+    (mlx 0.32.4 has no working CUDA path for it: cuGraphAddKernelNode fails, so it is
+    refused there at start-up). mlx's CPU gather_mm takes float32 only, so this method
+    stacks the adapters and computes the LoRA term in float32 whatever their dtype.
   "take": the rows' A/B gathered with `mx.take`, then batched matmuls: the default off
     the CPU (measured on an H200: 0.47x of base-row throughput in the server on a
     30-layer SmolLM2-shaped model, against 0.14x for "masked", whose prefill stalls
@@ -14,6 +16,13 @@ row's LoRA in one go (`apply_mixed_rows`), by one of three methods:
   "masked": every adapter's A side by side, one matmul for all, a per-row mask that
     keeps each row's own adapter (scale folded in), one matmul with every B: fewer
     kernels per layer whatever the number of adapters, more FLOPs.
+
+Every method isolates rows arithmetically: no value of one adapter's A or B reaches a
+row that does not use it. "gather" and "take" only ever read the row's own pair (base
+rows read an all-zero slot); "masked" selects each row's own columns of x @ A with
+`where`, not a multiply (another adapter's column may overflow to inf for this row's
+input, and inf * 0 is NaN), and the B it then multiplies is finite (adapters are
+checked when read, `mounting.check_adapter_values`), so 0 * B adds nothing.
 
 MLX_LM_OPTIQ_MIXED_ROWS=gather|take|masked sets the method for a process (None: by
 device); MLX_LM_OPTIQ_COMPILE_DECODE=0 turns off the compiled decode step. Both are
@@ -37,10 +46,27 @@ def _checked_method(method: str, name: str) -> str:
     return method
 
 
+def _refuse_gather_on_cuda(method: str, name: str, on_cuda: bool) -> None:
+    """gather on a CUDA device kills the server at its first mixed batch (mlx 0.32.4:
+    `cuGraphAddKernelNode ... invalid argument` inside mx.gather_mm), so it is refused
+    when the process starts, not found by the first request."""
+    if method == "gather" and on_cuda:
+        raise ValueError(
+            f"{name} is 'gather', which does not run on CUDA (mx.gather_mm fails in mlx {mx.__version__});"
+            " use 'take' (the default off the CPU) or 'masked'"
+        )
+
+
+def _default_device_is_cuda() -> bool:
+    cuda = getattr(mx, "cuda", None)
+    return cuda is not None and cuda.is_available() and mx.default_device() != mx.cpu
+
+
 # Module attributes (not constants): tests and benchmarks set them to compare methods.
 MIXED_ROWS_METHOD = os.environ.get("MLX_LM_OPTIQ_MIXED_ROWS") or None
 if MIXED_ROWS_METHOD is not None:
     _checked_method(MIXED_ROWS_METHOD, "MLX_LM_OPTIQ_MIXED_ROWS")
+    _refuse_gather_on_cuda(MIXED_ROWS_METHOD, "MLX_LM_OPTIQ_MIXED_ROWS", _default_device_is_cuda())
 
 # A decode step calls every adapted layer once on one token per row: there the few
 # small ops below cost more in graph building and kernel launches than in arithmetic,
@@ -61,7 +87,8 @@ def mixed_rows_method() -> str:
 
 
 def _rows_gather(y, x, a, b, scales, index):
-    z = mx.gather_mm(mx.gather_mm(x, a, rhs_indices=index), b, rhs_indices=index)
+    # a, b are float32 (stack_pairs): the CPU gather_mm rejects any other dtype
+    z = mx.gather_mm(mx.gather_mm(x.astype(a.dtype), a, rhs_indices=index), b, rhs_indices=index)
     return y + (scales[index][:, None, None] * z).astype(x.dtype)
 
 
@@ -71,7 +98,9 @@ def _rows_take(y, x, a, b, scales, index):
 
 
 def _rows_masked(y, x, a_all, b_all, mask):
-    return y + (((x @ a_all) * mask) @ b_all).astype(x.dtype)
+    # where, not a multiply: another adapter's column of x @ a_all may be inf for this row
+    xa = x @ a_all
+    return y + (mx.where(mask != 0, xa * mask, 0) @ b_all).astype(x.dtype)
 
 
 _ROWS_EAGER = {"gather": _rows_gather, "take": _rows_take, "masked": _rows_masked}
@@ -116,8 +145,8 @@ class RowSlots:
 
 
 def stack_layout(method: str) -> str:
-    """The stacked layout a method computes with: gather and take share one."""
-    return "concatenated" if method == "masked" else "stacked"
+    """The stacked layout a method computes with (a layer keeps one until its adapters or the layout change)."""
+    return {"masked": "concatenated", "gather": "stacked-float32"}.get(method, "stacked")
 
 
 def stack_pairs(
@@ -130,14 +159,14 @@ def stack_pairs(
     """One layer's adapters (slot -> (a, b, scale)) stacked for mixed rows, ranks zero-padded to the largest.
 
     gather, take: (A (n+1, in, r), B (n+1, r, out), scales (n+1,)); slot n is the all-zero
-    base slot that base rows point at. masked: (A (in, n*r), B (n*r, out), r, scales)
+    base slot that base rows point at; float32 for gather. masked: (A (in, n*r), B (n*r, out), r, scales)
     with slot s in columns/rows s*r..(s+1)*r. Slots >= n_slots (mounted after this
     forward began) are left out.
     """
     entries = {s: e for s, e in entries.items() if s < n_slots}
     r = max([a.shape[1] for a, _, _ in entries.values()] + [1])
     dtypes = {t.dtype for a, b, _ in entries.values() for t in (a, b)}
-    dtype = dtypes.pop() if len(dtypes) == 1 else mx.float32
+    dtype = dtypes.pop() if len(dtypes) == 1 and method != "gather" else mx.float32
     scales = [0.0] * (n_slots + 1)
     a_stack = mx.zeros((n_slots + 1, input_dims, r), dtype=dtype)
     b_stack = mx.zeros((n_slots + 1, r, output_dims), dtype=dtype)
@@ -145,7 +174,7 @@ def stack_pairs(
         a_stack[slot, :, : a.shape[1]] = a.astype(dtype)
         b_stack[slot, : b.shape[0], :] = b.astype(dtype)
         scales[slot] = scale
-    if stack_layout(method) == "stacked":
+    if method != "masked":
         arrays = (a_stack, b_stack, mx.array(scales, dtype=dtype))
     else:
         a_all = a_stack[:n_slots].transpose(1, 0, 2).reshape(input_dims, n_slots * r)

@@ -13,12 +13,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mlx_lm_optiq.core.errors import OptiqError
+
 # Above this many DP cells (items x capacity units) the exact DP would need too
 # much memory; the MILP solver (HiGHS, also exact) is used instead.
 _MAX_DP_CELLS = 200_000_000
 
 
-class InfeasibleBudget(ValueError):
+class InfeasibleBudget(OptiqError):
     pass
 
 

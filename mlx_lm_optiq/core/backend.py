@@ -85,6 +85,24 @@ def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
+def compute_backend() -> str:
+    """Where MLX computes by default: "cpu", "cuda", "metal" (or "gpu" for another GPU backend).
+
+    Long jobs pick their default effort from it (kv/config.py: a CPU measures the KV
+    cache with cheaper defaults than a GPU). `on_cpu` decides first, so a GPU build whose
+    default device was set to the CPU counts as a CPU, which is where the work then runs.
+    """
+    if on_cpu():
+        return "cpu"
+    import mlx.core as mx
+
+    if mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return "gpu"
+
+
 def slow_blas_warning(library: str) -> str:
     """The one-line warning for a reference BLAS at `library`."""
     return (

@@ -4,6 +4,9 @@ A calibration file is JSON Lines; each non-blank line is an object with either
   {"text": "..."}                                   plain text, or
   {"messages": [{"role": "user", "content": "..."}, ...]}   a chat, rendered
 with the tokenizer's chat template. Other fields (e.g. "source") are ignored.
+A base model's tokenizer has no chat template: its chats are rendered as plain
+"role: content" lines instead (one line says so), so the default set, which has
+chats, works on every model.
 
 All records are tokenized, joined (separated by the EOS token) into one stream,
 cut into non-overlapping windows of `sequence_length` tokens, and `num_samples`
@@ -14,10 +17,13 @@ the same tokens.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from mlx_lm_optiq.core.errors import OptiqError
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -25,7 +31,7 @@ if TYPE_CHECKING:
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "data" / "calibration"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(OptiqError):
     """A calibration file is malformed or too small for the requested samples."""
 
 
@@ -43,59 +49,78 @@ def read_records(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise CalibrationError(f"{path}: calibration file not found")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CalibrationError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise CalibrationError(f"{where}: expected a JSON object with 'text' or 'messages'")
-            has_text, has_messages = "text" in obj, "messages" in obj
-            if has_text == has_messages:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(
+            f"{path}: not a UTF-8 text file (byte {e.start}); expected JSON Lines with 'text' or 'messages'"
+        ) from None
+    except OSError as e:
+        raise CalibrationError(f"{path}: cannot be read ({e.strerror or e})") from None
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a string
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise CalibrationError(f"{where}: not valid JSON (nested too deeply)") from None
+        if not isinstance(obj, dict):
+            raise CalibrationError(f"{where}: expected a JSON object with 'text' or 'messages'")
+        has_text, has_messages = "text" in obj, "messages" in obj
+        if has_text == has_messages:
+            raise CalibrationError(
+                f"{where}: expected exactly one of the fields 'text' or 'messages', "
+                f"got {sorted(k for k in obj if k in ('text', 'messages')) or 'neither'}"
+            )
+        if has_text:
+            if not isinstance(obj["text"], str) or not obj["text"].strip():
+                raise CalibrationError(f"{where}: field 'text' must be a non-empty string")
+            records.append(("text", obj["text"]))
+            continue
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise CalibrationError(f"{where}: field 'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise CalibrationError(
-                    f"{where}: expected exactly one of the fields 'text' or 'messages', "
-                    f"got {sorted(k for k in obj if k in ('text', 'messages')) or 'neither'}"
+                    f"{where}: field 'messages[{i}]' must be an object with string 'role' and 'content'"
                 )
-            if has_text:
-                if not isinstance(obj["text"], str) or not obj["text"].strip():
-                    raise CalibrationError(f"{where}: field 'text' must be a non-empty string")
-                records.append(("text", obj["text"]))
-                continue
-            messages = obj["messages"]
-            if not isinstance(messages, list) or not messages:
-                raise CalibrationError(f"{where}: field 'messages' must be a non-empty list")
-            for i, m in enumerate(messages):
-                if (
-                    not isinstance(m, dict)
-                    or not isinstance(m.get("role"), str)
-                    or not isinstance(m.get("content"), str)
-                ):
-                    raise CalibrationError(
-                        f"{where}: field 'messages[{i}]' must be an object with string 'role' and 'content'"
-                    )
-            records.append(("messages", messages))
+        records.append(("messages", messages))
     if not records:
         raise CalibrationError(f"{path}: no records (expected JSON lines with 'text' or 'messages')")
     return records
 
 
+def plain_chat_text(messages: list[dict]) -> str:
+    """A chat as plain text, one "role: content" line per message (for a tokenizer without a template)."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
 def _encode_records(tokenizer, path, records):
-    """Token ids of each record: text as is, chats through the chat template."""
-    out = []
+    """Token ids of each record: text as is, chats through the chat template (or as plain text
+    when the tokenizer has none: a base model's calibration must not fail on the default set)."""
+    templated = getattr(tokenizer, "chat_template", None) is not None
+    out, plain = [], 0
     for kind, value in records:
         if kind == "text":
             ids = tokenizer.encode(value)
-        else:
-            if getattr(tokenizer, "chat_template", None) is None:
-                raise CalibrationError(f"{path}: has chat 'messages' records but the tokenizer has no chat template")
+        elif templated:
             rendered = tokenizer.apply_chat_template(value, tokenize=False)
             # The template already carries any BOS/role tokens it needs.
             ids = tokenizer.encode(rendered, add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(plain_chat_text(value))
+            plain += 1
         out.append(list(ids))
+    if plain:
+        print(
+            f"[INFO] optiq: {path}: the tokenizer has no chat template; its {plain} chat record(s) "
+            "are calibrated on as plain 'role: content' text",
+            file=sys.stderr,
+        )
     return out
 
 

@@ -14,8 +14,10 @@ import re
 from collections.abc import Callable
 from dataclasses import fields
 
+from mlx_lm_optiq.core.errors import OptiqError
 
-class ConfigError(ValueError):
+
+class ConfigError(OptiqError):
     """A config field holds a value the feature cannot use.
 
     `field` is the dataclass field name (or several, "a/b"); `detail` says what was

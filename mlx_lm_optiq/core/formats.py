@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from mlx_lm_optiq.core.errors import OptiqError
+
 Candidate = dict[str, Any]  # {"bits": int, "group_size": int, "mode": str}
 
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
@@ -27,7 +29,7 @@ MODES = ("affine", *FORMAT_BITS)
 _KEY = re.compile(r"[a-z0-9]+:\d+")
 
 
-class FormatError(ValueError):
+class FormatError(OptiqError):
     """A candidate that is malformed or that mlx cannot store."""
 
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from mlx_lm_optiq.core.errors import OptiqError, brief
 
 
-class OptiqFileError(ValueError):
+class OptiqFileError(OptiqError):
     """A file we read is missing, malformed, or of the wrong kind/version."""
+
+
+class OutputExistsError(OptiqError, FileExistsError):
+    """The output path of a run already exists (stock convert refuses it too; nothing is overwritten)."""
 
 
 def _umask_mode(mode):
@@ -55,11 +63,7 @@ def read_json(
     path = Path(path)
     if not path.is_file():
         raise OptiqFileError(f"{path}: file not found")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise OptiqFileError(f"{path}: not valid JSON ({e})") from None
+    data = parse_json_bytes(_read_bytes(path), path)
     if not isinstance(data, dict):
         raise OptiqFileError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     if kind is not None:
@@ -67,16 +71,66 @@ def read_json(
     return data
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:  # permissions, a vanished file, ...
+        raise OptiqFileError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def parse_json_bytes(raw: bytes, path: str | Path) -> Any:
+    """Parse the bytes of a JSON file; every way they can be wrong is an OptiqFileError naming `path`.
+
+    Binary or non-UTF-8 content and nesting too deep for the parser are input errors like
+    a syntax error, not a UnicodeDecodeError / RecursionError traceback.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OptiqFileError(f"{path}: not a JSON text file (not UTF-8 at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise OptiqFileError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise OptiqFileError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+def check_keys(
+    obj: Mapping[str, Any],
+    allowed: Iterable[str],
+    path: str | Path,
+    field: str = "",
+    error: type[OptiqFileError] | None = None,
+) -> None:
+    """Raise OptiqFileError (or its subclass `error`) naming every key of `obj` not in `allowed`
+    (a misspelt field must not be silently ignored); `field` is where `obj` sits ("layers[3]"),
+    "" for the top level."""
+    allowed = list(allowed)
+    unknown = [k for k in obj if k not in allowed]
+    if not unknown:
+        return
+    where = f"field '{field}'" if field else "the top level"
+    hints = []
+    for k in unknown[:5]:
+        close = difflib.get_close_matches(str(k), allowed, n=1)
+        hints.append(f"{brief(k, 40)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    raise (error or OptiqFileError)(
+        f"{path}: unknown key(s) at {where}: {', '.join(hints)}{more}; expected only {sorted(allowed)}"
+    )
+
+
 def check_header(
     data: dict, path: str | Path, kind: str, supported_versions: Sequence[int] = (1,), required: Sequence[str] = ()
 ) -> dict:
     """Check an object read from `path`: its `kind`, `format_version` and `required` fields; returns it."""
     if data.get("kind") != kind:
-        raise OptiqFileError(f"{path}: field 'kind' is {data.get('kind')!r}, expected {kind!r}")
-    if data.get("format_version") not in supported_versions:
+        raise OptiqFileError(f"{path}: field 'kind' is {brief(data.get('kind'))}, expected {kind!r}")
+    version = data.get("format_version")
+    if isinstance(version, bool) or version not in supported_versions:
         raise OptiqFileError(
-            f"{path}: field 'format_version' is {data.get('format_version')!r}, "
-            f"expected one of {list(supported_versions)}"
+            f"{path}: field 'format_version' is {brief(version)}, expected one of {list(supported_versions)}"
         )
     for field in required:
         if field not in data:
@@ -93,7 +147,7 @@ def atomic_output_dir(final_path: str | Path) -> Iterator[Path]:
     """
     final_path = Path(final_path)
     if final_path.exists():
-        raise FileExistsError(
+        raise OutputExistsError(
             f"Cannot save to the path {final_path} as it already exists."
             " Please delete the file/directory or specify a new path to save to."
         )

@@ -12,11 +12,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from mlx_lm_optiq.core.errors import OptiqError, brief, one_line
+
 MODEL_CONVERSION_DTYPES = ("float16", "bfloat16", "float32")
 
 
-class ModelError(ValueError):
+class ModelError(OptiqError):
     """A model that cannot be used as asked (missing, already quantized, no weight ...)."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """No local model directory and no hub snapshot for a model spec (a FileNotFoundError too)."""
 
 
 # ---------------------------------------------------------------- the module tree
@@ -101,24 +107,68 @@ def looks_like_local_path(spec: str) -> bool:
 def resolve_model_path(path_or_repo: str | Path, revision: str | None = None) -> Path:
     """The local directory of a model: the path itself, or the hub snapshot mlx-lm would download.
 
-    A spec that can only be a local path and does not exist is a clear FileNotFoundError,
-    not a hub lookup of a mistyped path; a failed hub lookup is a FileNotFoundError that
-    names the spec and the hub's reason (one line).
+    A spec that can only be a local path and does not exist is a clear ModelNotFoundError
+    (a FileNotFoundError), not a hub lookup of a mistyped path; so is a spec that is not a
+    valid hub id either, and a failed hub lookup, whose one-line message names the spec and
+    the hub's reason.
     """
     p = Path(path_or_repo).expanduser()
-    if p.exists():
+    if p.is_dir():
         return p
+    if p.exists():
+        raise ModelError(f"{path_or_repo}: not a model directory (a model is a folder with config.json)")
     if looks_like_local_path(str(path_or_repo)):
-        raise FileNotFoundError(f"{path_or_repo}: no such model directory")
+        raise ModelNotFoundError(f"{path_or_repo}: no such model directory")
+    from huggingface_hub.utils import HFValidationError
     from mlx_lm.utils import _download
 
     try:
         return Path(_download(str(path_or_repo), revision=revision))
-    except Exception as e:  # huggingface_hub's errors (offline, unknown repo, bad id) have no common base
+    except HFValidationError as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
+            f"{path_or_repo}: no such local path, and not a valid Hugging Face Hub id ({reason})"
+        ) from None
+    except Exception as e:  # huggingface_hub's errors (offline, unknown repo) have no common base
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelNotFoundError(
             f"{path_or_repo}: no such model directory, and the Hugging Face Hub lookup failed ({reason})"
         ) from e
+
+
+def read_model_config(model_path: str | Path) -> dict[str, Any]:
+    """A model directory's config.json as mlx-lm reads it, checked far enough to load the model.
+
+    mlx-lm itself fails on a missing or garbage config.json with a traceback
+    (FileNotFoundError, UnicodeDecodeError, JSONDecodeError, KeyError 'model_type'); here
+    each is a ModelError naming the file and what is wrong, raised before any long work.
+    An architecture mlx-lm does not know is named too.
+    """
+    from mlx_lm.utils import load_config
+
+    from mlx_lm_optiq.core.jsonio import OptiqFileError, parse_json_bytes
+
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{path}: file not found (a model directory needs its config.json)")
+    try:
+        data = parse_json_bytes(path.read_bytes(), path)
+    except (OptiqFileError, OSError) as e:
+        raise ModelError(str(e)) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelError(f"{path}: field 'model_type' must be a non-empty string, got {brief(model_type)}")
+    from mlx_lm import utils
+
+    get_classes = getattr(utils, "_get_classes", None)  # mlx-lm's own architecture lookup
+    if get_classes is not None:
+        try:
+            get_classes(data)
+        except (ValueError, TypeError) as e:  # "Model type X not supported.", a non-list `architectures`
+            raise ModelError(f"{path}: field 'model_type' is {brief(model_type)}: {one_line(str(e), 200)}") from None
+    return load_config(Path(model_path))
 
 
 def is_quantized_checkpoint(config: dict) -> bool:
@@ -161,6 +211,7 @@ def load_float_model(
     from mlx_lm.utils import load_model
 
     path = resolve_model_path(path_or_repo, revision)
+    read_model_config(path)  # a missing or garbage config.json: one clear error first
     model, config = load_model(path, lazy=True)
     model, originals = dequantize(model)
     if originals:

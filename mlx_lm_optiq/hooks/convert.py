@@ -13,6 +13,11 @@ Extensions (modules listed in EXTENSIONS) each provide:
 into it (per-call state travels as the return value of before_convert). When any
 extension is requested, stock convert writes into a staging directory that is renamed
 to `--mlx-path` only after every extension has finished (atomic output).
+
+The command line (`main`) reports every error a user can cause (`core.errors.OptiqError`:
+a bad flag value, file or model path; the extensions word them with the flags) as one
+`mlx_lm.convert: error: ...` line and exit status 1, like argparse's own errors; any other
+exception is a bug and keeps its traceback. The Python API raises the errors themselves.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from mlx_lm_optiq.core import model_tree
+from mlx_lm_optiq.core.errors import UsageError, user_errors
 from mlx_lm_optiq.core.jsonio import atomic_output_dir
 from mlx_lm_optiq.hooks import patching, pop_options
 
@@ -51,6 +58,14 @@ def _configure_parser(wrapped, instance, args, kwargs):
     return parser
 
 
+def _check_source(call: dict) -> None:
+    """The model to convert exists and has a readable config.json, before any work: stock convert
+    would fail on either with a traceback, and an extension only after stock convert ran."""
+    if call.get("hf_path") is None:
+        raise UsageError("--hf-path/--model: the model to convert is required")
+    model_tree.read_model_config(model_tree.resolve_model_path(call["hf_path"], call.get("revision")))
+
+
 def _convert(wrapped, instance, args, kwargs):
     kwargs = dict(kwargs)
     options = pop_options(kwargs)  # stock convert() rejects unknown keywords
@@ -64,6 +79,7 @@ def _convert(wrapped, instance, args, kwargs):
     if not exts:
         return wrapped(*args, **kwargs)
     call = dict(inspect.signature(wrapped).bind_partial(*args, **kwargs).arguments)
+    _check_source(call)
     upload_repo = call.pop("upload_repo", None)  # upload the final folder, not the staging one
     final_path = Path(call.get("mlx_path", "mlx_model"))
     with atomic_output_dir(final_path) as staging:
@@ -82,7 +98,13 @@ def _convert(wrapped, instance, args, kwargs):
     return None
 
 
+def _main(wrapped, instance, args, kwargs):
+    with user_errors("mlx_lm.convert"):
+        return wrapped(*args, **kwargs)
+
+
 def install(module: ModuleType) -> None:
+    patching.wrap(module, "main", _main)
     patching.wrap(module, "configure_parser", _configure_parser)
     patching.wrap(module, "convert", _convert, aliases=[("mlx_lm", "convert")])
     # mlx_lm/__init__ binds `convert` after this module finishes importing when

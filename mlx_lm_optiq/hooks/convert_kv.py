@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.errors import UsageError
 from mlx_lm_optiq.kv.config import KVPlanConfig, flag_specs
 from mlx_lm_optiq.kv.pipeline import plan_kv
 from mlx_lm_optiq.kv.plan_file import FILENAME, write_kv_config
@@ -45,7 +46,7 @@ def is_requested(options: dict) -> bool:
         return True
     stray = [name for name in _fields() if options.get(_PREFIX + name) is not None]
     if stray:
-        raise ValueError(f"{', '.join(_flag(n) for n in stray)} need --optiq-kv-target-bits")
+        raise UsageError(f"{', '.join(_flag(n) for n in stray)} need --optiq-kv-target-bits")
     return False
 
 
@@ -54,7 +55,7 @@ def _config(options: dict) -> KVPlanConfig:
     try:
         return KVPlanConfig(**given)
     except ConfigError as e:
-        raise ValueError(e.render(_flag)) from None
+        raise UsageError(e.render(_flag)) from None
 
 
 def before_convert(call: dict, options: dict) -> KVPlanConfig:
@@ -65,8 +66,8 @@ def before_convert(call: dict, options: dict) -> KVPlanConfig:
 def after_convert(out_dir: Path, call: dict, options: dict, state: KVPlanConfig | None = None) -> None:
     config = state if state is not None else _config(options)
     try:
-        plan = plan_kv(out_dir, config, model_name=str(call["hf_path"])).plan
+        plan = plan_kv(out_dir, config, model_name=str(call["hf_path"]), spell=_flag).plan
     except ConfigError as e:
-        raise ValueError(e.render(_flag)) from None
+        raise UsageError(e.render(_flag)) from None
     path = write_kv_config(plan, out_dir / FILENAME)
     print(f"[mlx_lm_optiq] wrote {path.name}: {plan.summary()}; average {plan.achieved_bits} KV bits")

@@ -51,7 +51,7 @@ def add_arguments(group: Any) -> None:
     for name in ("num_samples", "sequence_length"):
         group.add_argument(_flag(name), type=int, default=None, help=helps[name])
     group.add_argument("--optiq-sensitivity", default=None, help=helps["sensitivity"])
-    for name in ("sensitivity_method", "reference", "clipping"):
+    for name in ("sensitivity_method", "reference", "clipping", "writer"):
         group.add_argument(_flag(name), choices=list(CHOICES[name]), default=None, help=helps[name])
     group.add_argument("--optiq-checkpoint", default=None, help=helps["checkpoint"])
     group.add_argument("--optiq-protect", default=None, help=helps["protect"])

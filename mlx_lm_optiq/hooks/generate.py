@@ -7,8 +7,6 @@
   (`kv.apply.use_kv_config(...)`, else the attached one), the prompt cache is built
   from the plan, or a passed-in cache is converted in place; `kv_bits` with a plan
   is an error. Draft-model caches are left alone.
-- `maybe_quantize_kv_cache`: turns pending (quantized_kv_start) turbo slots into their
-  planned caches at the same points where stock converts to --kv-bits.
 - `batch_generate`: every prompt gets a planned cache (or its passed-in one converted),
   so the plan holds on the batched path too; the per-layer caches have `merge`, so
   batching is kept. (The server's batch path is hooks/server_kv.py's.)
@@ -125,12 +123,6 @@ def _batch_generate(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-def _maybe_quantize_kv_cache(wrapped, instance, args, kwargs):
-    result = wrapped(*args, **kwargs)
-    _apply().promote_pending(_arg(args, kwargs, 0, "prompt_cache"))
-    return result
-
-
 def _load(wrapped, instance, args, kwargs):
     result = wrapped(*args, **kwargs)
     path = _arg(args, kwargs, 0, "path_or_hf_repo")
@@ -183,7 +175,6 @@ def install(module: Any) -> None:
     assert sys.modules.get("mlx_lm.generate") is module
     patching.wrap(module, "generate_step", _generate_step)
     patching.wrap(module, "speculative_generate_step", _speculative_generate_step)
-    patching.wrap(module, "maybe_quantize_kv_cache", _maybe_quantize_kv_cache)
     patching.wrap(module, "setup_arg_parser", _setup_arg_parser)
     patching.wrap(module, "batch_generate", _batch_generate, aliases=[("mlx_lm", "batch_generate")])
     patching.wrap(sys.modules["mlx_lm.utils"], "load", _load, aliases=[("mlx_lm", "load"), ("mlx_lm.generate", "load")])

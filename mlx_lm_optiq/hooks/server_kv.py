@@ -24,6 +24,7 @@ from typing import Any
 
 from mlx_lm_optiq.core.jsonio import OptiqFileError
 from mlx_lm_optiq.hooks import on_reset, patching
+from mlx_lm_optiq.kv import attention
 from mlx_lm_optiq.kv.apply import attach_plan, find_kv_config, make_plan_cache, use_kv_config
 from mlx_lm_optiq.kv.plan_file import KVPlan, load_kv_config
 
@@ -69,11 +70,15 @@ def after_parse(args: Any, parser: Any) -> None:
             f"--kv-bits {args.kv_bits} cannot be combined with the per-layer KV plan {path}: the plan sets "
             "every layer's bits; drop --kv-bits (or pass --optiq-no-kv-config to use --kv-bits alone)"
         )
+    try:  # a bad MLX_LM_OPTIQ_KV_ATTENTION stops start-up, not the first request
+        attention_path = attention.selected_path()
+    except (ValueError, RuntimeError) as e:
+        parser.error(str(e))
     plan = _load_and_validate(path, args.model, parser)
     _STATE.update(model_path=args.model, plan=plan, model=None, decided=True)
     print(
         f"mlx_lm_optiq: per-layer KV plan {plan.source} ({plan.summary()}; quantized from token "
-        f"{plan.quantized_kv_start})",
+        f"{plan.quantized_kv_start}; attention: {attention_path})",
         file=sys.stderr,
     )
 

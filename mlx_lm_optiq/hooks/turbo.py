@@ -1,11 +1,14 @@
-"""Hook on `mlx_lm.models.base.scaled_dot_product_attention`: TurboQuant caches get rotated-space attention.
+"""Hook on `mlx_lm.models.base.scaled_dot_product_attention`: TurboQuant caches get
+rotated-space attention, per-layer quantized caches get attention over their packed
+bytes (kv/attention.py picks the backend's path).
 
 Model files bind the function by name (`from .base import scaled_dot_product_attention`),
 so the wrapper is also pointed at every `mlx_lm.models.*` module that holds the
 original; modules imported later bind the wrapper themselves. Every binding is
 recorded in `hooks.patching`, so `unpatch_attention()` / `mlx_lm_optiq.disable()`
 restore the identical original everywhere. Calls whose cache is not a
-TurboQuantKVCache pass straight through to the wrapped function.
+TurboQuantKVCache or packed per-layer cache pass straight through to the wrapped
+function.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from types import ModuleType
 
 from mlx_lm_optiq.hooks import on_reset, patching
-from mlx_lm_optiq.kv import turbo
+from mlx_lm_optiq.kv import attention
 
 _ATTR = "scaled_dot_product_attention"
 
@@ -23,10 +26,19 @@ _ATTR = "scaled_dot_product_attention"
 def _sdpa(wrapped, instance, args, kwargs):
     call = _bind(args, kwargs)
     keys = call.get("keys")
-    if isinstance(keys, turbo.TurboKV):
+    # Looked up, not imported: this module is imported to install the hook as soon as
+    # mlx_lm.models.base is, which can be from inside mlx_lm.models.cache's own import, and
+    # kv/turbo.py subclasses that module's caches. No TurboKV exists before kv/turbo.py runs.
+    turbo = sys.modules.get("mlx_lm_optiq.kv.turbo")
+    if turbo is not None and isinstance(keys, turbo.TurboKV):
         return turbo.turbo_scaled_dot_product_attention(
             call["queries"], keys, scale=call["scale"], mask=call.get("mask"), sinks=call.get("sinks")
         )
+    if isinstance(keys, attention.PackedKV):
+        return attention.quantized_scaled_dot_product_attention(
+            call["queries"], keys, call["values"], scale=call["scale"], mask=call.get("mask"), sinks=call.get("sinks")
+        )
+    attention.note_attention_call(call.get("cache"))
     return wrapped(*args, **kwargs)
 
 
@@ -48,7 +60,7 @@ def _model_module_names():
 def install(module: ModuleType) -> None:
     """Installer for mlx_lm_optiq.HOOKS["mlx_lm.models.base"] (also used by patch_attention)."""
     patching.wrap(module, _ATTR, _sdpa, aliases=[(name, _ATTR) for name in _model_module_names()])
-    turbo.set_attention_patched(True)
+    attention.set_attention_patched(True)
 
 
 def patch_attention() -> None:
@@ -64,7 +76,11 @@ def unpatch_attention() -> None:
     if base is None:
         return
     if patching.unwrap(base, _ATTR, _sdpa):
-        turbo.set_attention_patched(False)
+        attention.set_attention_patched(False)
 
 
-on_reset(lambda: turbo.set_attention_patched(False))
+def _reset() -> None:
+    attention.set_attention_patched(False)
+
+
+on_reset(_reset)

@@ -24,7 +24,7 @@ from mlx_lm_optiq.kv.caches import (
     MixedQuantizedRotatingKVCache,
 )
 from mlx_lm_optiq.kv.plan_file import FILENAME, KVConfigError, KVPlan, SlotPlan, read_kv_config, validate_plan
-from mlx_lm_optiq.kv.turbo import TurboQuantKVCache
+from mlx_lm_optiq.kv.turbo import BatchTurboQuantKVCache, TurboQuantKVCache
 
 # ----------------------------------------------------------------------------- caches
 
@@ -32,9 +32,9 @@ from mlx_lm_optiq.kv.turbo import TurboQuantKVCache
 def new_slot_cache(s: SlotPlan, quantized_kv_start: int = 0, like: Any = None) -> Any:
     """An empty cache for a planned (non-`none`) slot of a validated plan.
 
-    Affine slots get kv_cache.MixedQuantizedKVCache (K and V at their own widths,
-    batch-capable), which applies quantized_kv_start by itself; turbo slots get
-    turbo.TurboQuantKVCache (quantized from the first token; see PendingKVCache)."""
+    Affine slots get kv_cache.MixedQuantizedKVCache (K and V at their own widths),
+    turbo slots turbo.TurboQuantKVCache; both batch and apply quantized_kv_start by
+    themselves (float until they hold that many tokens, also inside a batch)."""
     if s.scheme == "affine":
         # a sliding window comes from the cache being replaced (`like`: also what
         # max_kv_size makes of every slot), else from the model's geometry
@@ -55,6 +55,7 @@ def new_slot_cache(s: SlotPlan, quantized_kv_start: int = 0, like: Any = None) -
             key_bits=s.k_bits,
             value_bits=s.v_bits,
             seed=s.seed,
+            quantized_kv_start=quantized_kv_start,
         )
     raise ValueError(f"slot {s.slot}: scheme {s.scheme!r} has no planned cache")
 
@@ -62,36 +63,12 @@ def new_slot_cache(s: SlotPlan, quantized_kv_start: int = 0, like: Any = None) -
 def convert_cache(c: Any, s: SlotPlan, quantized_kv_start: int = 0) -> Any:
     """The planned cache for slot plan `s`, holding everything the float KVCache `c` holds."""
     new = new_slot_cache(s, quantized_kv_start, like=c)
-    if s.scheme == "affine":
-        # MixedQuantized(Rotating)KVCache is a (Rotating)KVCache: it takes the float buffers
-        # as they are and quantizes them itself once it holds quantized_kv_start tokens.
-        new.keys, new.values, new.offset = c.keys, c.values, c.offset
-        if isinstance(c, RotatingKVCache):
-            new._idx = c._idx
-    elif c.keys is not None and c.offset > 0:
-        new.update_and_fetch(c.keys[..., : c.offset, :], c.values[..., : c.offset, :])
+    # The planned caches are (Rotating)KVCache subclasses: they take the float buffers as
+    # they are and quantize them themselves once they hold quantized_kv_start tokens.
+    new.keys, new.values, new.offset = c.keys, c.values, c.offset
+    if isinstance(c, RotatingKVCache):
+        new._idx = c._idx
     return new
-
-
-class PendingKVCache(KVCache):
-    """A float KVCache that becomes its planned turbo cache once `offset >= start`
-    (quantized_kv_start semantics: short contexts keep full precision)."""
-
-    def __init__(self, slot_plan: SlotPlan, start: int):
-        super().__init__()
-        self.slot_plan = slot_plan
-        self.start = start
-
-    def convert(self) -> Any:
-        return convert_cache(self, self.slot_plan)
-
-    @property
-    def merge(self) -> Any:
-        # KVCache.merge would turn this slot into a float BatchKVCache that never becomes
-        # its turbo cache. Without `merge` (hasattr is False) mlx-lm's server sees the
-        # prompt cache as not batchable and serves such plans one request at a time, as
-        # it does for TurboQuantKVCache slots and for stock kv_bits.
-        raise AttributeError(f"{type(self).__name__}: a slot planned as {self.slot_plan.describe()} cannot be batched")
 
 
 def apply_plan(caches: list, plan: KVPlan, model: Any = None) -> list:
@@ -110,21 +87,13 @@ def apply_plan(caches: list, plan: KVPlan, model: Any = None) -> list:
         if s.scheme == "none":
             continue
         c = caches[s.slot]
-        if isinstance(c, PendingKVCache):
-            if c.offset >= c.start:
-                caches[s.slot] = c.convert()
-        elif type(c) is RotatingKVCache and s.scheme == "turbo":
+        if type(c) is RotatingKVCache and s.scheme == "turbo":
             raise KVConfigError(
                 f"{plan.source}: layers[{s.slot}] wants {s.describe()} but the prompt cache holds a sliding-window "
                 f"RotatingKVCache there (e.g. max_kv_size makes them), which TurboQuant cannot hold"
             )
         elif type(c) in (KVCache, RotatingKVCache):
-            if s.scheme == "turbo" and c.offset < start:
-                p = PendingKVCache(s, start)
-                p.keys, p.values, p.offset = c.keys, c.values, c.offset
-                caches[s.slot] = p
-            else:
-                caches[s.slot] = convert_cache(c, s, start)
+            caches[s.slot] = convert_cache(c, s, start)
         elif not _is_planned(c, s):
             raise KVConfigError(
                 f"{plan.source}: layers[{s.slot}] wants {s.describe()} but the prompt cache holds a "
@@ -143,15 +112,8 @@ def _is_planned(c, s):
         )
         return isinstance(c, kinds) and (c.k_bits, c.v_bits, c.group_size) == (s.k_bits, s.v_bits, s.group_size)
     if s.scheme == "turbo":
-        return isinstance(c, TurboQuantKVCache)
+        return isinstance(c, (TurboQuantKVCache, BatchTurboQuantKVCache))
     return False
-
-
-def promote_pending(caches: list) -> None:
-    """Turn pending slots that reached `quantized_kv_start` into their planned caches."""
-    for i, c in enumerate(caches):
-        if isinstance(c, PendingKVCache) and c.offset >= c.start:
-            caches[i] = c.convert()
 
 
 def make_plan_cache(model: Any, plan: KVPlan, max_kv_size: int | None = None) -> list:

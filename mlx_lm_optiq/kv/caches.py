@@ -16,19 +16,38 @@ Two design choices, both about reusing mlx-lm rather than re-implementing it:
   BatchKVCache code runs unchanged on the packed bytes; we subclass them and only
   convert at the boundary (quantize on the way in, dequantize on the way out).
 
-* Attention. `update_and_fetch` returns the *dequantized* keys/values of the
-  used prefix, so mlx-lm's `scaled_dot_product_attention` takes its ordinary
-  `mx.fast.scaled_dot_product_attention` branch (our caches deliberately have no
-  `bits` attribute, which is what routes stock caches to quantized SDPA). This
-  never calls `mx.quantized_matmul`, whose CUDA build rejects the shapes
-  quantized attention produces (unaligned cache lengths, chunked prefill), and
-  the dequantized copy lives only while its layer's attention runs: memory held
-  between steps is the quantized cache. `benchmarks/kv.py` measures this path
-  against stock quantized SDPA on the GPU (docs/kv.md).
+* Attention. Our caches deliberately have no `bits` attribute (which routes stock
+  caches to mlx-lm's quantized SDPA, whose `mx.quantized_matmul` has no CUDA
+  kernel for these shapes). `update_and_fetch` returns either the *dequantized*
+  keys/values of the used prefix (the reference path, and what code using the
+  caches without our attention hook gets), or, when the attention hook is
+  installed and the backend has a faster path, `attention.PackedKV` views of the
+  packed prefix that the hooked attention consumes directly (a fused CUDA kernel,
+  or `mx.quantized_matmul` on Metal): see kv/attention.py. Either way the memory
+  held between steps is the quantized cache.
 
 `quantized_kv_start` follows mlx-lm's meaning: the cache stays in float until
 it holds that many tokens, then converts what it has and stores everything
 after quantized.
+
+What a query attends to, whatever the chunking (docs/kv.md, "Chunked prefill,
+prompt-cache hits and batches"): exactly the keys/values mlx-lm's float cache of
+the same kind would give it (every earlier position; for sliding windows its last
+`max_size` positions, as RotatingKVCache keeps `max_size + chunk - 1` entries
+during a multi-token update), each in its *stored* form: quantized on the way in,
+the keys of the query's own chunk included. mx.quantize groups run along
+head_dim, so a position's stored form depends only on its own float vector, and
+prefilling at once, in chunks of any size, after a prompt-cache hit or inside a
+batch computes the same attention (tests: to 1e-5 on fixed inputs, like float
+caches). The alternative, attending the current chunk in float, would make the
+result depend on where chunks end. Through a model, the float vectors themselves
+differ by rounding noise between call shapes (BLAS and SDPA sum in another order);
+round-to-nearest turns the rare value on a code boundary into a one-step change,
+which moves later logits by far more than the noise (tests.helpers
+QUANTIZED_KV_NOISE). That is quantization noise, the same for full-attention
+caches and for any 1e-7 perturbation of the weights, not a chunking rule.
+With quantized_kv_start > 0 the float-to-quantized switch happens between
+updates, so results near the switch do depend on chunk boundaries (as in mlx-lm).
 """
 
 from __future__ import annotations
@@ -41,6 +60,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
 
 from mlx_lm_optiq.core.formats import AFFINE_BITS, AFFINE_GROUPS  # what mx.quantize supports in affine mode
+from mlx_lm_optiq.kv import attention
 
 
 def check_kv_quantization(
@@ -99,6 +119,12 @@ class Packing:
 class _PerLayerQuantization:
     """What the single and batched caches share: the bit plan and the float→packed switch."""
 
+    # Set by the attention hook when this cache was passed (as `cache=`) to mlx-lm's
+    # scaled_dot_product_attention, i.e. its model's attention goes through the hook:
+    # only then may update_and_fetch hand out PackedKV (models that call
+    # mx.fast.scaled_dot_product_attention directly keep getting float arrays).
+    packed_attention_seen = False
+
     def _init_plan(self, k_bits, v_bits, group_size, quantized_kv_start):
         check_kv_quantization(k_bits, v_bits, group_size)
         if quantized_kv_start < 0:
@@ -149,6 +175,14 @@ class _PerLayerQuantization:
             return super().update_and_fetch(keys, values)
         pk, pv = self.packing
         keys, values = super().update_and_fetch(pk.pack(keys), pv.pack(values))
+        return self._fetch(keys, values)
+
+    def _fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
+        """What attention gets from the packed prefix: PackedKV when a packed-attention
+        path is active (kv/attention.py), else the dequantized float arrays."""
+        pk, pv = self.packing
+        if self.packed_attention_seen and attention.packed_attention_active():
+            return attention.PackedKV(keys, pk), attention.PackedKV(values, pv)
         return pk.unpack(keys), pv.unpack(values)
 
     @property
@@ -279,7 +313,11 @@ def _quantized_copy(cache, reference):
 
 class MixedQuantizedRotatingKVCache(_PerLayerQuantization, RotatingKVCache):
     """A sliding-window layer's cache (`max_size` tokens, the first `keep` never evicted)
-    with keys at `k_bits` and values at `v_bits`."""
+    with keys at `k_bits` and values at `v_bits`.
+
+    Every query attends its last `max_size` positions (RotatingKVCache's window logic,
+    unchanged), each in its stored quantized form, its own chunk's keys included: the
+    same result for any prefill chunking or prompt-cache hit (module docstring)."""
 
     def __init__(
         self,
@@ -305,7 +343,10 @@ class MixedQuantizedRotatingKVCache(_PerLayerQuantization, RotatingKVCache):
 
 
 class BatchMixedQuantizedRotatingKVCache(_BatchPerLayerQuantization, BatchRotatingKVCache):
-    """Left-padded batch of MixedQuantizedRotatingKVCaches, as mlx-lm's BatchGenerator drives them."""
+    """Left-padded batch of MixedQuantizedRotatingKVCaches, as mlx-lm's BatchGenerator drives them.
+
+    Each row attends what it would attend alone (merge, right-padded chunked prefill,
+    extend, filter, extract: BatchRotatingKVCache's code on the packed bytes)."""
 
     _what = ", sliding window"
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.errors import OptiqError, one_line
 from mlx_lm_optiq.core.model_tree import looks_like_local_path, resolve_model_path
 from mlx_lm_optiq.kv.config import KVPlanConfig, flag_specs
 from mlx_lm_optiq.kv.pipeline import plan_kv
@@ -46,8 +47,8 @@ def _resolve_model(parser: argparse.ArgumentParser, model: str) -> str:
     (core.model_tree.resolve_model_path words both cases: a mistyped local path, a failed hub lookup)."""
     try:
         return str(resolve_model_path(model))
-    except FileNotFoundError as e:
-        parser.error(str(e))
+    except OptiqError as e:
+        parser.error(one_line(str(e)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,13 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         out = out / FILENAME
     if out.exists() and not args.force:
         parser.error(f"--output {out} already exists (use --force to overwrite)")
+    # Errors the user caused (OptiqError: a flag, a file, the model) are one argparse-style line,
+    # exit status 2; anything else is a bug and keeps its traceback.
     try:
         config = KVPlanConfig(**{name: getattr(args, name) for name, _ in flag_specs()})
-        plan = plan_kv(model_path, config, model_name=args.model).plan
+        plan = plan_kv(model_path, config, model_name=args.model, spell=_flag).plan
     except ConfigError as e:
-        parser.error(e.render(_flag))
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+        parser.error(one_line(e.render(_flag)))
+    except OptiqError as e:
+        parser.error(one_line(str(e)))
     path = write_kv_config(plan, out).resolve()
     print(
         f"wrote {path}: {plan.summary()}; average {plan.achieved_bits} bits "

@@ -6,6 +6,12 @@ handed to `kv.pipeline.plan_kv`. Validation happens once, here; a `ConfigError`
 names the field, and the caller renders it with the user's spelling of that field.
 The flags of both entry points are generated from these fields (`flag_specs`), so
 the two flag sets cannot drift apart.
+
+The measurement settings (candidates, window sizes, number of windows, probe) default per
+backend (`measurement_defaults`): a GPU measures thoroughly (every probe replays the whole
+window, as served), while on a CPU the same 360 probes of the 30-layer bundled model took
+hours, so a CPU re-runs only the scored tokens after a shorter float prefix (docs/kv.md,
+"Defaults", has the time and the quality of both). A setting the user gives always wins.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mlx_lm_optiq.core import backend as _backend
 from mlx_lm_optiq.core.config import ConfigError
 from mlx_lm_optiq.kv.candidates import DEFAULT_KV_CANDIDATES, KVCandidate, parse_kv_candidates
 from mlx_lm_optiq.kv.geometry import FLOAT_BITS
@@ -24,6 +31,44 @@ from mlx_lm_optiq.kv.sensitivity import PROBES
 TABLE_PATH_FIELDS = ("sensitivity", "sensitivity_out")
 
 
+@dataclass(frozen=True)
+class MeasurementDefaults:
+    """The measurement settings a backend uses for the ones the user leaves unset."""
+
+    candidates: tuple[KVCandidate, ...]
+    prefix_tokens: int
+    scored_tokens: int
+    num_windows: int
+    probe: str
+
+
+# The config fields that take a backend default (the names of MeasurementDefaults' fields).
+MEASUREMENT_FIELDS = tuple(f.name for f in fields(MeasurementDefaults))
+# A GPU (CUDA, Metal): whole-window probes over a long prefix (46.7 s for 4 windows on an H200).
+GPU_DEFAULTS = MeasurementDefaults(
+    DEFAULT_KV_CANDIDATES, prefix_tokens=1536, scored_tokens=128, num_windows=1, probe="exact"
+)
+# A CPU: the same candidates, but each probe re-runs only the scored tokens after a float prefix
+# of 512: ~20x cheaper per probe, minutes instead of hours on 2 cores, and still well below
+# uniform 4-bit in KL (docs/kv.md, "Defaults").
+CPU_DEFAULTS = MeasurementDefaults(
+    DEFAULT_KV_CANDIDATES, prefix_tokens=512, scored_tokens=64, num_windows=1, probe="fast"
+)
+
+
+def measurement_defaults(backend: str) -> MeasurementDefaults:
+    """The default measurement settings on `backend` (core.backend.compute_backend)."""
+    return CPU_DEFAULTS if backend == "cpu" else GPU_DEFAULTS
+
+
+def _per_backend(name: str) -> str:
+    """The help-text note for a field with a backend default: "default: X on a CPU, Y on a GPU"."""
+    cpu, gpu = getattr(CPU_DEFAULTS, name), getattr(GPU_DEFAULTS, name)
+    if cpu == gpu:
+        return f"default: {cpu}"
+    return f"default: {cpu} on a CPU, {gpu} on a GPU"
+
+
 @dataclass
 class KVPlanConfig:
     """How to measure a model's per-layer KV sensitivity and allocate a plan from it.
@@ -31,6 +76,11 @@ class KVPlanConfig:
     After `__post_init__`, `candidates` is a tuple of KVCandidates, or None when re-planning
     from a saved table (`sensitivity`) without candidates: the table's own are then the
     candidates (kv.pipeline.plan_kv), so a re-plan never narrows to defaults it did not measure.
+
+    The measurement settings (MEASUREMENT_FIELDS) left as None are filled, when measuring, from
+    `measurement_defaults(backend)` for the backend MLX computes on; `backend` records it and
+    `defaulted` which fields it filled (what kv.pipeline says it chose). Re-planning from a table
+    measures nothing, so they stay None there.
     """
 
     target_bits: float = field(
@@ -48,21 +98,32 @@ class KVPlanConfig:
         default=None,
         metadata={"help": "calibration text: a .txt file or a calibration .jsonl (default: the bundled set)"},
     )
-    prefix_tokens: int = field(
-        default=1536,
-        metadata={"help": "tokens of context before the scored ones (long enough for the cache to matter)"},
+    prefix_tokens: int | None = field(
+        default=None,
+        metadata={
+            "type": int,
+            "help": "tokens of context before the scored ones (long enough for the cache to matter; "
+            f"{_per_backend('prefix_tokens')})",
+        },
     )
-    scored_tokens: int = field(
-        default=128, metadata={"help": "tokens whose next-token KL is measured after the prefix"}
+    scored_tokens: int | None = field(
+        default=None,
+        metadata={
+            "type": int,
+            "help": f"tokens whose next-token KL is measured after the prefix ({_per_backend('scored_tokens')})",
+        },
     )
-    num_windows: int = field(default=1, metadata={"help": "text windows to average over"})
-    probe: str = field(
-        default="exact",
+    num_windows: int | None = field(
+        default=None,
+        metadata={"type": int, "help": f"text windows to average over ({_per_backend('num_windows')})"},
+    )
+    probe: str | None = field(
+        default=None,
         metadata={
             "choices": PROBES,
             "help": "exact: each probe runs the whole window with that layer quantized from the first token "
-            "(as served); fast: float prefix, only the scored tokens re-run (cheaper, underestimates "
-            "errors that compound through the prefix)",
+            "(as served); fast: float prefix, only the scored tokens re-run (~prefix/scored times cheaper, "
+            f"underestimates errors that compound through the prefix) ({_per_backend('probe')})",
         },
     )
     context_length: int = field(
@@ -83,6 +144,10 @@ class KVPlanConfig:
     sensitivity_out: str | None = field(
         default=None, metadata={"help": "also save the measured sensitivity table here"}
     )
+    # Set by __post_init__ (not flags): the backend whose defaults filled the unset measurement
+    # settings, and which fields those were.
+    backend: str | None = field(default=None, init=False)
+    defaulted: tuple[str, ...] = field(default=(), init=False)
 
     def __post_init__(self):
         if (
@@ -91,24 +156,30 @@ class KVPlanConfig:
             or not (0 < self.target_bits <= FLOAT_BITS)
         ):
             raise ConfigError("target_bits", f"expected a number in (0, {FLOAT_BITS}], got {self.target_bits}")
-        if self.candidates is not None or self.sensitivity is None:
+        if self.candidates is not None:
             self.candidates = self._parse_candidates(self.candidates)
         for name in ("prefix_tokens", "scored_tokens", "num_windows", "context_length"):
             v = getattr(self, name)
+            if v is None and name in MEASUREMENT_FIELDS:
+                continue  # the backend's default, below
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(name, f"expected a positive integer, got {v}")
         v = self.quantized_kv_start
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ConfigError("quantized_kv_start", f"expected an integer >= 0, got {v}")
-        if self.probe not in PROBES:
+        if self.probe is not None and self.probe not in PROBES:
             raise ConfigError("probe", f"expected one of {list(PROBES)}, got {self.probe!r}")
+        if self.sensitivity is None:  # measuring: what the user left unset comes from the backend
+            self.backend = _backend.compute_backend()
+            defaults = measurement_defaults(self.backend)
+            self.defaulted = tuple(name for name in MEASUREMENT_FIELDS if getattr(self, name) is None)
+            for name in self.defaulted:
+                setattr(self, name, getattr(defaults, name))
         if self.data is not None and Path(self.data).suffix == ".txt" and not Path(self.data).is_file():
             raise ConfigError("data", f"{self.data}: file not found")
 
     @staticmethod
     def _parse_candidates(value: Any) -> tuple[KVCandidate, ...]:
-        if value is None:
-            return DEFAULT_KV_CANDIDATES
         try:
             if isinstance(value, str):
                 return parse_kv_candidates(value)
@@ -132,7 +203,7 @@ def flag_specs(*, table_paths: bool = True) -> list[tuple[str, dict]]:
     fields only the standalone CLI has (TABLE_PATH_FIELDS)."""
     specs = []
     for f in fields(KVPlanConfig):
-        if not table_paths and f.name in TABLE_PATH_FIELDS:
+        if not f.init or (not table_paths and f.name in TABLE_PATH_FIELDS):
             continue
         kw = {"help": f.metadata.get("help", "")}
         if f.default is MISSING:

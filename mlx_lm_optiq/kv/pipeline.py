@@ -8,7 +8,8 @@ with simulated cache quantization; see kv/sensitivity.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,10 @@ from mlx_lm.utils import load_tokenizer
 from mlx_lm_optiq.core.backend import warn_if_slow_blas
 from mlx_lm_optiq.core.calibration import load_calibration
 from mlx_lm_optiq.core.config import ConfigError
-from mlx_lm_optiq.core.model_tree import load_float_model, resolve_model_path
+from mlx_lm_optiq.core.model_tree import load_float_model, read_model_config, resolve_model_path
 from mlx_lm_optiq.kv.apply import attach_plan
 from mlx_lm_optiq.kv.candidates import KVCandidate
-from mlx_lm_optiq.kv.config import KVPlanConfig
+from mlx_lm_optiq.kv.config import KVPlanConfig, measurement_defaults
 from mlx_lm_optiq.kv.plan_file import KVPlan
 from mlx_lm_optiq.kv.sensitivity import (
     allocate_kv,
@@ -33,6 +34,10 @@ from mlx_lm_optiq.kv.sensitivity import (
     unmeasured_candidates,
     write_kv_table,
 )
+
+
+def _info(msg: str) -> None:
+    print(f"[INFO] optiq: {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -52,6 +57,14 @@ def load_float_reference(model_path: str | Path, dtype: str = "float32") -> tupl
     return model, load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
 
 
+def load_model_tokenizer(model_path: str | Path) -> Any:
+    """The tokenizer of a model (its config.json checked first), without loading the weights:
+    the calibration text is read and tokenized before the (slow) model load and measurement."""
+    path = resolve_model_path(model_path)
+    config = read_model_config(path)
+    return load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+
+
 def token_windows(tokenizer: Any, data: str | None, num_windows: int, length: int, seed: int = 0) -> list:
     """`num_windows` windows of `length` tokens from a .txt file, a calibration .jsonl,
     or (data=None) the bundled calibration set. Errors about the text name the `data` field."""
@@ -59,7 +72,11 @@ def token_windows(tokenizer: Any, data: str | None, num_windows: int, length: in
         path = Path(data)
         if not path.is_file():
             raise ConfigError("data", f"{path}: file not found")
-        ids = np.array(tokenizer.encode(path.read_text()), dtype=np.int32)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError("data", f"{path}: not a UTF-8 text file (byte {e.start})") from None
+        ids = np.array(tokenizer.encode(text), dtype=np.int32)
         n = len(ids) // length
         if n < num_windows:
             raise ConfigError(
@@ -85,14 +102,60 @@ def _measured_subset(table: dict, candidates: Sequence[KVCandidate], source: str
     return restrict_table(table, candidates)
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def measurement_line(
+    config: KVPlanConfig, probes: int, seconds_per_probe: float, spell: Callable[[str], str] = str
+) -> str:
+    """The one line that says what a measurement runs and about how long it takes.
+
+    Backend, candidates, windows, probe, and probes x estimated time per probe; which settings
+    came from the backend's defaults, and, on a CPU, what a GPU would measure instead (the
+    user can ask for that explicitly). `spell` writes a field the way the user would set it
+    (a CLI flag, a convert flag).
+    """
+    c = config
+    windows = "window" if c.num_windows == 1 else "windows"
+    line = (
+        f"KV measurement on {c.backend}: probe {c.probe}, {len(c.candidates)} candidates, "
+        f"{c.num_windows} {windows} of {c.prefix_tokens} + {c.scored_tokens} scored tokens, "
+        f"bits for a {c.context_length}-token context: {probes} probes x ~{seconds_per_probe:.2f} s "
+        f"= ~{_duration(probes * seconds_per_probe)} (estimate)"
+    )
+    if c.defaulted:
+        line += f"; {c.backend} defaults for {', '.join(spell(n) for n in c.defaulted)}"
+        gpu = measurement_defaults("gpu")
+        thorough = [f"{spell(n)} {_value(getattr(gpu, n))}" for n in c.defaulted if getattr(gpu, n) != getattr(c, n)]
+        if c.backend == "cpu" and thorough:
+            line += f" (GPU defaults, more thorough but slower on a CPU: {' '.join(thorough)})"
+    return line
+
+
+def _value(v: Any) -> str:
+    """A setting as it would be typed (candidates as their comma-separated keys)."""
+    return ",".join(c.key for c in v) if isinstance(v, tuple) else str(v)
+
+
 def plan_kv(
-    model_path: str | Path, config: KVPlanConfig, *, model_name: str | None = None, progress: bool = True
+    model_path: str | Path,
+    config: KVPlanConfig,
+    *,
+    model_name: str | None = None,
+    progress: bool = True,
+    spell: Callable[[str], str] = str,
 ) -> KVPlanResult:
     """Measure `model_path` (or read `config.sensitivity`) and allocate a KVPlan under `config.target_bits`.
 
     `config.sensitivity` may be a KV sensitivity table or a kv_config.json (its KLs); without
     `config.candidates` every candidate it measured is a choice, with them only those (each
-    must have been measured). Measuring warns once when MLX's CPU BLAS is the slow one.
+    must have been measured). Measuring warns once when MLX's CPU BLAS is the slow one and,
+    with `progress`, prints `measurement_line` (fields spelled by `spell`) before the first probe.
 
     `model_name` is what the table and the plan record as the model (default: `model_path`).
     A measured table is also written to `config.sensitivity_out` when set.
@@ -103,9 +166,10 @@ def plan_kv(
         if config.candidates is not None:  # given: a subset of what the table measured
             table = _measured_subset(table, config.candidates, config.sensitivity)
     else:
+        # the text first: a bad calibration file fails before the model is loaded
+        windows = token_windows(load_model_tokenizer(model_path), config.data, config.num_windows, config.window_tokens)
         warn_if_slow_blas()
-        model, tokenizer = load_float_reference(model_path)
-        windows = token_windows(tokenizer, config.data, config.num_windows, config.window_tokens)
+        model, _ = load_float_reference(model_path)
         table = measure_kv_sensitivity(
             model,
             windows,
@@ -114,6 +178,7 @@ def plan_kv(
             progress=progress,
             model_name=model_name,
             probe=config.probe,
+            on_start=(lambda n, sec: _info(measurement_line(config, n, sec, spell))) if progress else None,
         )
         if config.sensitivity_out is not None:
             write_kv_table(table, config.sensitivity_out)

@@ -19,14 +19,17 @@ the caches a model builds. Applying a plan to a model's caches is kv/apply.py's.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_lm_optiq.core.errors import brief
 from mlx_lm_optiq.core.formats import AFFINE_BITS, AFFINE_GROUPS
-from mlx_lm_optiq.core.jsonio import OptiqFileError, check_header, read_json, write_json
+from mlx_lm_optiq.core.jsonio import OptiqFileError, check_header, check_keys, read_json, write_json
 from mlx_lm_optiq.kv import turbo
+from mlx_lm_optiq.kv.candidates import KVCandidate
 from mlx_lm_optiq.kv.geometry import QUANTIZABLE_KINDS, SlotGeometry, cache_geometry
 
 KIND = "optiq-kv-config"
@@ -94,12 +97,20 @@ class KVPlan:
 # ----------------------------------------------------------------------------- parse / write
 
 
-def _field_int(entry, name, where, optional=False):
+def _field_int(entry, name, where, optional=False, minimum=None):
     v = entry.get(name)
     if v is None and optional:
         return None
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise KVConfigError(f"{where}: field {name!r} is {v!r}, expected an integer")
+    if not isinstance(v, int) or isinstance(v, bool) or (minimum is not None and v < minimum):
+        expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise KVConfigError(f"{where}: field {name!r} is {brief(v)}, expected {expected}")
+    return v
+
+
+def _field_number(data, name, where):
+    v = data.get(name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        raise KVConfigError(f"{where}: field {name!r} is {brief(v)}, expected a finite number")
     return v
 
 
@@ -110,32 +121,105 @@ _DECLARED = {
     "v_head_dim": "v_head_dim",
     "window": "window",
 }
+# Every key a kv_config.json may hold (every version our writer produced); any other key is
+# a typo (`k_bitz`) that would otherwise be ignored silently, so it is an error naming it.
+TOP_KEYS = (
+    "format_version",
+    "kind",
+    "model",
+    "target_bits",
+    "achieved_bits",
+    "context_length",
+    "quantized_kv_start",
+    "num_cache_slots",
+    "layers",
+    "sensitivity",
+)
+SLOT_KEYS = ("layer", "cache_slot", "scheme", "k_bits", "v_bits", "group_size", "seed", "kl", *_DECLARED)
+# The keys each scheme takes beyond the common ones (a `none` slot has no bits).
+_SCHEME_KEYS = {"affine": ("k_bits", "v_bits", "group_size"), "turbo": ("k_bits", "v_bits", "seed"), "none": ()}
+SENSITIVITY_KEYS = ("probe", "prefix_tokens", "scored_tokens", "num_windows")
+
+
+def _check_kl(kl, source, i):
+    field = f"layers[{i}].kl"
+    if not isinstance(kl, dict):
+        raise KVConfigError(f"{source}: field '{field}' must be an object of candidate -> KL, got {brief(kl)}")
+    for key, v in kl.items():
+        try:
+            KVCandidate.parse(key)
+        except ValueError as e:
+            raise KVConfigError(f"{source}: field '{field}': {e}") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise KVConfigError(f"{source}: field '{field}.{key}' must be a finite number >= 0, got {brief(v)}")
+    return dict(kl)
+
+
+def _check_declared(entry, where):
+    declared = {}
+    for name in _DECLARED:
+        v = entry.get(name)
+        if v is None:
+            continue
+        if name == "cache":
+            if not isinstance(v, str):
+                raise KVConfigError(f"{where}: field 'cache' is {brief(v)}, expected a cache class name")
+        else:
+            _field_int(entry, name, where, minimum=1)
+        declared[name] = v
+    return declared
 
 
 def plan_from_dict(data: dict, source: str = "<kv plan>") -> KVPlan:
-    """Parse a kv_config payload (already read) into a KVPlan; checks what needs no model."""
+    """Parse a kv_config payload (already read) into a KVPlan; checks what needs no model.
+
+    Every field is type-checked and unknown keys are errors (a misspelt `k_bits` must not
+    leave a slot at some default), each naming the file and the field.
+    """
+    check_keys(data, TOP_KEYS, source, error=KVConfigError)
     layers = data.get("layers")
     if not isinstance(layers, list) or not layers:
         raise KVConfigError(f"{source}: field 'layers' must be a non-empty list of per-slot entries")
     start = data.get("quantized_kv_start", 0)
     if not isinstance(start, int) or isinstance(start, bool) or start < 0:
-        raise KVConfigError(f"{source}: field 'quantized_kv_start' is {start!r}, expected an integer >= 0")
+        raise KVConfigError(f"{source}: field 'quantized_kv_start' is {brief(start)}, expected an integer >= 0")
+    if data.get("model") is not None and not isinstance(data["model"], str):
+        raise KVConfigError(f"{source}: field 'model' is {brief(data['model'])}, expected a string")
+    for name in ("target_bits", "achieved_bits"):
+        _field_number(data, name, source)
+    _field_int(data, "context_length", source, optional=True, minimum=1)
+    sensitivity = data.get("sensitivity")
+    if sensitivity is not None:
+        if not isinstance(sensitivity, dict):
+            raise KVConfigError(f"{source}: field 'sensitivity' is {brief(sensitivity)}, expected an object")
+        check_keys(sensitivity, SENSITIVITY_KEYS, source, "sensitivity", error=KVConfigError)
+        if sensitivity.get("probe") is not None and not isinstance(sensitivity["probe"], str):
+            raise KVConfigError(
+                f"{source}: field 'sensitivity.probe' is {brief(sensitivity['probe'])}, expected a string"
+            )
+        for name in SENSITIVITY_KEYS[1:]:
+            _field_int(sensitivity, name, f"{source}: sensitivity", optional=True, minimum=0)
     slots = []
     for i, entry in enumerate(layers):
         where = f"{source}: layers[{i}]"
         if not isinstance(entry, dict):
             raise KVConfigError(f"{where}: expected an object, got {type(entry).__name__}")
-        slot = _field_int(entry, "cache_slot", where)
-        layer = _field_int(entry, "layer", where, optional=True)
+        check_keys(entry, SLOT_KEYS, source, f"layers[{i}]", error=KVConfigError)
+        slot = _field_int(entry, "cache_slot", where, minimum=0)
+        layer = _field_int(entry, "layer", where, optional=True, minimum=0)
         scheme = entry.get("scheme")
-        if scheme not in SCHEMES:
-            raise KVConfigError(f"{where}: field 'scheme' is {scheme!r}, expected one of {list(SCHEMES)}")
+        if not isinstance(scheme, str) or scheme not in SCHEMES:
+            raise KVConfigError(f"{where}: field 'scheme' is {brief(scheme)}, expected one of {list(SCHEMES)}")
+        stray = [k for k in ("k_bits", "v_bits", "group_size", "seed") if k in entry and k not in _SCHEME_KEYS[scheme]]
+        if stray:
+            what = "keeps the model's float cache" if scheme == "none" else "does not use them"
+            raise KVConfigError(f"{where}: field(s) {stray} do not apply to scheme {scheme!r}, which {what}")
         sp = SlotPlan(
             slot=slot,
             layer=layer,
             scheme=scheme,
-            kl=dict(entry.get("kl") or {}),
-            declared={k: entry[k] for k in _DECLARED if entry.get(k) is not None},
+            kl=_check_kl(entry["kl"], source, i) if "kl" in entry else {},
+            declared=_check_declared(entry, where),
         )
         if scheme == "affine":
             sp.k_bits = _field_int(entry, "k_bits", where)
@@ -153,7 +237,7 @@ def plan_from_dict(data: dict, source: str = "<kv plan>") -> KVPlan:
         elif scheme == "turbo":
             sp.k_bits = _field_int(entry, "k_bits", where)
             sp.v_bits = _field_int(entry, "v_bits", where)
-            sp.seed = _field_int(entry, "seed", where, optional=True)
+            sp.seed = _field_int(entry, "seed", where, optional=True, minimum=0)
             if sp.seed is None:
                 sp.seed = 2 * slot  # distinct rotations per layer, reproducible
             for name in ("k_bits", "v_bits"):
@@ -167,23 +251,16 @@ def plan_from_dict(data: dict, source: str = "<kv plan>") -> KVPlan:
     if sorted(seen) != list(range(len(slots))):
         raise KVConfigError(
             f"{source}: field 'layers' must have exactly one entry per cache slot 0..{len(slots) - 1}, "
-            f"got cache_slot values {seen}"
+            f"got cache_slot values {brief(seen, 200)}"
         )
     slots.sort(key=lambda s: s.slot)
     n = data.get("num_cache_slots")
-    if n is not None and n != len(slots):
-        raise KVConfigError(f"{source}: field 'num_cache_slots' is {n} but 'layers' has {len(slots)} entries")
-    known = {
-        "format_version",
-        "kind",
-        "model",
-        "target_bits",
-        "achieved_bits",
-        "quantized_kv_start",
-        "num_cache_slots",
-        "layers",
-        "context_length",
-    }
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n != len(slots)):
+        raise KVConfigError(
+            f"{source}: field 'num_cache_slots' is {brief(n)} but 'layers' has {len(slots)} entries "
+            "(expected that integer)"
+        )
+    known = {"format_version", "kind", *(k for k in TOP_KEYS if k != "sensitivity")}
     return KVPlan(
         slots=slots,
         quantized_kv_start=start,

@@ -14,8 +14,14 @@ Attention never rotates keys back: with q' = Pi q,
     <q, k_j> = |k_j| <q', c[code_j]>      (+ the QJL term for "prod" keys)
     sum_j p_j v_j = Pi^T sum_j (p_j |v_j|) c[code_j]
 so the query is rotated once, scores and the value sum are computed against
-unit-norm centroid vectors, and the output is rotated back once. Pure MLX ops,
-so it runs on every MLX backend.
+unit-norm centroid vectors, and the output is rotated back once. The centroid
+vectors are read straight from the packed code bytes through small lookup tables
+(one gather reads several codes' centroids; no unpacking pass). Pure MLX ops, so it
+runs on every MLX backend.
+
+The caches store one packed uint8 row per vector and subclass mlx-lm's KVCache /
+BatchKVCache, so they batch like stock caches (merge / filter / extend / extract,
+left padding through the mask): BatchGenerator and mlx_lm.server batch them.
 
 This module is hook-free: models reach `turbo_scaled_dot_product_attention`
 through `mlx_lm_optiq.hooks.turbo` (patch_attention() or mlx_lm_optiq.enable()).
@@ -24,14 +30,18 @@ through `mlx_lm_optiq.hooks.turbo` (patch_attention() or mlx_lm_optiq.enable()).
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlx_lm_optiq.core.jsonio import OptiqFileError, read_json, write_json
+from mlx_lm_optiq.kv import attention
 
 SUPPORTED_BITS = tuple(range(1, 7))  # 1..6; above that affine 8-bit is already near lossless
 KEY_MODES = ("mse", "prod")
@@ -247,18 +257,82 @@ def _encode(y, boundaries, segments):
     return planes, codes
 
 
-def _lookup(centroids, planes, segments):
-    """Packed planes -> unit centroid vectors (..., dim) in rotated space."""
+def _n_planes(segments):
+    return sum(len(_planes(b)) for _, b in segments)
+
+
+# ---------------------------------------------------------------- byte lookups
+# Reading codes back goes through lookup tables indexed by the packed bytes themselves:
+# one table entry holds the centroid values of `k` consecutive codes, stored as one
+# unsigned integer of k * itemsize bytes (e.g. two float32 centroids in a uint64), so a
+# single gather turns a code byte into k float values (viewed back as floats) with no
+# shift/mask unpacking pass. mx.take_along_axis with a broadcast table is MLX's fast
+# gather on CPU (about 10x mx.take's speed here; docs/turbo.md has the measurement).
+LOOKUP_INDEX_BITS = 12  # tables have at most 2**12 entries (codes split over planes combine into one index)
+_UINT_OF_SIZE = {2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
+
+
+def _lookup_plan(bits: int, value_size: int) -> tuple:
+    """(k, ((w, groups_per_byte, index_bit_offset) per plane), index_bits) for `bits`-bit codes
+    read as values of `value_size` bytes: k codes per lookup, k * value_size <= 8."""
+    widths = _planes(bits)
+    k = min([8 // value_size] + [8 // w for w in widths])
+    while k > 1 and k * bits > LOOKUP_INDEX_BITS:
+        k //= 2
+    planes, offset = [], 0
+    for w in widths:
+        planes.append((w, 8 // w // k, offset))
+        offset += k * w
+    return k, tuple(planes), k * bits
+
+
+def _lookup_table(values: np.ndarray, bits: int, dtype: mx.Dtype) -> mx.array:
+    """The lookup table of `_lookup_plan(bits, dtype.size)`: entry i holds, as one unsigned
+    integer, the `values[code]` (cast to `dtype`) of the k codes whose plane bits form i."""
+    k, planes, index_bits = _lookup_plan(bits, dtype.size)
+    index = np.arange(2**index_bits)
+    codes = np.zeros((index.size, k), dtype=np.int64)
+    shift = 0  # pack_codes puts the first (widest) plane in the low bits of a code
+    for w, _, offset in planes:
+        sub = (index >> offset) & (2 ** (k * w) - 1)
+        for t in range(k):
+            codes[:, t] |= ((sub >> (t * w)) & (2**w - 1)) << shift
+        shift += w
+    table = mx.array(np.asarray(values, dtype=np.float32)[codes]).astype(dtype)
+    return table.view(_UINT_OF_SIZE[k * dtype.size]).reshape(-1)
+
+
+def _lookup_values(planes, plan, table, dtype):
+    """One segment's packed planes (..., n*w/8 bytes each) -> its code values (..., n) in `dtype`."""
+    k, plane_plans, index_bits = plan
+    index_dtype = mx.uint8 if index_bits <= 8 else mx.uint16
+    idx = None
+    for plane, (w, groups, offset) in zip(planes, plane_plans):
+        if groups == 1:  # one lookup per byte: the byte is the index
+            sub = plane
+        else:  # `groups` indices per byte (one op per group: broadcast shifts are slower on CPU)
+            bits = k * w
+            parts = [plane & (2**bits - 1)] + [(plane >> (j * bits)) & (2**bits - 1) for j in range(1, groups)]
+            sub = mx.stack(parts, axis=-1).reshape(*plane.shape[:-1], -1)
+        sub = sub.astype(index_dtype)
+        idx = sub if idx is None else idx | (sub << offset)
+    table = table.reshape((1,) * (idx.ndim - 1) + (-1,))
+    return mx.take_along_axis(table, idx, axis=-1).view(dtype)
+
+
+def _unit_vectors(planes, plans, tables, dtype):
+    """Packed planes of every segment -> unit centroid vectors (..., dim) in rotated space."""
     outs, i = [], 0
-    for (_, b), cent in zip(segments, centroids):
-        k = len(_planes(b))
-        outs.append(cent[unpack_codes(list(planes[i : i + k]), b)])
-        i += k
+    for plan, table in zip(plans, tables):
+        n = len(plan[1])
+        outs.append(_lookup_values(planes[i : i + n], plan, table, dtype))
+        i += n
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
 
 
-def _n_planes(segments):
-    return sum(len(_planes(b)) for _, b in segments)
+def _f16_at(packed, at):
+    """The fp16 stored at byte `at` of each packed vector, as (..., 1)."""
+    return packed[..., at : at + 2].view(NORM_DTYPE)
 
 
 # ---------------------------------------------------------------- quantizers
@@ -269,6 +343,11 @@ class TurboQuantizer:
     mode "prod": (bits-1)-bit mse codes + sign(S r) for the residual r + |r|
     (unbiased inner products; needs bits >= 2).
     Fractional `bits` split the coordinates between two widths (split_widths).
+
+    `pack()` stores the same as one uint8 row per vector (what the caches hold):
+    [code planes | fp16 norm] (+ [QJL sign plane | fp16 residual norm] for "prod"), so
+    every cache operation that moves whole vectors (mlx-lm's KVCache / BatchKVCache code)
+    runs on it unchanged; `unpack()` gives the fields back as views.
     """
 
     def __init__(self, dim: int, bits: float, seed: int = 0, mode: str = "mse"):
@@ -281,10 +360,28 @@ class TurboQuantizer:
         self.code_bits = bits - 1 if mode == "prod" else bits
         self.segments = split_widths(dim, self.code_bits)
         books = [codebook(dim, b) for _, b in self.segments]
+        self._books = books
         self.centroids = [mx.array(c.astype(np.float32)) for c in books]
         self.boundaries = [mx.array(((c[1:] + c[:-1]) / 2).astype(np.float32)) for c in books]
         self.rotation = mx.array(rotation_matrix(dim, seed))
         self.sketch = mx.array(qjl_matrix(dim, seed)) if mode == "prod" else None
+        # byte layout of a packed vector
+        slices, at = [], 0
+        for n, b in self.segments:
+            for w in _planes(b):
+                slices.append((at, at + n * w // 8))
+                at += n * w // 8
+        self.plane_slices = tuple(slices)
+        self.norm_at = at
+        self.width = at + 2
+        if mode == "prod":
+            self.qjl_at, self.residual_norm_at = self.width, self.width + dim // 8
+            self.width = self.residual_norm_at + 2
+        self._lookups = {}
+
+    def __deepcopy__(self, memo):
+        # immutable and shared (get_quantizer): prompt-cache copies keep the one instance
+        return self
 
     def bits_per_channel(self) -> float:
         """Stored bits per vector coordinate, norms included (fp16 each)."""
@@ -297,10 +394,11 @@ class TurboQuantizer:
     def unrotate(self, y: mx.array) -> mx.array:
         return y @ self.rotation.astype(y.dtype)
 
+    def _tables(self):
+        return (self.rotation, *self.boundaries, *self.centroids, *([self.sketch] if self.sketch is not None else []))
+
     def quantize(self, x: mx.array) -> dict:
-        arrays = _compiled_quantize(self.segments, self.mode == "prod")(
-            x, self.rotation, *self.boundaries, *self.centroids, *([self.sketch] if self.sketch is not None else [])
-        )
+        arrays = _compiled_quantize(self.segments, self.mode == "prod", False)(x, *self._tables())
         n = _n_planes(self.segments)
         out = {"codes": list(arrays[:n]), "norm": arrays[n]}
         if self.mode == "prod":
@@ -308,15 +406,49 @@ class TurboQuantizer:
             out["residual_norm"] = arrays[n + 2]
         return out
 
+    def pack(self, x: mx.array) -> mx.array:
+        """x (..., dim) -> its packed rows (..., width) uint8 (the fields of quantize(), concatenated)."""
+        return _compiled_quantize(self.segments, self.mode == "prod", True)(x, *self._tables())
+
+    def unpack(self, packed: mx.array) -> dict:
+        """Packed rows (..., width) -> quantize()'s dict (views into `packed`)."""
+        if packed.shape[-1] != self.width or packed.dtype != mx.uint8:
+            raise ValueError(
+                f"TurboQuant: packed vectors of this quantizer are uint8 rows of {self.width} bytes, "
+                f"got {str(packed.dtype).rsplit('.', 1)[-1]} rows of {packed.shape[-1]}"
+            )
+        out = {"codes": [packed[..., a:b] for a, b in self.plane_slices], "norm": _f16_at(packed, self.norm_at)}
+        if self.mode == "prod":
+            out["qjl"] = [packed[..., self.qjl_at : self.residual_norm_at]]
+            out["residual_norm"] = _f16_at(packed, self.residual_norm_at)
+        return out
+
+    def lookup(self, dtype: mx.Dtype) -> tuple[tuple, list[mx.array], tuple | None, mx.array | None]:
+        """Byte-lookup plans and tables for reading codes as `dtype` values:
+        (plans per segment, tables per segment, QJL sign plan, QJL sign table)."""
+        if dtype not in self._lookups:
+            plans = tuple(_lookup_plan(b, dtype.size) for _, b in self.segments)
+            tables = [_lookup_table(c, b, dtype) for c, (_, b) in zip(self._books, self.segments)]
+            sign_plan = sign_table = None
+            if self.mode == "prod":
+                sign_plan, sign_table = _lookup_plan(1, dtype.size), _lookup_table(np.array([-1.0, 1.0]), 1, dtype)
+            self._lookups[dtype] = (plans, tables, sign_plan, sign_table)
+        return self._lookups[dtype]
+
     def rotated_unit(self, q: dict, dtype: mx.Dtype = mx.float32) -> mx.array:
         """Centroid vectors in rotated space, unit-norm scale (..., dim): what attention multiplies against."""
-        return _compiled_lookup(self.segments)(*[c.astype(dtype) for c in self.centroids], *q["codes"])
+        plans, tables, _, _ = self.lookup(dtype)
+        return _unit_vectors(q["codes"], plans, tables, dtype)
 
     def qjl_signs(self, q: dict, dtype: mx.Dtype = mx.float32) -> mx.array:
         """+-1 sketch signs (..., dim) of "prod" codes."""
-        return unpack_codes(q["qjl"], 1).astype(dtype) * 2 - 1
+        _, _, sign_plan, sign_table = self.lookup(dtype)
+        return _lookup_values(q["qjl"], sign_plan, sign_table, dtype)
 
-    def dequantize(self, q: dict, dtype: mx.Dtype = mx.float32) -> mx.array:
+    def dequantize(self, q: dict | mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """quantize()'s dict, or pack()'s rows, -> vectors (..., dim)."""
+        if isinstance(q, mx.array):
+            q = self.unpack(q)
         unit = self.unrotate(self.rotated_unit(q))
         if self.mode == "prod":
             scale = math.sqrt(math.pi / 2) / self.dim * q["residual_norm"].astype(mx.float32)
@@ -334,10 +466,13 @@ def _gpu_compiled(fn):
     compiled = mx.compile(fn)
 
     def call(*args):
-        use = COMPILE_ON_CPU or mx.default_device().type == mx.DeviceType.gpu
-        return compiled(*args) if use else fn(*args)
+        return compiled(*args) if _compiling() else fn(*args)
 
     return call
+
+
+def _compiling():
+    return COMPILE_ON_CPU or mx.default_device().type == mx.DeviceType.gpu
 
 
 def _nearest_codes(y, boundaries, bits):
@@ -350,8 +485,9 @@ def _nearest_codes(y, boundaries, bits):
 
 
 @functools.cache
-def _compiled_quantize(segments, prod):
-    """x -> (code planes..., fp16 norm[, qjl plane, fp16 residual norm]) as one compiled graph.
+def _compiled_quantize(segments, prod, packed):
+    """x -> (code planes..., fp16 norm[, qjl plane, fp16 residual norm]) as one compiled graph,
+    or (packed) those fields concatenated as one uint8 row per vector.
 
     Decode feeds one token at a time, so most of the cost is kernel launches:
     compiling fuses the ~30 elementwise ops of normalise/compare/pack.
@@ -374,20 +510,11 @@ def _compiled_quantize(segments, prod):
                 *pack_codes(signs.astype(mx.uint8), 1),
                 mx.linalg.norm(residual, axis=-1, keepdims=True).astype(NORM_DTYPE),
             ]
+        if packed:
+            return mx.concatenate([a.view(mx.uint8) for a in out], axis=-1)
         return tuple(out)
 
     return _gpu_compiled(quant)
-
-
-@functools.cache
-def _compiled_lookup(segments):
-    """Codes -> unit centroid vectors in rotated space (dequantize's first half; attention inlines it)."""
-    n_seg = len(segments)
-
-    def lookup(*args):
-        return _lookup(args[:n_seg], args[n_seg:], segments)
-
-    return _gpu_compiled(lookup)
 
 
 @functools.cache
@@ -396,35 +523,33 @@ def get_quantizer(dim: int, bits: float, seed: int = 0, mode: str = "mse") -> Tu
     return TurboQuantizer(dim, bits, seed=seed, mode=mode)
 
 
-# ---------------------------------------------------------------- the cache
-class TurboQuantKVCache:
-    """Drop-in for mlx-lm's KVCache storing TurboQuant codes.
+# ---------------------------------------------------------------- the caches
+# Storage: each tensor (keys, values) is ONE uint8 array (B, heads, capacity, width) of
+# packed rows (TurboQuantizer.pack). Everything mlx-lm's KVCache and BatchKVCache do
+# (grow, trim, merge, filter, extend, extract, left/right padding, rolls) only moves
+# whole rows along the batch and sequence axes, so their code runs unchanged on the
+# bytes: the caches subclass them and only quantize on the way in (the same design as
+# the affine per-layer caches in kv/caches.py). Before `quantized_kv_start` tokens the
+# buffers hold float K/V and attention is stock; then what is held is packed once.
 
-    `update_and_fetch` returns a TurboKV view (as keys and values) that the patched
-    `scaled_dot_product_attention` (mlx_lm_optiq.hooks.turbo) recognises.
-    Keys use `key_bits` (default `bits`) and `key_mode` ("mse" or "prod");
-    values always use the mse quantizer with `value_bits` (default `bits`).
-    head_dim=None takes the dims from the first update (key and value dims may differ).
-    """
 
-    step = 256
+class _TurboQuantization:
+    """What the single and the batched TurboQuant caches share: settings, quantizers, the
+    float -> packed switch, and the TurboKV handed to attention."""
 
-    def __init__(
-        self,
-        head_dim: int | None = None,
-        bits: float = 4,
-        seed: int = 0,
-        key_bits: float | None = None,
-        value_bits: float | None = None,
-        key_mode: str = "mse",
-        value_head_dim: int | None = None,
-    ):
-        self.head_dim = head_dim
-        for name, v in (("head_dim", head_dim), ("value_head_dim", value_head_dim), ("seed", seed)):
+    def _init_turbo(self, head_dim, bits, seed, key_bits, value_bits, key_mode, value_head_dim, quantized_kv_start):
+        for name, v in (
+            ("head_dim", head_dim),
+            ("value_head_dim", value_head_dim),
+            ("seed", seed),
+            ("quantized_kv_start", quantized_kv_start),
+        ):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                 raise ValueError(f"TurboQuantKVCache {name} must be an int, got {v!r}")
         if seed is None:
             raise ValueError("TurboQuantKVCache seed must be an int, got None")
+        if quantized_kv_start is None or quantized_kv_start < 0:
+            raise ValueError(f"TurboQuantKVCache quantized_kv_start must be an int >= 0, got {quantized_kv_start!r}")
         self.key_bits = bits if key_bits is None else key_bits
         self.value_bits = bits if value_bits is None else value_bits
         check_bits(self.key_bits, "key_bits")
@@ -435,18 +560,49 @@ class TurboQuantKVCache:
             raise ValueError("TurboQuantKVCache key_mode='prod' needs key_bits >= 2")
         self.seed = seed
         self.key_mode = key_mode
-        self.offset = 0
-        self.keys = None  # dict of arrays, sequence axis 2, capacity >= offset
-        self.values = None
+        self.quantized_kv_start = quantized_kv_start
+        self.head_dim = head_dim
         self.key_quantizer = self.value_quantizer = None
         if head_dim is not None:
             self._make_quantizers(head_dim, value_head_dim or head_dim)
+
+    def turbo_args(self) -> dict:
+        """The settings rows of one batch must share (and what rebuilds a cache like this one)."""
+        return dict(
+            key_bits=self.key_bits,
+            value_bits=self.value_bits,
+            key_mode=self.key_mode,
+            seed=self.seed,
+            quantized_kv_start=self.quantized_kv_start,
+        )
+
+    def _dims(self):
+        return None if self.key_quantizer is None else (self.key_quantizer.dim, self.value_quantizer.dim)
 
     def _make_quantizers(self, k_dim, v_dim):
         self.key_quantizer = get_quantizer(k_dim, self.key_bits, self.seed, self.key_mode)
         self.value_quantizer = get_quantizer(v_dim, self.value_bits, self.seed + 1, "mse")
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[TurboKV, TurboKV]:
+    def _adopt_quantizers(self, other):
+        if self.key_quantizer is None and other.key_quantizer is not None:
+            self.key_quantizer, self.value_quantizer = other.key_quantizer, other.value_quantizer
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the buffers hold packed codes (uint8) rather than float K/V."""
+        return self.keys is not None and self.keys.dtype == mx.uint8
+
+    def _pack_held(self):
+        """Quantize the float K/V held so far (the quantized_kv_start switch)."""
+        if self.keys is not None and not self.quantized:
+            self.keys = self.key_quantizer.pack(self.keys)
+            self.values = self.value_quantizer.pack(self.values)
+
+    def _filled(self):
+        # positions filled in the buffers: a single request's token count (the batch overrides)
+        return self.offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
         if not attention_patched():
             raise RuntimeError(
                 "TurboQuantKVCache needs mlx-lm's attention to know it: call "
@@ -455,50 +611,19 @@ class TurboQuantKVCache:
         k_dim, v_dim = keys.shape[-1], values.shape[-1]
         if self.key_quantizer is None:
             self._make_quantizers(k_dim, v_dim)
-        elif (k_dim, v_dim) != (self.key_quantizer.dim, self.value_quantizer.dim):
+        elif (k_dim, v_dim) != self._dims():
             raise ValueError(
                 f"TurboQuantKVCache was built for key/value head_dim "
                 f"{self.key_quantizer.dim}/{self.value_quantizer.dim}, got {k_dim}/{v_dim}"
             )
-        qk = self.key_quantizer.quantize(keys)
-        qv = self.value_quantizer.quantize(values)
-        prev, n = self.offset, keys.shape[2]
-        if self.keys is None or prev + n > _capacity(self.keys):
-            new_cap = (self.step + n - 1) // self.step * self.step
-            self.keys = _grow(self.keys, qk, prev, new_cap)
-            self.values = _grow(self.values, qv, prev, new_cap)
-        self.offset += n
-        _assign(self.keys, qk, prev, self.offset)
-        _assign(self.values, qv, prev, self.offset)
-        # Models unpack `keys, values = cache.update_and_fetch(...)`; both names get the one view.
-        view = TurboKV(self, self.keys, self.values, self.offset)
+        if not self.quantized and self._filled() < self.quantized_kv_start:
+            return super().update_and_fetch(keys, values)  # float until the start: stock attention
+        self._pack_held()
+        super().update_and_fetch(self.key_quantizer.pack(keys), self.value_quantizer.pack(values))
+        # Models unpack `keys, values = cache.update_and_fetch(...)`; both names get the one view
+        # over the whole buffers (stable shapes for compiled graphs; attention masks the tail).
+        view = TurboKV(self.key_quantizer, self.value_quantizer, self.keys, self.values, self._filled())
         return view, view
-
-    # --- the _BaseCache protocol of mlx-lm
-    def size(self) -> int:
-        return self.offset
-
-    def empty(self) -> bool:
-        return self.keys is None
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    def make_mask(self, *args: Any, **kwargs: Any) -> Any:
-        from mlx_lm.models.cache import create_attention_mask
-
-        return create_attention_mask(*args, offset=self.offset, **kwargs)
-
-    @property
-    def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return sum(a.nbytes for part in (self.keys, self.values) for a in _leaves(part))
 
     def bits_per_channel(self) -> float:
         """Stored bits per K/V coordinate, norms included (mean of keys and values)."""
@@ -507,93 +632,166 @@ class TurboQuantKVCache:
         return (self.key_quantizer.bits_per_channel() + self.value_quantizer.bits_per_channel()) / 2
 
     @property
-    def state(self) -> Any:
-        return self.keys, self.values, self.offset
+    def to_quantized(self) -> Any:
+        # mlx-lm's maybe_quantize_kv_cache (kv_bits) converts every cache with a `to_quantized`
+        # (hasattr check) to a uniform affine QuantizedKVCache: this one is already quantized.
+        raise AttributeError("TurboQuantKVCache is quantized by its own settings")
 
-    @state.setter
-    def state(self, v: Any) -> None:
-        self.keys, self.values, self.offset = v
+
+class TurboQuantKVCache(_TurboQuantization, KVCache):
+    """Drop-in for mlx-lm's KVCache storing TurboQuant codes.
+
+    `update_and_fetch` returns a TurboKV view (as keys and values) that the patched
+    `scaled_dot_product_attention` (mlx_lm_optiq.hooks.turbo) recognises.
+    Keys use `key_bits` (default `bits`) and `key_mode` ("mse" or "prod");
+    values always use the mse quantizer with `value_bits` (default `bits`).
+    head_dim=None takes the dims from the first update (key and value dims may differ).
+    `quantized_kv_start` (mlx-lm's meaning): K/V stay float until the cache holds that
+    many tokens, then everything held is quantized. `merge` batches it
+    (BatchTurboQuantKVCache), so mlx-lm's BatchGenerator and server batch it.
+    """
+
+    def __init__(
+        self,
+        head_dim: int | None = None,
+        bits: float = 4,
+        seed: int = 0,
+        key_bits: float | None = None,
+        value_bits: float | None = None,
+        key_mode: str = "mse",
+        value_head_dim: int | None = None,
+        quantized_kv_start: int = 0,
+    ):
+        KVCache.__init__(self)
+        self._init_turbo(head_dim, bits, seed, key_bits, value_bits, key_mode, value_head_dim, quantized_kv_start)
+
+    @classmethod
+    def merge(cls, caches: list) -> BatchTurboQuantKVCache:
+        return BatchTurboQuantKVCache.merge(caches)
 
     def __repr__(self):
         return (
             f"TurboQuantKVCache(key_bits={self.key_bits}, value_bits={self.value_bits}, "
-            f"key_mode={self.key_mode!r}, seed={self.seed}, offset={self.offset})"
+            f"key_mode={self.key_mode!r}, seed={self.seed}, offset={self.offset}, quantized={self.quantized})"
         )
 
 
-class TurboKV:
-    """What TurboQuantKVCache.update_and_fetch returns, twice (as the keys and as the values).
+class BatchTurboQuantKVCache(_TurboQuantization, BatchKVCache):
+    """Left-padded batch of TurboQuantKVCaches, as mlx-lm's BatchGenerator drives them.
 
-    `keys`/`values` hold the first `length` tokens; `full_keys`/`full_values` the
-    whole preallocated buffers (stable shapes for the compiled lookup).
+    Rows share one buffer, so the batch switches from float to codes once, when its
+    longest row reaches quantized_kv_start (the single-request switch point whenever
+    rows are aligned, and always when the start is 0). Attention masks the left padding
+    through the mask mlx-lm builds from `left_padding` (make_mask)."""
+
+    def __init__(
+        self,
+        left_padding: list[int],
+        key_bits: float = 4,
+        value_bits: float = 4,
+        key_mode: str = "mse",
+        seed: int = 0,
+        quantized_kv_start: int = 0,
+    ):
+        BatchKVCache.__init__(self, left_padding)
+        self._init_turbo(None, key_bits, seed, key_bits, value_bits, key_mode, None, quantized_kv_start)
+
+    def _filled(self):
+        return self._idx  # the buffers' filled extent (rows are left-padded to it)
+
+    @classmethod
+    def merge(cls, caches: list) -> BatchTurboQuantKVCache:
+        first = caches[0]
+        for c in caches:
+            _check_batchable(first, c)
+        reference = next((c for c in caches if c.quantized), None)
+        if reference is not None:
+            # rows share one buffer, so all must hold codes; convert copies, so the
+            # caller's (prompt-cache) entries stay as they are
+            caches = [c if c.quantized or c.keys is None else _packed_copy(c) for c in caches]
+        merged = BatchKVCache.merge(caches)  # stock: pads, copies rows (any dtype)
+        batch = cls([0] * len(caches), **first.turbo_args())
+        batch.state = merged.state
+        for c in caches:
+            batch._adopt_quantizers(c)
+        logging.debug("mlx_lm_optiq KV: batch of %d rows (merge, turbo)", len(caches))
+        return batch
+
+    def extend(self, other: BatchTurboQuantKVCache) -> None:
+        _check_batchable(self, other)
+        self._adopt_quantizers(other)
+        other._adopt_quantizers(self)
+        if self.quantized or other.quantized:
+            self._pack_held()
+            other._pack_held()
+        super().extend(other)
+        logging.debug("mlx_lm_optiq KV: batch of %d rows (extend, turbo)", self.left_padding.size)
+
+    def extract(self, idx: int) -> TurboQuantKVCache:
+        row = super().extract(idx)  # a KVCache holding that row's buffers, padding dropped
+        cache = TurboQuantKVCache(**self.turbo_args())
+        cache._adopt_quantizers(self)
+        cache.keys, cache.values, cache.offset = row.keys, row.values, row.offset
+        return cache
+
+    def __repr__(self):
+        return (
+            f"BatchTurboQuantKVCache(key_bits={self.key_bits}, value_bits={self.value_bits}, "
+            f"key_mode={self.key_mode!r}, seed={self.seed}, size={self._idx}, quantized={self.quantized})"
+        )
+
+
+def _check_batchable(a, b):
+    if not isinstance(b, _TurboQuantization):
+        raise ValueError(f"cannot batch {type(b).__name__} with TurboQuant caches: {a!r} vs {b!r}")
+    if a.turbo_args() != b.turbo_args():
+        raise ValueError(f"cannot batch TurboQuant caches with different settings: {a!r} vs {b!r}")
+    if a._dims() is not None and b._dims() is not None and a._dims() != b._dims():
+        raise ValueError(f"cannot batch TurboQuant caches with key/value head_dim {a._dims()} and {b._dims()}")
+
+
+def _packed_copy(cache):
+    """A copy of a float-holding single cache with what it holds quantized."""
+    copy = TurboQuantKVCache(**cache.turbo_args())
+    copy._adopt_quantizers(cache)
+    copy.keys, copy.values, copy.offset = cache.keys, cache.values, cache.offset
+    copy._pack_held()
+    return copy
+
+
+class TurboKV:
+    """What the TurboQuant caches' update_and_fetch return, twice (as the keys and as the values).
+
+    `full_keys`/`full_values` are the whole packed buffers (B, heads, capacity, width),
+    of which the first `length` positions are filled (stable shapes for compiled graphs);
+    `keys`/`values` are the filled part.
     """
 
-    def __init__(self, cache: Any, full_keys: Any, full_values: Any, length: int) -> None:
-        self.cache, self.full_keys, self.full_values, self.length = cache, full_keys, full_values, length
+    def __init__(
+        self,
+        key_quantizer: TurboQuantizer,
+        value_quantizer: TurboQuantizer,
+        full_keys: mx.array,
+        full_values: mx.array,
+        length: int,
+    ) -> None:
+        self.key_quantizer, self.value_quantizer = key_quantizer, value_quantizer
+        self.full_keys, self.full_values, self.length = full_keys, full_values, length
 
     @property
-    def keys(self) -> Any:
-        return _slice(self.full_keys, self.length)
+    def keys(self) -> mx.array:
+        return self.full_keys[:, :, : self.length]
 
     @property
-    def values(self) -> Any:
-        return _slice(self.full_values, self.length)
-
-
-def _leaves(part):
-    for v in part.values():
-        yield from (v if isinstance(v, list) else [v])
-
-
-def _map(part, fn):
-    return {k: [fn(a) for a in v] if isinstance(v, list) else fn(v) for k, v in part.items()}
-
-
-def _capacity(part):
-    return part["norm"].shape[2]
-
-
-def _grow(old, new, prev, cap):
-    def grown(a_new, a_old=None):
-        shape = list(a_new.shape)
-        shape[2] = cap
-        zeros = mx.zeros(shape, a_new.dtype)
-        return zeros if a_old is None else mx.concatenate([a_old[:, :, :prev], zeros], axis=2)
-
-    if old is None:
-        return _map(new, grown)
-    return {
-        k: [grown(n, o) for n, o in zip(new[k], old[k])] if isinstance(new[k], list) else grown(new[k], old[k])
-        for k in new
-    }
-
-
-def _assign(dst, src, start, stop):
-    for k, v in src.items():
-        if isinstance(v, list):
-            for d, s in zip(dst[k], v):
-                d[:, :, start:stop] = s
-        else:
-            dst[k][:, :, start:stop] = v
-
-
-def _slice(part, n):
-    if _capacity(part) == n:
-        return part
-    return _map(part, lambda a: a[:, :, :n])
+    def values(self) -> mx.array:
+        return self.full_values[:, :, : self.length]
 
 
 # ---------------------------------------------------------------- attention
-_ATTENTION_PATCH = {"active": False}
-
-
 def attention_patched() -> bool:
-    return _ATTENTION_PATCH["active"]
-
-
-def set_attention_patched(active: bool) -> None:
-    """Called by mlx_lm_optiq.hooks.turbo when it (un)installs the attention dispatch."""
-    _ATTENTION_PATCH["active"] = bool(active)
+    """Whether mlx-lm's attention dispatches TurboKV here (mlx_lm_optiq.hooks.turbo sets the
+    flag it shares with the per-layer caches' packed attention, kv/attention.py)."""
+    return attention.attention_patched()
 
 
 def turbo_scaled_dot_product_attention(
@@ -601,21 +799,55 @@ def turbo_scaled_dot_product_attention(
 ) -> mx.array:
     """Attention of `queries` (B, n_heads, L, D) against a TurboKV, in rotated space.
 
-    Runs on the cache's full-capacity buffers with the unfilled tail masked out,
-    so input shapes change only every `step` tokens and the compiled graph is
-    reused across decode steps.
+    On GPUs the graph is compiled and runs on the cache's full-capacity buffers with the
+    unfilled tail masked out, so input shapes change only every `step` tokens and the
+    compiled graph is reused across decode steps; on CPU (not compiled) it reads only
+    the filled prefix. Masks: None, "causal", or arrays (L, S) / (B|1, heads|1, L, S),
+    boolean or additive (a batch's left padding comes as such a mask).
     """
     if sinks is not None:
         raise ValueError("TurboQuantKVCache does not support attention sinks; keep such layers unquantized")
-    kq, vq = kv.cache.key_quantizer, kv.cache.value_quantizer
-    keys, values = kv.full_keys, kv.full_values
+    kq, vq = kv.key_quantizer, kv.value_quantizer
+    keys, values, n = kv.full_keys, kv.full_values, kv.length
+    compiled = _compiling()
+    if not compiled and keys.shape[2] != n:
+        keys, values = keys[:, :, :n], values[:, :, :n]
     B, n_q_heads, L, D = queries.shape
-    n_kv_heads, cap = keys["norm"].shape[1], keys["norm"].shape[2]
+    n_kv_heads, span = keys.shape[1], keys.shape[2]
     n_rep = n_q_heads // n_kv_heads
     dtype = queries.dtype
-    n = kv.length
+    additive = _additive_mask(mask, L, n, span, n_rep, dtype)
 
-    valid = mx.arange(cap) < n  # (cap,)
+    k_plans, k_tables, sign_plan, sign_table = kq.lookup(dtype)
+    v_plans, v_tables, _, _ = vq.lookup(dtype)
+    k_spec = (kq.plane_slices, kq.norm_at, k_plans)
+    prod = None
+    extra = []
+    if kq.mode == "prod":
+        prod = (kq.qjl_at, kq.residual_norm_at, sign_plan)
+        extra = [kq.sketch.astype(dtype), sign_table]
+    v_spec = (vq.plane_slices, vq.norm_at, v_plans)
+    fn = _attention_graph(k_spec, v_spec, prod, n_rep, float(scale), additive is not None, compiled)
+    return fn(
+        queries,
+        kq.rotation.astype(dtype),
+        vq.rotation.astype(dtype),
+        keys,
+        values,
+        *([additive] if additive is not None else []),
+        *k_tables,
+        *v_tables,
+        *extra,
+    )
+
+
+def _additive_mask(mask, L, n, span, n_rep, dtype):
+    """The mask as an additive (0 / -inf) array broadcastable against scores shaped
+    (B, kv_heads, n_rep, L, span), with positions >= n (unfilled capacity) masked;
+    None when nothing is masked."""
+    if mask is None and span == n:
+        return None
+    valid = mx.arange(span) < n
     if mask is None:
         allowed = valid[None]
     else:
@@ -625,68 +857,61 @@ def turbo_scaled_dot_product_attention(
             from mlx_lm.models.base import create_causal_mask
 
             mask = create_causal_mask(L, offset=n - L)
-        pad = [(0, 0)] * (mask.ndim - 1) + [(0, cap - mask.shape[-1])]
+        pad = [(0, 0)] * (mask.ndim - 1) + [(0, span - mask.shape[-1])]
         if mask.dtype == mx.bool_:
             allowed = mx.pad(mask, pad, constant_values=False) & valid
         else:
             allowed = mx.where(valid, mx.pad(mask, pad), -mx.inf)
-        if allowed.ndim == 4:  # (B or 1, n_heads or 1, L, cap): split heads like the queries
+        if allowed.ndim == 4:  # (B or 1, n_heads or 1, L, span): split heads like the queries
             allowed = allowed.reshape(allowed.shape[0], -1, 1 if allowed.shape[1] == 1 else n_rep, *allowed.shape[-2:])
     if allowed.dtype == mx.bool_:
-        additive = mx.where(allowed, mx.array(0, dtype), mx.array(-mx.inf, dtype))
-    else:
-        additive = allowed.astype(dtype)
-
-    fn = _compiled_attention(kq.segments, vq.segments, kq.mode == "prod", n_rep, float(scale))
-    extra = [kq.sketch.astype(dtype), keys["qjl"][0], keys["residual_norm"]] if kq.mode == "prod" else []
-    return fn(
-        queries,
-        kq.rotation.astype(dtype),
-        vq.rotation.astype(dtype),
-        keys["norm"],
-        values["norm"],
-        additive,
-        *[c.astype(dtype) for c in kq.centroids],
-        *[c.astype(dtype) for c in vq.centroids],
-        *keys["codes"],
-        *values["codes"],
-        *extra,
-    )
+        return mx.where(allowed, mx.array(0, dtype), mx.array(-mx.inf, dtype))
+    return allowed.astype(dtype)
 
 
 @functools.cache
-def _compiled_attention(k_segments, v_segments, k_prod, n_rep, scale):
-    nks, nvs, nk = len(k_segments), len(v_segments), _n_planes(k_segments)
+def _attention_graph(k_spec, v_spec, prod, n_rep, scale, masked, compiled):
+    """The attention computation for one cache layout, compiled on GPUs.
 
-    def attend(queries, k_rot, v_rot, k_norm, v_norm, additive, *rest):
-        k_cent, v_cent, planes = rest[:nks], rest[nks : nks + nvs], rest[nks + nvs :]
+    Scores: the query is rotated once and multiplied against the keys' unit centroid
+    vectors (read from the code bytes through lookup tables), then scaled by |k|;
+    values: softmax weights times |v| against the values' unit centroid vectors, rotated
+    back once. Query heads of one KV head are stacked as rows of one matmul (GQA).
+    """
+    k_slices, k_norm_at, k_plans = k_spec
+    v_slices, v_norm_at, v_plans = v_spec
+    nkt, nvt = len(k_plans), len(v_plans)
+
+    def attend(queries, k_rot, v_rot, keys, values, *rest):
+        additive, rest = (rest[0], rest[1:]) if masked else (None, rest)
+        k_tables, v_tables, extra = rest[:nkt], rest[nkt : nkt + nvt], rest[nkt + nvt :]
         B, n_q_heads, L, D = queries.shape
+        n_kv_heads, span = keys.shape[1], keys.shape[2]
         dtype = queries.dtype
-        q = (queries * scale).reshape(B, -1, n_rep, L, D)
+        rows = n_rep * L
+        q = (queries * scale).reshape(B, n_kv_heads, rows, D)
 
-        def per_key(a):  # (B, Hkv, cap, 1) -> (B, Hkv, 1, 1, cap): broadcasts over query heads and rows
-            return a.astype(dtype).swapaxes(-1, -2)[:, :, None]
+        def per_key(packed, at):  # fp16 norms (B, Hkv, span, 1) -> (B, Hkv, 1, span)
+            return _f16_at(packed, at).astype(dtype).swapaxes(-1, -2)
 
-        # scores: rotate the query once, multiply against unit centroid vectors, scale by |k|
-        k_unit = _lookup(k_cent, planes[:nk], k_segments)[:, :, None]  # (B, Hkv, 1, cap, D)
-        scores = (q @ k_rot.T) @ k_unit.swapaxes(-1, -2)
-        if k_prod:
-            sketch, qjl, res_norm = planes[-3:]
-            signs = (unpack_codes([qjl], 1).astype(dtype) * 2 - 1)[:, :, None]
+        k_unit = _unit_vectors([keys[..., a:b] for a, b in k_slices], k_plans, k_tables, dtype)
+        scores = (q @ k_rot.T) @ k_unit.swapaxes(-1, -2)  # (B, Hkv, rows, span)
+        if prod is not None:
+            qjl_at, res_at, sign_plan = prod
+            sketch, sign_table = extra
+            signs = _lookup_values([keys[..., qjl_at:res_at]], sign_plan, sign_table, dtype)
             sketched = (q @ sketch.T) @ signs.swapaxes(-1, -2)
-            scores = scores + (math.sqrt(math.pi / 2) / D) * per_key(res_norm) * sketched
-            v_planes = planes[nk:-3]
-        else:
-            v_planes = planes[nk:]
-        scores = scores * per_key(k_norm) + additive
+            scores = scores + (math.sqrt(math.pi / 2) / D) * per_key(keys, res_at) * sketched
+        scores = scores * per_key(keys, k_norm_at)
+        if masked:
+            scores = (scores.reshape(B, n_kv_heads, n_rep, L, span) + additive).reshape(B, n_kv_heads, rows, span)
         probs = mx.softmax(scores, axis=-1, precise=True)
 
-        # values: weight by |v|, sum unit centroid vectors in rotated space, rotate back once
-        v_unit = _lookup(v_cent, v_planes, v_segments)[:, :, None]
-        out = (probs * per_key(v_norm)) @ v_unit
-        return (out @ v_rot).reshape(B, n_q_heads, L, D)
+        v_unit = _unit_vectors([values[..., a:b] for a, b in v_slices], v_plans, v_tables, dtype)
+        out = ((probs * per_key(values, v_norm_at)) @ v_unit) @ v_rot  # (B, Hkv, rows, Dv)
+        return out.reshape(B, n_q_heads, L, -1)
 
-    return _gpu_compiled(attend)
+    return mx.compile(attend) if compiled else attend
 
 
 # ---------------------------------------------------------------- helpers
@@ -697,20 +922,52 @@ def make_turbo_prompt_cache(
     key_mode: str = "mse",
     key_bits: float | None = None,
     value_bits: float | None = None,
-) -> list:
+) -> TurboPromptCache:
     """mlx-lm's prompt cache for `model` with every plain KVCache replaced by a TurboQuantKVCache.
 
-    Other cache types (rotating, arrays, ...) are left as they are.
+    Other slots (sliding-window RotatingKVCache, recurrent ArraysCache, ...) stay as mlx-lm
+    made them, in float: TurboQuant has no such caches. That is said, never silent: a
+    warning gives how many slots and why (on gemma3, 5 of every 6 layers slide), and the
+    returned list's `left_as_is` maps each such slot to its reason.
     """
     from mlx_lm.models.cache import KVCache, make_prompt_cache
 
     caches = make_prompt_cache(model)
-    return [
+    out = TurboPromptCache(
         TurboQuantKVCache(bits=bits, seed=seed + 2 * i, key_mode=key_mode, key_bits=key_bits, value_bits=value_bits)
         if type(c) is KVCache
         else c
         for i, c in enumerate(caches)
-    ]
+    )
+    out.left_as_is = {i: _why_not_turbo(c) for i, c in enumerate(caches) if type(c) is not KVCache}
+    if out.left_as_is:
+        reasons = list(out.left_as_is.values())
+        counts = ", ".join(f"{reasons.count(r)} {r}" for r in dict.fromkeys(reasons))
+        warnings.warn(
+            f"make_turbo_prompt_cache: {len(reasons)} of {len(caches)} cache slots stay in float, not "
+            f"TurboQuant: {counts} (the returned list's .left_as_is names each slot)",
+            stacklevel=2,
+        )
+    return out
+
+
+class TurboPromptCache(list):
+    """make_turbo_prompt_cache's result: the prompt cache list itself (pass it as
+    `prompt_cache=`), plus `left_as_is`, {slot index: reason} for every slot that is not a
+    TurboQuantKVCache, so callers can check what was left in float without parsing a warning."""
+
+    left_as_is: dict[int, str]
+
+
+def _why_not_turbo(cache: Any) -> str:
+    from mlx_lm.models.cache import ArraysCache, RotatingKVCache
+
+    name = type(cache).__name__
+    if isinstance(cache, RotatingKVCache):
+        return f"sliding-window {name} (TurboQuant has no sliding-window cache)"
+    if isinstance(cache, ArraysCache):
+        return f"{name} (recurrent state, not keys and values)"
+    return f"{name} (TurboQuant replaces only plain KVCache slots)"
 
 
 def affine_bits_per_channel(bits: int, group_size: int) -> float:

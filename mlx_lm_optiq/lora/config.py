@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlx_lm_optiq.core.config import ConfigError
 from mlx_lm_optiq.core.jsonio import OptiqFileError
-from mlx_lm_optiq.weights.metadata import find_metadata
+from mlx_lm_optiq.weights.metadata import find_metadata, read_metadata
 
 RANK_SCALING_MODES = ("constant", "by_bits", "by_kl")
 # Load-time quantization schemes, named as their config fields; at most one is set.
@@ -107,6 +107,13 @@ class LoraTrainingConfig:
             raise ConfigError("metadata", "is read by `rank_scaling` or `load_mixed`; neither is set")
         if self.rank_scaling is not None and self.fine_tune_type not in LORA_FINE_TUNE_TYPES:
             raise ConfigError("rank_scaling", f"needs `fine_tune_type` lora or dora, got {self.fine_tune_type!r}")
+
+    def check_sidecar(self, model_path: str | Path, for_ranks: bool = True) -> None:
+        """Read the optiq_metadata.json this run will need (by_bits/by_kl ranks when `for_ranks`, the
+        `load_mixed` bits) now, before the model and the data load: a missing or malformed sidecar
+        fails in seconds (MetadataNotFound / OptiqFileError naming it), not after loading."""
+        if (for_ranks and self.rank_scaling in ("by_bits", "by_kl")) or self.load_mixed:
+            read_metadata(locate_metadata(model_path, self.metadata))
 
     @property
     def load_scheme(self) -> str | None:

@@ -3,7 +3,9 @@
     python -m mlx_lm_optiq.lora.info ADAPTER_DIR [--json]
 
 Works on adapters trained with `--optiq-rank-scaling` (reads optiq_lora_config.json)
-and on stock mlx-lm adapters (constant rank read from the tensors; bits unknown).
+and on stock mlx-lm adapters (constant rank read from the tensors; bits unknown). A record
+that disagrees with the tensors it describes (or a stock config that cannot load them) is an
+error that says what disagrees: exit status 1, no summary.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mlx_lm_optiq.core.errors import user_errors
 from mlx_lm_optiq.lora import adapter_files
 
 
@@ -21,6 +24,7 @@ def summarize(adapter_path: str | Path) -> dict:
     "rank_min", "rank_mean", "rank_max", "params"}]}"""
     adapter_path = Path(adapter_path)
     if adapter_files.has_record(adapter_path):
+        adapter_files.check_adapter_dir(adapter_path)  # the summary below must describe the real tensors
         record = adapter_files.read_record(adapter_path)
         modules = record["modules"]
         info = {
@@ -86,11 +90,14 @@ def format_summary(info: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Describe a (rank-scaled) LoRA adapter directory.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_lm_optiq.lora.info", description="Describe a (rank-scaled) LoRA adapter directory."
+    )
     parser.add_argument("adapter_path", help="Adapter directory (adapters.safetensors, adapter_config.json).")
     parser.add_argument("--json", action="store_true", help="Print the summary as JSON.")
     args = parser.parse_args(argv)
-    info = summarize(args.adapter_path)
+    with user_errors(parser.prog):
+        info = summarize(args.adapter_path)
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
 
 

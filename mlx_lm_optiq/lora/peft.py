@@ -23,6 +23,7 @@ Functions other features call:
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -31,7 +32,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_lm_optiq.core.jsonio import OptiqFileError, atomic_output_dir
+from mlx_lm_optiq.core.errors import brief
+from mlx_lm_optiq.core.jsonio import OptiqFileError, atomic_output_dir, read_json
 from mlx_lm_optiq.core.model_tree import resolve_model_path
 from mlx_lm_optiq.lora import adapter_files
 
@@ -95,11 +97,139 @@ def _pattern_value(patterns, path, default):
     return default
 
 
+# PEFT features that change what a module computes beyond W x + s * B A x: a config that
+# turns one on cannot be expressed as mlx-lm LoRA, so it is refused rather than ignored.
+_UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "fan_in_fan_out": "transposed (Conv1D) base weights",
+    "lora_bias": "a bias on lora_B",
+    "modules_to_save": "fully fine-tuned modules",
+    "layer_replication": "replicated layers",
+    "use_qalora": "QALoRA input pooling",
+    "alora_invocation_tokens": "activated LoRA",
+    "trainable_token_indices": "trainable token embeddings",
+    "target_parameters": "LoRA on raw parameters",
+}
+
+
+def _is_str_or_list(value: Any, item_type: type = str) -> bool:
+    if value is None or (isinstance(value, item_type) and not isinstance(value, bool)):
+        return True
+    return isinstance(value, list) and all(isinstance(v, item_type) and not isinstance(v, bool) for v in value)
+
+
+# Fields that do not change the arithmetic (which modules are adapted is read from the
+# tensors), type-checked so that a corrupted file is reported as one.
+_INFORMATIVE = {
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "task_type": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "revision": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "peft_version": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "target_modules": (_is_str_or_list, "a module name, a list of them, or null"),
+    "exclude_modules": (_is_str_or_list, "a module name, a list of them, or null"),
+    "layers_pattern": (_is_str_or_list, "a string, a list of strings, or null"),
+    "layers_to_transform": (lambda v: _is_str_or_list(v, int), "a layer index, a list of them, or null"),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _read_peft_config(config_file: Path) -> dict:
+    """Read and type-check the PEFT `adapter_config.json`; every error names the file and field.
+
+    Only the fields that decide what the adapter computes are checked strictly (PEFT adds
+    informative fields in every release; those are left alone unless they are fields we
+    pass on). A pattern key is a regular expression in PEFT, so it must compile.
+    """
+    try:
+        data = read_json(config_file)
+    except (UnicodeDecodeError, RecursionError, ValueError) as e:
+        if isinstance(e, OptiqFileError):
+            raise
+        raise OptiqFileError(f"{config_file}: not valid JSON ({type(e).__name__}: {brief(str(e), 120)})") from None
+
+    def bad(field: str, expected: str) -> OptiqFileError:
+        return OptiqFileError(f"{config_file}: field {field!r} is {brief(data.get(field))}, expected {expected}")
+
+    if data.get("peft_type") != "LORA":
+        raise bad("peft_type", "'LORA' (only LoRA adapters can be read)")
+    for field, feature in _UNSUPPORTED.items():
+        value = data.get(field)
+        if value not in (None, False, [], {}):
+            raise bad(field, f"unset or false: {feature} cannot be expressed as mlx-lm LoRA")
+    if data.get("bias", "none") != "none":
+        raise bad("bias", "'none': mlx-lm LoRA has no trainable biases")
+    if not _is_rank(data.get("r")):
+        raise bad("r", "a positive integer (the LoRA rank)")
+    if not _is_number(data.get("lora_alpha")):
+        raise bad("lora_alpha", "a finite number")
+    if not isinstance(data.get("use_rslora", False), bool):
+        raise bad("use_rslora", "true or false")
+    dropout = data.get("lora_dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+        raise bad("lora_dropout", "a number in [0, 1) or null")
+    for field, (is_value, expected) in _INFORMATIVE.items():
+        if field in data and not is_value(data[field]):
+            raise bad(field, expected)
+    for field, is_value, expected in (
+        ("rank_pattern", _is_rank, "a positive integer"),
+        ("alpha_pattern", _is_number, "a finite number"),
+    ):
+        patterns = data.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise bad(field, "an object {module pattern: value} or null")
+        for key, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise OptiqFileError(
+                    f"{config_file}: field {field!r}: key {brief(key)} is not a valid module pattern ({e})"
+                ) from None
+            if not is_value(value):
+                raise OptiqFileError(
+                    f"{config_file}: field {field!r}: {brief(key)} maps to {brief(value)}, expected {expected}"
+                )
+    return data
+
+
+def _read_peft_tensors(weights_file: Path) -> dict[str, dict[str, mx.array]]:
+    """{module path: {"lora_A": (r, in), "lora_B": (out, r)}} from `adapter_model.safetensors`, checked."""
+    try:
+        tensors = mx.load(str(weights_file))
+    except Exception as e:  # mlx raises RuntimeError/ValueError with the parser's words
+        raise OptiqFileError(f"{weights_file}: cannot read safetensors ({brief(str(e), 200)})") from None
+    if not isinstance(tensors, dict):
+        raise OptiqFileError(f"{weights_file}: expected a safetensors file of named tensors")
+    pairs: dict[str, dict[str, mx.array]] = {}
+    for key, w in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise OptiqFileError(f"{weights_file}: tensor {brief(key)} is not a LoRA matrix (lora_A/lora_B)")
+        if w.ndim != 2:
+            raise OptiqFileError(f"{weights_file}: tensor {key!r} has shape {tuple(w.shape)}, expected a matrix")
+        if not mx.issubdtype(w.dtype, mx.floating):
+            raise OptiqFileError(f"{weights_file}: tensor {key!r} has dtype {w.dtype}, expected a floating type")
+        pairs.setdefault(m["path"], {})[m["leaf"]] = w
+    if not pairs:
+        raise OptiqFileError(f"{weights_file}: no LoRA tensors")
+    return pairs
+
+
 def load_peft_adapter(path: str | Path) -> tuple[dict, dict[str, mx.array]]:
     """Read a PEFT LoRA adapter directory; returns (lora_config, {mlx-lm key: array}).
 
     Errors name the file and field for everything mlx-lm's LoRA cannot express
-    (DoRA, biases, fan_in_fan_out, modules_to_save, non-LoRA PEFT types).
+    (DoRA, biases, fan_in_fan_out, modules_to_save, non-LoRA PEFT types) and for every
+    field of the wrong type, so a malformed file never ends in a traceback.
     """
     path = Path(path)
     config_file, weights_file = path / PEFT_CONFIG, path / PEFT_WEIGHTS
@@ -112,29 +242,8 @@ def load_peft_adapter(path: str | Path) -> tuple[dict, dict[str, mx.array]]:
             else ""
         )
         raise OptiqFileError(f"{weights_file}: file not found{hint}")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise OptiqFileError(f"{config_file}: not valid JSON ({e})") from None
-    checks = [("peft_type", "LORA"), ("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False)]
-    for field, expected in checks:
-        value = config.get(field, expected if field != "peft_type" else None)
-        if value != expected:
-            raise OptiqFileError(f"{config_file}: field {field!r} is {value!r}, expected {expected!r}")
-    if config.get("modules_to_save"):
-        raise OptiqFileError(f"{config_file}: field 'modules_to_save' is set; only LoRA matrices can be imported")
-    for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), (int, float)):
-            raise OptiqFileError(f"{config_file}: field {field!r} must be a number, got {config.get(field)!r}")
-
-    pairs = {}
-    for key, w in mx.load(str(weights_file)).items():
-        m = _KEY.match(key)
-        if m is None:
-            raise OptiqFileError(f"{weights_file}: tensor {key!r} is not a LoRA matrix (lora_A/lora_B)")
-        pairs.setdefault(m["path"], {})[m["leaf"]] = w
-    if not pairs:
-        raise OptiqFileError(f"{weights_file}: no LoRA tensors")
+    config = _read_peft_config(config_file)
+    pairs = _read_peft_tensors(weights_file)
 
     ranks, scalings, weights = {}, {}, {}
     for mpath, ab in pairs.items():
@@ -142,7 +251,7 @@ def load_peft_adapter(path: str | Path) -> tuple[dict, dict[str, mx.array]]:
             raise OptiqFileError(f"{weights_file}: module {mpath} has {sorted(ab)}, expected lora_A and lora_B")
         a, b = ab["lora_A"], ab["lora_B"]
         r = int(a.shape[0])
-        if b.shape[1] != r:
+        if r < 1 or b.shape[1] != r:
             raise OptiqFileError(f"{weights_file}: {mpath} lora_A is {tuple(a.shape)} but lora_B is {tuple(b.shape)}")
         expected_r = _pattern_value(config.get("rank_pattern"), mpath, config["r"])
         if expected_r != r:
@@ -155,16 +264,23 @@ def load_peft_adapter(path: str | Path) -> tuple[dict, dict[str, mx.array]]:
         ranks[mpath] = r
         weights[f"{mpath}.lora_a"] = a.T.astype(mx.float32)
         weights[f"{mpath}.lora_b"] = b.T.astype(mx.float32)
-    scale = Counter(scalings.values()).most_common(1)[0][0]
+    # mlx-lm has one scale: the most common non-zero scaling, the others folded into lora_b (exact)
+    nonzero = Counter(s for s in scalings.values() if s != 0)
+    scale = nonzero.most_common(1)[0][0] if nonzero else 0.0
     for mpath, s in scalings.items():
-        if s != scale:  # mlx-lm has one scale: fold the ratio into lora_b (exact)
-            weights[f"{mpath}.lora_b"] = weights[f"{mpath}.lora_b"] * (s / scale)
+        if s != scale:
+            ratio = s / scale
+            if not math.isfinite(ratio):
+                raise OptiqFileError(
+                    f"{config_file}: the scaling of {mpath} ({s:g}) is out of range of the others ({scale:g})"
+                )
+            weights[f"{mpath}.lora_b"] = weights[f"{mpath}.lora_b"] * ratio
     lora_config = {
         "fine_tune_type": "lora",
         "rank": max(ranks.values()),
         "ranks": ranks,
         "scale": float(scale),
-        "dropout": float(config.get("lora_dropout", 0.0) or 0.0),
+        "dropout": float(config.get("lora_dropout") or 0.0),
         "base_model": config.get("base_model_name_or_path"),
     }
     return lora_config, weights

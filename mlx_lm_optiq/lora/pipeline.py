@@ -6,6 +6,10 @@ converted the model, before training:
     plan = plan_ranks(config, model, base_rank, model_path)     # reads the sidecar, allocates
     apply_rank_plan(model, plan, lora_parameters, ...)          # re-ranks, resumes, writes the record
 
+Resuming an adapter that has a rank record keeps its ranks: `resumed_record` finds and checks
+the record, `plan_from_record` is the plan then. While training, `PaddedSaves` makes every
+save appear zero-padded (stock-loadable) in the adapter directory.
+
 Load-time quantization of the base (`config.load_scheme`) is `qlora.load_quantized`.
 """
 
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.jsonio import OptiqFileError
 from mlx_lm_optiq.lora import adapter_files
 from mlx_lm_optiq.lora.config import LoraTrainingConfig, locate_metadata
 from mlx_lm_optiq.lora.ranks import Dims, budget_params, layer_sensitivity, lora_params, mode_ranks
@@ -34,6 +39,8 @@ class RankPlan:
     metadata_path: Path | None = None
     # the sidecar's `layers` entries (bits, kl): recorded next to the ranks
     layers: dict[str, dict] = field(default_factory=dict)
+    # a restored plan's record entries ({"bits"?, "kl"?} per module), recorded again as they were
+    recorded: dict[str, dict] = field(default_factory=dict)
 
     @property
     def budget_params(self) -> int:
@@ -49,7 +56,9 @@ class RankPlan:
         entries = {}
         for name, (input_dims, output_dims) in self.dims.items():
             entry = {"rank": self.ranks[name], "input_dims": input_dims, "output_dims": output_dims}
-            if name in self.layers:
+            if name in self.recorded:
+                entry.update({k: v for k, v in self.recorded[name].items() if k in ("bits", "kl")})
+            elif name in self.layers:
                 entry["bits"] = self.layers[name]["bits"]
                 kl = layer_sensitivity(self.layers[name])
                 if kl is not None:
@@ -94,6 +103,159 @@ def plan_ranks(config: LoraTrainingConfig, model: Any, base_rank: int, model_pat
     return RankPlan(mode, base_rank, ranks, dims, metadata_path, {n: layers[n] for n in dims if n in layers})
 
 
+def resumed_record(config: LoraTrainingConfig, resume: str | Path | None, base_rank: int | None = None) -> dict | None:
+    """The rank record beside the adapter file a run resumes from, or None when it has none.
+
+    A resumed adapter keeps the ranks its file was trained at. With a record, a run whose
+    `rank_scaling` (when given) or `fine_tune_type` contradicts it is a ConfigError naming
+    both; without `rank_scaling` the record alone decides (`plan_from_record`). Without a
+    record the file was trained at one constant rank (stock mlx-lm): a run without
+    `rank_scaling` is stock's to resume, a by_bits/by_kl run is refused (its planned ranks
+    differ: a cut rank would drop trained capacity and a zero-padded one never trains), and a
+    constant run must be at the file's rank (`base_rank`). Checked before the model loads.
+    """
+    if resume is None:
+        return None
+    record = adapter_files.record_beside(resume)
+    if record is None and config.rank_scaling is None:
+        return None  # stock resumes it
+    if not Path(resume).is_file():
+        raise ConfigError("resume_adapter_file", f"{resume}: file not found")
+    if record is None:
+        _check_constant_resume(config, Path(resume), base_rank)
+        return None
+    source = Path(resume).parent / adapter_files.RECORD_FILE
+    recorded = record.get("rank_scaling")
+    if config.rank_scaling is not None and config.rank_scaling != recorded:
+        raise ConfigError(
+            "rank_scaling",
+            f"is {config.rank_scaling}, but the adapter being resumed was trained with rank scaling "
+            f"{recorded} ({source}); a resumed run keeps its ranks: drop `rank_scaling` or pass {recorded}",
+        )
+    if config.fine_tune_type != record["fine_tune_type"]:
+        raise ConfigError(
+            "fine_tune_type",
+            f"is {config.fine_tune_type}, but the adapter being resumed is {record['fine_tune_type']} ({source})",
+        )
+    return record
+
+
+def _check_constant_resume(config: LoraTrainingConfig, resume: Path, base_rank: int | None) -> None:
+    """A rank-scaled run resuming an adapter file that has no rank record (see `resumed_record`)."""
+    if config.rank_scaling != "constant":
+        raise ConfigError(
+            "rank_scaling",
+            f"is {config.rank_scaling}, but the adapter being resumed ({resume}) has no "
+            f"{adapter_files.RECORD_FILE} beside it: it was trained at one constant rank, and a resumed run "
+            "keeps its ranks; drop `rank_scaling` to continue it at its rank, or train a new adapter",
+        )
+    import mlx.core as mx
+
+    try:
+        weights = mx.load(str(resume))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise OptiqFileError(f"{resume}: not a safetensors adapter file ({e})") from None
+    ranks = sorted({shape["rank"] for shape in adapter_files.adapter_shapes(weights).values()})
+    if base_rank is not None and ranks and ranks != [base_rank]:
+        raise ConfigError(
+            "rank_scaling",
+            f"is constant at rank {base_rank}, but the adapter being resumed ({resume}) has rank "
+            f"{', '.join(map(str, ranks))}: a resumed run keeps its ranks; train at that rank (lora_parameters.rank)",
+        )
+
+
+def plan_from_record(record: dict, model: Any, source: str | Path) -> RankPlan:
+    """The rank plan a record (optiq_lora_config.json) describes, for the LoRA layers on `model`.
+
+    Resuming a rank-scaled adapter must train at the ranks its files were written with, whatever
+    the resumed run's flags would plan now; the LoRA modules stock put on the model must be the
+    record's (same paths and dims), else a ConfigError on `rank_scaling` says which differ.
+    """
+    modules = adapter_files.lora_modules(model)
+    dims = {name: adapter_files.module_dims(m) for name, m in modules.items()}
+    recorded = record["modules"]
+    missing, extra = sorted(set(recorded) - set(dims)), sorted(set(dims) - set(recorded))
+    wrong = [
+        n
+        for n in set(dims) & set(recorded)
+        if (recorded[n].get("input_dims", dims[n][0]), recorded[n].get("output_dims", dims[n][1])) != dims[n]
+    ]
+    if missing or extra or wrong:
+        detail = "; ".join(
+            f"{what}: {', '.join(names[:4])}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            for what, names in (
+                ("recorded but not adapted in this run", missing),
+                ("adapted in this run but not recorded", extra),
+                ("with other dims", sorted(wrong)),
+            )
+            if names
+        )
+        raise ConfigError(
+            "rank_scaling",
+            f"the resumed adapter's ranks ({source}) are for other LoRA modules than this run adapts ({detail}): "
+            "resume with the same model, num_layers and lora_parameters.keys",
+        )
+    base_rank = record.get("base_rank") or max(adapter_files.record_ranks(record).values())
+    metadata = record.get("metadata")
+    return RankPlan(
+        mode=record.get("rank_scaling") or "constant",
+        base_rank=int(base_rank),
+        ranks=adapter_files.record_ranks(record),
+        dims=dims,
+        metadata_path=Path(metadata) if metadata else None,
+        recorded={n: recorded[n] for n in dims},
+    )
+
+
+class PaddedSaves:
+    """Every adapter file a training run saves appears in `adapter_dir` zero-padded (stock-loadable).
+
+    Stock training saves the model's trainable parameters (compact per-module ranks) to
+    adapters.safetensors and `NNNNNNN_adapters.safetensors` checkpoints. The trainer is pointed
+    at `staging` (a hidden folder inside `adapter_dir`) instead; `sync()` writes each new or
+    changed file from there into `adapter_dir` padded, atomically. The training loop calls it
+    before every batch (right after any save) and once at the end, so a run killed at any
+    moment leaves only stock-loadable adapter files at the paths stock reads.
+    """
+
+    STAGING = ".optiq-compact-saves"
+
+    def __init__(self, adapter_dir: str | Path, ranks: dict[str, int]):
+        import shutil
+
+        self.adapter_dir = Path(adapter_dir)
+        self.staging = self.adapter_dir / self.STAGING
+        shutil.rmtree(self.staging, ignore_errors=True)  # a killed run's leftovers are not this run's saves
+        self.staging.mkdir(parents=True)
+        self.ranks = dict(ranks)
+
+    def sync(self) -> None:
+        """Pad every file saved since the last call into `adapter_dir` (each is then removed from
+        staging, so whatever staging holds is new)."""
+        for f in sorted(self.staging.glob("*adapters.safetensors")):
+            adapter_files.pad_adapter_file(f, self.adapter_dir / f.name, self.ranks)
+            f.unlink()
+
+    def batches(self, iterate_batches: Any) -> Any:
+        """`iterate_batches` that syncs before handing out each batch (the trainer saves between batches)."""
+
+        def iterate(*args: Any, **kwargs: Any) -> Any:
+            for batch in iterate_batches(*args, **kwargs):
+                self.sync()
+                yield batch
+
+        return iterate
+
+    def close(self) -> None:
+        """Sync the last saves and remove the staging folder."""
+        import shutil
+
+        try:
+            self.sync()
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
 def apply_rank_plan(
     model: Any,
     plan: RankPlan,
@@ -122,7 +284,7 @@ def apply_rank_plan(
         params = dict(tree_flatten(model.parameters()))
         bad = [k for k, w in weights.items() if k not in params or params[k].shape != w.shape]
         if bad:
-            raise ValueError(f"{resume}: tensors {bad[:5]} do not fit the planned ranks")
+            raise OptiqFileError(f"{resume}: tensors {bad[:5]} do not fit the planned ranks")
         model.load_weights(list(weights.items()), strict=False)
     record = adapter_files.new_record(
         base_model=str(base_model),

@@ -7,10 +7,12 @@ refused, naming the field that differs.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-from mlx_lm_optiq.core.jsonio import read_json, write_json
+from mlx_lm_optiq.core.errors import brief
+from mlx_lm_optiq.core.jsonio import OptiqFileError, check_keys, read_json, write_json
 from mlx_lm_optiq.weights.probes import SensitivityError, log_line
 
 CHECKPOINT_KIND = "optiq-sensitivity-checkpoint"
@@ -30,11 +32,12 @@ class SweepCheckpoint:
         self.done: set[tuple[int, str]] = set()
         if self.path and self.path.exists():
             data = read_json(self.path, kind=CHECKPOINT_KIND, required=["fingerprint", "sums", "done"])
+            _validate(data, self.path)
             for field, value in fingerprint.items():
                 if data["fingerprint"].get(field) != value:
                     raise SensitivityError(
-                        f"{self.path}: field 'fingerprint.{field}' is {data['fingerprint'].get(field)!r} "
-                        f"but this sweep has {value!r}; delete the checkpoint or use another path"
+                        f"{self.path}: field 'fingerprint.{field}' is {brief(data['fingerprint'].get(field), 300)} "
+                        f"but this sweep has {brief(value, 300)}; delete the checkpoint or use another path"
                     )
             self.sums = data["sums"]
             self.done = {(int(b), p) for b, p in data["done"]}
@@ -52,3 +55,26 @@ class SweepCheckpoint:
                 {"fingerprint": self.fingerprint, "sums": self.sums, "done": sorted(self.done)},
                 kind=CHECKPOINT_KIND,
             )
+
+
+def _validate(data: dict[str, Any], path: Path) -> None:
+    """The resume file's fields have the types the sweep resumes from (OptiqFileError naming the field)."""
+
+    def bad(field, expected, value):
+        raise OptiqFileError(f"{path}: field '{field}' must be {expected}, got {brief(value)}")
+
+    check_keys(data, ("format_version", "kind", "fingerprint", "sums", "done"), path)
+    if not isinstance(data["fingerprint"], dict):
+        bad("fingerprint", "an object", data["fingerprint"])
+    sums = data["sums"]
+    if not isinstance(sums, dict) or not all(
+        isinstance(entry, dict)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in entry.values())
+        for entry in sums.values()
+    ):
+        bad("sums", "an object of module path -> {candidate key: finite KL sum}", sums)
+    done = data["done"]
+    if not isinstance(done, list) or not all(
+        isinstance(d, list) and len(d) == 2 and isinstance(d[0], int) and isinstance(d[1], str) for d in done
+    ):
+        bad("done", "a list of [batch index, module path] pairs", done)

@@ -6,7 +6,9 @@ import argparse
 from collections.abc import Sequence
 
 from mlx_lm_optiq.core.calibration import load_calibration
-from mlx_lm_optiq.core.model_tree import resolve_model_path
+from mlx_lm_optiq.core.errors import user_errors
+from mlx_lm_optiq.core.formats import check_with_mlx, parse_candidates
+from mlx_lm_optiq.core.model_tree import read_model_config, resolve_model_path
 from mlx_lm_optiq.weights import clipping
 from mlx_lm_optiq.weights.probes import log_line
 from mlx_lm_optiq.weights.sweep import REFERENCE_MODES, SweepSettings, measure_sensitivity
@@ -53,32 +55,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Errors the user caused (`OptiqError`: a flag value, a file, a model path) are one
+    `python -m mlx_lm_optiq.weights: error: ...` line and exit status 1, reported before the
+    model is loaded wherever they can be; anything else keeps its traceback."""
     import mlx.core as mx
     from mlx_lm.utils import load_tokenizer
 
     parser = build_parser()
     args = parser.parse_args(argv)
     group = mx.distributed.init() if args.distributed else None
-    try:  # before any loading: a mistyped path or a failed hub lookup is one clear line
+    with user_errors(parser.prog):
+        # every flag first, then the model path, then the text: nothing long runs on a bad input
+        settings = SweepSettings(
+            method=args.method,
+            reference=args.reference,
+            clipping=args.clipping,
+            batch_size=args.batch_size,
+            modules=args.modules.split(",") if args.modules else None,
+            reuse_hidden_states=not args.no_reuse_hidden_states,
+            batch_probes=_BATCH_PROBES[args.batch_probes],
+            seed=args.seed,
+            checkpoint_path=args.checkpoint,
+        )
+        candidates = check_with_mlx(parse_candidates(args.candidates))
         model_path = resolve_model_path(args.model)
-    except FileNotFoundError as e:
-        parser.error(str(e))
-    tokenizer = load_tokenizer(model_path)
-    tokens = load_calibration(tokenizer, args.calibration, args.num_samples, args.sequence_length, args.seed)
-    settings = SweepSettings(
-        method=args.method,
-        reference=args.reference,
-        clipping=args.clipping,
-        batch_size=args.batch_size,
-        modules=args.modules.split(",") if args.modules else None,
-        reuse_hidden_states=not args.no_reuse_hidden_states,
-        batch_probes=_BATCH_PROBES[args.batch_probes],
-        seed=args.seed,
-        checkpoint_path=args.checkpoint,
-    )
-    table = measure_sensitivity(model_path, tokens, args.candidates, settings, progress=not args.quiet, group=group)
-    table["calibration"]["source"] = args.calibration or "bundled"
-    if group is None or group.rank() == 0:
-        write_table(table, args.output)
-        log_line(f"wrote {args.output} ({len(table['modules'])} modules)")
+        read_model_config(model_path)
+        tokenizer = load_tokenizer(model_path)
+        tokens = load_calibration(tokenizer, args.calibration, args.num_samples, args.sequence_length, args.seed)
+        table = measure_sensitivity(model_path, tokens, candidates, settings, progress=not args.quiet, group=group)
+        table["calibration"]["source"] = args.calibration or "bundled"
+        if group is None or group.rank() == 0:
+            write_table(table, args.output)
+            log_line(f"wrote {args.output} ({len(table['modules'])} modules)")
     return 0

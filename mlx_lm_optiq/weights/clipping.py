@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mlx_lm_optiq.core.errors import OptiqError, brief
 from mlx_lm_optiq.core.formats import Candidate
-from mlx_lm_optiq.core.jsonio import OptiqFileError
+from mlx_lm_optiq.core.jsonio import OptiqFileError, check_keys
 from mlx_lm_optiq.core.model_tree import get_module, set_module
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ _CHUNK_ELEMENTS = 1 << 20
 _GPU_CHUNK_ELEMENTS = 1 << 26
 
 
-class ClippingError(ValueError):
+class ClippingError(OptiqError):
     """A clipping method or candidate the search does not handle."""
 
 
@@ -281,17 +282,18 @@ def validate_table_entry(entry: Any, modules: dict[str, Any], where: Any, field:
     def bad(name, expected):
         raise OptiqFileError(f"{where}: field '{field}{name}' {expected}")
 
-    if not isinstance(entry, dict) or entry.get("method") not in METHODS:
-        bad(
-            ".method",
-            f"must be one of {list(METHODS)}, got {entry.get('method') if isinstance(entry, dict) else entry!r}",
-        )
+    if not isinstance(entry, dict):
+        raise OptiqFileError(f"{where}: field '{field}' must be an object, got {brief(entry)}")
+    if not isinstance(entry.get("method"), str) or entry["method"] not in METHODS:
+        bad(".method", f"must be one of {list(METHODS)}, got {brief(entry.get('method'))}")
     if entry["method"] == "none":
+        check_keys(entry, ("method",), where, field)
         return
+    check_keys(entry, ("method", "grid", "moments_dtype", "moments"), where, field)
     if entry.get("grid") != list(GRID):
-        bad(".grid", f"must be {list(GRID)} (this version's search grid), got {entry.get('grid')!r}")
+        bad(".grid", f"must be {list(GRID)} (this version's search grid), got {brief(entry.get('grid'))}")
     if entry.get("moments_dtype") != "float32":
-        bad(".moments_dtype", f"must be 'float32', got {entry.get('moments_dtype')!r}")
+        bad(".moments_dtype", f"must be 'float32', got {brief(entry.get('moments_dtype'))}")
     moments = entry.get("moments")
     if not isinstance(moments, dict):
         bad(".moments", "must be an object of module path -> base64 float32")

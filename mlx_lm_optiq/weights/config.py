@@ -17,7 +17,7 @@ from typing import Any
 
 from mlx_lm_optiq.core import formats
 from mlx_lm_optiq.core.config import ConfigError
-from mlx_lm_optiq.weights import clipping, sweep
+from mlx_lm_optiq.weights import clipping, gptq, sweep
 from mlx_lm_optiq.weights.plan import PROTECTIONS, check_protections
 
 DEFAULT_CANDIDATE_BITS = (4, 8)
@@ -36,11 +36,30 @@ MEASURING_FIELDS = (
 # Fields that choose the candidates (none given with a `sensitivity` table: the table's candidates).
 CANDIDATE_FIELDS = ("candidate_bits", "group_sizes", "candidates")
 # Fields that only make sense with a target (everything but the target and text_only).
-PLANNING_FIELDS = ("candidate_bits", "group_sizes", "candidates", "sensitivity", "protect", *MEASURING_FIELDS)
+PLANNING_FIELDS = (
+    "candidate_bits",
+    "group_sizes",
+    "candidates",
+    "sensitivity",
+    "protect",
+    "writer",
+    *MEASURING_FIELDS,
+)
 # Stock convert arguments the weights feature reads (not its own flags).
 STOCK_FIELDS = ("q_group_size", "q_mode", "dequantize", "quant_predicate")
 # Fields with a fixed set of values.
-CHOICES = {"sensitivity_method": sweep.METHODS, "reference": sweep.REFERENCE_MODES, "clipping": clipping.METHODS}
+CHOICES = {
+    "sensitivity_method": sweep.METHODS,
+    "reference": sweep.REFERENCE_MODES,
+    "clipping": clipping.METHODS,
+    "writer": gptq.WRITERS,
+}
+
+
+GPTQ_NEEDS_FLOAT = (
+    "gptq needs the float model's calibration inputs (one forward of the float model), which the "
+    "low-bit `reference` is there to avoid: use `writer` rtn, or the float reference"
+)
 
 
 def _help(text: str) -> dict[str, str]:
@@ -116,6 +135,15 @@ class WeightsConfig:
         default=None,
         metadata=_help(f"Comma-separated modules to keep at their most precise candidate: {','.join(PROTECTIONS)}."),
     )
+    writer: str | None = field(
+        default=None,
+        metadata=_help(
+            "How the planned affine modules are rounded: gptq (error-compensated: each rounding error is "
+            "spread onto the input channels not yet rounded, from the calibration inputs' Hessian; same "
+            "formats and scales) or rtn (round to nearest, stock). Default "
+            f"{gptq.DEFAULT_WRITER} with a float-reference sensitivity table, rtn with a low-bit one."
+        ),
+    )
     text_only: bool = field(
         default=False,
         metadata=_help("Write only the text model of a multi-modal checkpoint (drop vision/audio weights and config)."),
@@ -160,6 +188,15 @@ class WeightsConfig:
         for name in ("num_samples", "sequence_length"):
             if getattr(self, name) is not None:
                 setattr(self, name, _positive(getattr(self, name), name, int))
+        if self.checkpoint is not None and self.sensitivity_method == "fisher":
+            # Silently ignoring the file would let the user believe a resume is possible.
+            raise ConfigError(
+                "checkpoint",
+                "resumes an exact sweep; `sensitivity_method` fisher is one quick pass with nothing "
+                "to resume: drop one or the other",
+            )
+        if self.writer == "gptq" and self.reference == "low-bit":
+            raise ConfigError("writer", GPTQ_NEEDS_FLOAT)
 
     def _parse_candidates(self) -> list[formats.Candidate]:
         mode = self.q_mode or "affine"
@@ -238,7 +275,7 @@ def _names(value: Any) -> list[str]:
 def _positive(value: Any, name: str, kind: type) -> Any:
     try:
         number = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(name, f"expected a positive number, got {value!r}") from None
     if not number > 0 or number != number or number == float("inf"):
         raise ConfigError(name, f"expected a positive number, got {value!r}")

@@ -23,13 +23,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mlx_lm_optiq.core.jsonio import OptiqFileError, check_header, read_json, write_json
+from mlx_lm_optiq.core.errors import brief
+from mlx_lm_optiq.core.jsonio import OptiqFileError, check_header, check_keys, read_json, write_json
 from mlx_lm_optiq.core.model_tree import resolve_model_path
 from mlx_lm_optiq.weights import clipping
 from mlx_lm_optiq.weights.table import TABLE_KIND, table_from_file_data, validate_table
 
 METADATA_FILE = "optiq_metadata.json"
 METADATA_KIND = "optiq-metadata"
+# Every field a sidecar may hold (what every version of write_metadata wrote); any other key
+# is refused by name (a misspelt field must not be ignored). Hand-written sidecars need only `layers`.
+METADATA_FIELDS = (
+    "format_version",
+    "kind",
+    "base_model",
+    "method",
+    "reference",
+    "clipping",
+    "target_bpw",
+    "achieved_bpw",
+    "candidates",
+    "layers",
+    "sensitivity",
+    "text_only",
+    "writer",
+)
+LAYER_FIELDS = ("bits", "group_size", "mode", "num_params", "kl", "protected")
 
 
 def write_metadata(
@@ -89,21 +108,55 @@ def read_metadata(path: str | Path, required: Sequence[str] = ()) -> dict[str, A
     """
     path = _sidecar_path(path)
     data = read_json(path, kind=METADATA_KIND, required=["layers", *required])
+    check_keys(data, METADATA_FIELDS, path)
+
+    def bad(field, expected, value):
+        raise OptiqFileError(f"{path}: field '{field}' must be {expected}, got {brief(value)}")
+
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def positive_int(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
     layers = data["layers"]
     if not isinstance(layers, dict) or not layers:
-        raise OptiqFileError(f"{path}: field 'layers' must be a non-empty object of module path -> entry")
+        bad("layers", "a non-empty object of module path -> entry", layers)
     for name, entry in layers.items():
+        at = f"layers.{name}"
         if not isinstance(entry, dict):
-            raise OptiqFileError(f"{path}: field 'layers.{name}' must be an object, got {type(entry).__name__}")
+            bad(at, "an object", entry)
+        check_keys(entry, LAYER_FIELDS, path, at)
         bits = entry.get("bits")
-        if not isinstance(bits, (int, float)) or isinstance(bits, bool) or not bits > 0:
-            raise OptiqFileError(f"{path}: field 'layers.{name}.bits' must be a positive number, got {bits!r}")
+        if not number(bits) or not bits > 0:
+            bad(f"{at}.bits", "a positive number", bits)
+        for key in ("group_size", "num_params"):
+            if key in entry and not (positive_int(entry[key]) or (key == "num_params" and entry[key] == 0)):
+                bad(f"{at}.{key}", "a positive integer", entry[key])
+        for key in ("mode", "protected"):
+            if key in entry and not isinstance(entry[key], str):
+                bad(f"{at}.{key}", "a string", entry[key])
+        kl = entry.get("kl", {})
+        if not isinstance(kl, dict) or not all(number(v) for v in kl.values()):
+            bad(f"{at}.kl", "an object of candidate key -> finite number", kl)
     for name in ("target_bpw", "achieved_bpw"):
-        value = data.get(name)
-        if name in data and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        if name in data and not number(data[name]):
+            bad(name, "a number", data[name])
+    for name in ("base_model", "method", "reference", "clipping"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            bad(name, "a string", data[name])
+    candidates = data.get("candidates")
+    if candidates is not None:
+        if not isinstance(candidates, list) or not all(
+            isinstance(c, dict) and positive_int(c.get("bits")) and positive_int(c.get("group_size"))
+            for c in candidates
         ):
-            raise OptiqFileError(f"{path}: field '{name}' must be a number, got {value!r}")
+            bad("candidates", "a list of {'bits': int, 'group_size': int, 'mode': str}", candidates)
+    if data.get("text_only") is not None and not isinstance(data["text_only"], dict):
+        bad("text_only", "an object", data["text_only"])
+    writer = data.get("writer")  # how the weights were rounded (weights/gptq.py): informative
+    if writer is not None and not (isinstance(writer, dict) and isinstance(writer.get("method"), str)):
+        bad("writer", "an object with a string 'method' (rtn or gptq)", writer)
     if "sensitivity" in data:
         validate_table(data["sensitivity"], path, "sensitivity.")
     return data

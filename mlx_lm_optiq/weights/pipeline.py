@@ -24,8 +24,8 @@ from typing import Any
 from mlx_lm_optiq.core import calibration, model_tree
 from mlx_lm_optiq.core.config import ConfigError
 from mlx_lm_optiq.core.formats import Candidate, FormatError, candidate_key, parse_candidates, top_level_quantization
-from mlx_lm_optiq.weights import clipping, metadata, plan, sweep, text_only
-from mlx_lm_optiq.weights.config import WeightsConfig
+from mlx_lm_optiq.weights import clipping, gptq, metadata, plan, sweep, text_only
+from mlx_lm_optiq.weights.config import GPTQ_NEEDS_FLOAT, WeightsConfig
 
 # The dequantized copy of a quantized source, inside the convert's staging directory.
 FLOAT_SOURCE_DIR = ".optiq-float-source"
@@ -42,6 +42,9 @@ class WeightsPlanResult:
     float_source: the dequantized copy stock convert must read instead of the quantized
     source (None when the source is float). quantization: the top-level
     (group_size, bits, mode) of the converted config (`core.formats.top_level_quantization`).
+    writer: "rtn" (stock convert's rounding is final) or "gptq" (`finish_weights` rewrites the
+    planned affine modules with error-compensated codes from `tokens`, the calibration tokens,
+    reading the float weights from float_source or `model_path`, clipped by `clipper`).
     """
 
     table: dict[str, Any]
@@ -51,6 +54,10 @@ class WeightsPlanResult:
     float_source: Path | None
     quant_predicate: Callable[..., Any]
     quantization: tuple[int, int, str]
+    writer: str = "rtn"
+    tokens: Any = None
+    model_path: Path | None = None
+    clipper: clipping.Clipper | None = None
 
 
 def plan_weights(
@@ -70,20 +77,33 @@ def plan_weights(
     """
     if config.target_bpw is None:
         raise ConfigError("target_bpw", "is needed to plan mixed precision")
+    # Everything that needs no measurement is checked first, cheapest first: a bad file, flag
+    # or target fails in seconds, never after minutes of dequantizing and measuring.
     table, source, candidates = None, "measured sensitivity", config.candidates
-    if config.sensitivity is not None:  # read first: a bad file fails before any work
+    if config.sensitivity is not None:
         source = str(config.sensitivity)
         table = metadata.load_sensitivity(source)
         candidates = _table_candidates(table, candidates, source)
+        writer = resolve_writer(config, table)
     model_path = model_tree.resolve_model_path(model, revision)
+    quantized = model_tree.is_quantized_checkpoint(model_tree.read_model_config(model_path))
+    tokens = calibration_tokens(model_path, config) if table is None else None
+    if table is not None and writer == "gptq":  # re-planning: gptq rounds on the table's own calibration
+        tokens = table_calibration_tokens(model_path, table, source)
+    # Lazily loaded (a quantized source lazily dequantized): only shapes and dtypes are read here.
+    float_model, model_config = model_tree.load_float_model(model_path)
+    if table is None:
+        plan.check_feasible(float_model, model_config, candidates, config.target_bpw, dtype, config.protect)
+    else:
+        plan.check_table_matches(table, float_model, source)
     float_source = None
-    if model_tree.is_quantized_checkpoint(_read_config(model_path)):
+    if quantized:
         _info("dequantizing the quantized source to plan and re-quantize it")
         float_source = model_tree.write_float_source(model_path, Path(staging_dir) / FLOAT_SOURCE_DIR)
-    float_model, model_config = model_tree.load_float_model(float_source or model_path)
     if table is None:
-        table = measure(model_path, config)
-    plan.check_table_matches(table, float_model, source)
+        table = measure(model_path, config, tokens)
+        plan.check_table_matches(table, float_model, source)
+        writer = resolve_writer(config, table)
     result = plan.plan_for_model(
         float_model,
         model_config,
@@ -99,15 +119,88 @@ def plan_weights(
         f"planned {result['achieved_bpw']:.4f} bits per weight "
         f"(target {config.target_bpw}, cheapest possible {result['min_bpw']:.4f})"
     )
+    _info(f"writer: {writer} ({writer_reason(config, table)})")
+    clipper = clipping.from_table(table)  # one Clipper: the alphas stock's writing finds, gptq reuses
     return WeightsPlanResult(
         table=table,
         plan=result,
         candidates=candidates,
         base_model=str(model),
         float_source=float_source,
-        quant_predicate=plan.quant_predicate(result["layers"], clipping.from_table(table)),
+        quant_predicate=plan.quant_predicate(result["layers"], clipper),
         quantization=top_level_quantization(candidates),
+        writer=writer,
+        tokens=tokens if writer == "gptq" else None,
+        model_path=model_path,
+        clipper=clipper,
     )
+
+
+def resolve_writer(config: WeightsConfig, table: dict[str, Any]) -> str:
+    """The writer of this conversion: `config.writer`, else gptq.DEFAULT_WRITER; rtn for a table
+    measured with the low-bit reference (gptq needs the float model's inputs: ConfigError on
+    `writer` when it was asked for explicitly)."""
+    if table.get("reference") == "low-bit":
+        if config.writer == "gptq":
+            raise ConfigError("writer", GPTQ_NEEDS_FLOAT)
+        return "rtn"
+    return config.writer or gptq.DEFAULT_WRITER
+
+
+def writer_reason(config: WeightsConfig, table: dict[str, Any]) -> str:
+    """Why `resolve_writer` chose what it chose, for the one line the convert prints."""
+    if config.writer is not None:
+        return "as asked"
+    if table.get("reference") == "low-bit":
+        return "round to nearest: the table was measured with the low-bit reference and gptq needs the float model"
+    return "the default: error-compensated rounding on the calibration inputs, same formats and size as planned"
+
+
+def table_calibration_tokens(model_path: str | Path, table: dict[str, Any], source: str) -> Any:
+    """The calibration tokens a table was measured on, re-read from its recorded source and
+    checked against its recorded hash (gptq must round on the inputs the plan was measured on)."""
+    from mlx_lm.utils import load_tokenizer
+
+    calib = table.get("calibration") or {}
+    text = calib.get("source")
+    if not isinstance(text, str):
+        raise ConfigError(
+            "writer",
+            f"gptq rounds on the table's calibration text, and {source} does not record it "
+            "(field 'calibration.source'): use `writer` rtn, or measure again",
+        )
+    try:
+        tokens = calibration.load_calibration(
+            load_tokenizer(Path(model_path)),
+            None if text == "bundled" else text,
+            num_samples=calib["num_samples"],
+            sequence_length=calib["sequence_length"],
+        )
+    except calibration.CalibrationError as e:
+        raise ConfigError("writer", f"gptq rounds on the calibration text of {source}: {e}") from None
+    if sweep._tokens_info(tokens)["sha256"] != calib.get("sha256"):
+        raise ConfigError(
+            "writer",
+            f"gptq rounds on the calibration tokens of {source}, and {text} no longer gives them "
+            "(its sha256 differs: another file or tokenizer): use `writer` rtn, or measure again",
+        )
+    return tokens
+
+
+def _write_compensated(result: WeightsPlanResult, out_dir: Path) -> dict[str, Any]:
+    """Rewrite the planned affine modules stock convert wrote in `out_dir` with GPTQ codes."""
+    import mlx.core as mx
+
+    source = result.float_source or result.model_path
+    # The sweep's compute dtype: float32 on the CPU (BLAS), the checkpoint's own elsewhere.
+    dtype = mx.float32 if mx.default_device() == mx.cpu else None
+    model, _ = model_tree.load_float_model(source, dtype, lazy=False)
+    layers = result.plan["layers"]
+    write_dtypes = gptq.scales_dtypes(out_dir, [p for p, c in layers.items() if "group_size" in c])
+    tensors, summary = gptq.compensate(model, layers, result.tokens, write_dtypes, clip=result.clipper, log=_info)
+    del model
+    gptq.write_compensated(out_dir, tensors)
+    return summary
 
 
 def _table_candidates(table: dict[str, Any], given: list[Candidate] | None, source: str) -> list[Candidate]:
@@ -130,19 +223,20 @@ def _table_candidates(table: dict[str, Any], given: list[Candidate] | None, sour
     return given
 
 
-def _read_config(model_path: Path) -> dict[str, Any]:
-    from mlx_lm.utils import load_config
-
-    return load_config(model_path)
-
-
-def measure(model_path: str | Path, config: WeightsConfig) -> dict[str, Any]:
-    """The sensitivity table of the model at `model_path`, measured as `config` asks."""
+def calibration_tokens(model_path: str | Path, config: WeightsConfig) -> Any:
+    """The calibration tokens `config` asks for, tokenized for the model at `model_path`."""
     from mlx_lm.utils import load_tokenizer
 
-    tokens = calibration.load_calibration(
+    return calibration.load_calibration(
         load_tokenizer(Path(model_path)), config.calibration, **config.calibration_sizes()
     )
+
+
+def measure(model_path: str | Path, config: WeightsConfig, tokens: Any = None) -> dict[str, Any]:
+    """The sensitivity table of the model at `model_path`, measured as `config` asks
+    (on `tokens` when the caller already read them: `calibration_tokens`)."""
+    if tokens is None:
+        tokens = calibration_tokens(model_path, config)
     table = sweep.measure_sensitivity(str(model_path), tokens, config.candidates, config.sweep_settings())
     table["calibration"]["source"] = str(Path(config.calibration).resolve()) if config.calibration else "bundled"
     return table
@@ -156,6 +250,9 @@ def finish_weights(result: WeightsPlanResult | None, out_dir: str | Path, config
              "metadata": path of optiq_metadata.json or None}.
     """
     out_dir = Path(out_dir)
+    writer = None
+    if result is not None:
+        writer = _write_compensated(result, out_dir) if result.writer == "gptq" else {"method": "rtn"}
     if result is not None and result.float_source is not None:
         shutil.rmtree(result.float_source, ignore_errors=True)
     bpw = None
@@ -178,7 +275,7 @@ def finish_weights(result: WeightsPlanResult | None, out_dir: str | Path, config
             target_bpw=config.target_bpw,
             achieved_bpw=bpw,
             candidates=result.candidates,
-            extra={"text_only": summary} if summary else {},
+            extra={"writer": writer, **({"text_only": summary} if summary else {})},
             rename=rename,
         )
     return {"achieved_bpw": bpw, "text_only": summary, "metadata": sidecar}

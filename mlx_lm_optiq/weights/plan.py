@@ -24,15 +24,16 @@ from typing import Any
 
 from mlx_lm_optiq.core.allocate import InfeasibleBudget, solve
 from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.errors import OptiqError
 from mlx_lm_optiq.core.formats import Candidate, candidate_key, quantized_bits
-from mlx_lm_optiq.core.model_tree import conversion_dtype
+from mlx_lm_optiq.core.model_tree import conversion_dtype, quantizable_modules
 
 PROTECTIONS = ("embeddings", "lm-head", "first-block", "last-block")
 
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-class PlanError(ValueError):
+class PlanError(OptiqError):
     """A table that does not fit the model, or a converted model that does not match its plan."""
 
 
@@ -121,12 +122,17 @@ def solve_plan(
     scale_bits: int,
     protect: Mapping[str, str] | None = None,
     source: str = "sensitivity table",
+    measured: bool = True,
 ) -> dict[str, Any]:
     """Exact per-module choice from the numbers of the budget; returns a dict describing the plan.
 
     table: sensitivity table (`modules[path] = {"num_params", "shape", "kl": {key: float}}`).
     candidates: candidate dicts allowed for this conversion (subset of the table's).
-    protect: {path: reason}; those modules get their lowest-KL candidate.
+    protect: {path: reason}; those modules get their most precise candidate: the costliest
+      (the lowest-KL one where several cost the same), so what they cost is known before measuring.
+    measured=False: the table has shapes only (no `kl`): check that the target is feasible
+    (InfeasibleTarget naming the cheapest BPW) and return {"min_bpw"} without planning; the
+    minimum is exactly the one the measured plan will have.
     Returns {"layers": {path: {"bits","group_size","mode"} or {"bits": float bits}},
              "predicted_bits": int, "capacity_bits": int, "achieved_bpw": float, "min_bpw": float}.
     """
@@ -146,6 +152,13 @@ def solve_plan(
             # mlx cannot quantize this input width with any requested group size
             float_layers[path] = float_weight_bits[path]
             continue
+        opt_costs = [quantized_bits(n, c["bits"], c["group_size"], c["mode"], scale_bits) for c in opts]
+        if path in protect:  # the most precise choice is the costliest (its storage is its precision)
+            top = [j for j, cost in enumerate(opt_costs) if cost == max(opt_costs)]
+            opts, opt_costs = [opts[j] for j in top], [opt_costs[j] for j in top]
+        if not measured:
+            costs.append(opt_costs)
+            continue
         missing = [candidate_key(**c) for c in opts if candidate_key(**c) not in kl]
         if missing:
             raise PlanError(
@@ -160,13 +173,13 @@ def solve_plan(
                     f"{source}: module {path!r} candidate {candidate_key(**c)}: kl must be a finite number, got {v!r}"
                 )
             vals.append(float(v))
-        if path in protect:
+        if path in protect:  # of equally costly candidates, the one the measurement says hurts least
             best = min(range(len(opts)), key=lambda j: (vals[j], -opts[j]["bits"], opts[j]["group_size"]))
-            opts, vals = [opts[best]], [vals[best]]
+            opts, vals, opt_costs = [opts[best]], [vals[best]], [opt_costs[best]]
         paths.append(path)
         options.append(opts)
         values.append(vals)
-        costs.append([quantized_bits(n, c["bits"], c["group_size"], c["mode"], scale_bits) for c in opts])
+        costs.append(opt_costs)
     capacity -= sum(float_layers.values())
     cheapest = fixed_bits + sum(float_layers.values()) + sum(min(cs) for cs in costs)
     min_bpw = cheapest / total_params
@@ -178,6 +191,8 @@ def solve_plan(
             + (f" with protections {sorted(set(protect.values()))}" if protect else "")
             + f" already needs {min_bpw:.4f} bits per weight",
         )
+    if not measured:
+        return {"min_bpw": min_bpw}
     picks = solve(values, costs, capacity)
     layers = {}
     used = fixed_bits + sum(float_layers.values())
@@ -215,6 +230,20 @@ def plan_for_model(
     config: the model's config.json dict; dtype: stock convert's `dtype` argument (None:
     the checkpoint's own); protect: protection names (PROTECTIONS).
     """
+    return solve_plan(
+        table, candidates, target_bpw, source=source, **_budget(model, config, table, dtype, protect, source)
+    )
+
+
+def _budget(
+    model: Any,
+    config: Mapping[str, Any],
+    table: Mapping[str, Any],
+    dtype: str | None,
+    protect: Iterable[str],
+    source: str,
+) -> dict[str, Any]:
+    """The budget numbers of `solve_plan` for the float `model` as stock convert will cast it."""
     cast_dtype = conversion_dtype(config, dtype)
     cast_predicate = getattr(model, "cast_predicate", None)
     paths = list(table["modules"])
@@ -234,17 +263,50 @@ def plan_for_model(
         )
     tied = bool(config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings", False)))
     protected = protected_modules(paths, list(protect or ()), tied_embeddings=tied)
-    return solve_plan(
-        table,
-        candidates,
-        target_bpw,
-        total,
-        fixed,
-        float_weight_bits,
-        scale_bits.pop(),
-        protect=protected,
-        source=source,
-    )
+    return {
+        "total_params": total,
+        "fixed_bits": fixed,
+        "float_weight_bits": float_weight_bits,
+        "scale_bits": scale_bits.pop(),
+        "protect": protected,
+    }
+
+
+def shape_table(model: Any) -> dict[str, Any]:
+    """{"modules": {path: {"num_params", "shape"}}} of every quantizable module of the float `model`:
+    what a sensitivity table of it must cover, and all a plan's budget needs before any KL."""
+    return {
+        "modules": {
+            p: {"num_params": int(m.weight.size), "shape": list(m.weight.shape)}
+            for p, m in quantizable_modules(model).items()
+        }
+    }
+
+
+def check_feasible(
+    model: Any,
+    config: Mapping[str, Any],
+    candidates: Sequence[Candidate],
+    target_bpw: float,
+    dtype: str | None = None,
+    protect: Iterable[str] = (),
+) -> float:
+    """Everything about a plan that needs no measurement, checked before the (long) sweep.
+
+    The cheapest plan of `candidates` follows from the module shapes alone: a target below
+    it is an InfeasibleTarget naming the minimum now rather than after measuring. Each
+    protection must match a module (ConfigError `protect`), and not every module may be
+    protected (nothing would be left for the target to choose). Returns the cheapest BPW.
+    """
+    table = shape_table(model)
+    budget = _budget(model, config, table, dtype, protect, "the model")
+    if budget["protect"] and set(budget["protect"]) >= set(table["modules"]):
+        raise ConfigError(
+            "protect",
+            f"{','.join(sorted(set(budget['protect'].values())))} protect every quantizable module of this model, "
+            "so nothing is left for `target_bpw` to choose: protect fewer, or quantize uniformly (stock -q)",
+        )
+    return solve_plan(table, candidates, target_bpw, measured=False, **budget)["min_bpw"]
 
 
 def quant_predicate(layers: Mapping[str, Mapping[str, Any]], clip: Any = None) -> Callable[..., Any]:
@@ -285,7 +347,18 @@ def check_quantized(model: Any, layers: Mapping[str, Mapping[str, Any]]) -> None
 
 
 def check_table_matches(table: Mapping[str, Any], model: Any, source: str) -> None:
-    """Every module of the table exists in the model with the recorded shape."""
+    """The table covers exactly the model's quantizable modules, each with the recorded shape.
+
+    A quantizable module the table lacks would be left in float without a word (a far
+    bigger model than planned) or make the target look infeasible: an error naming them.
+    """
+    missing = [p for p in quantizable_modules(model) if p not in table["modules"]]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise PlanError(
+            f"{source}: has no entry for {len(missing)} quantizable module(s) of this model ({shown}); "
+            "a table must cover every quantizable module: measure it on this model (all modules)"
+        )
     modules = dict(model.named_modules())
     for path, entry in table["modules"].items():
         m = modules.get(path)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlx_lm_optiq.core.errors import OptiqError
 from mlx_lm_optiq.core.formats import Candidate, candidate_key
 from mlx_lm_optiq.core.model_tree import quantizable_modules, set_module
 from mlx_lm_optiq.weights.clipping import Clipper
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     import mlx.core as mx
 
 
-class SensitivityError(ValueError):
+class SensitivityError(OptiqError):
     """Bad arguments or inputs to a sensitivity sweep."""
 
 

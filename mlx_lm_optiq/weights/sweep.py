@@ -125,6 +125,11 @@ class SweepSettings:
             raise SensitivityError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.clipping not in clipping.METHODS:
             raise SensitivityError(f"clipping must be one of {clipping.METHODS}, got {self.clipping!r}")
+        if self.method == "fisher" and self.checkpoint_path is not None:
+            raise SensitivityError(
+                "a checkpoint resumes an exact sweep; method 'fisher' is one quick pass with nothing "
+                "to resume: drop the checkpoint or measure with method 'exact'"
+            )
 
 
 def measure_sensitivity(

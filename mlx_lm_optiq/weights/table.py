@@ -21,8 +21,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mlx_lm_optiq.core.errors import brief
 from mlx_lm_optiq.core.formats import candidate_key
-from mlx_lm_optiq.core.jsonio import OptiqFileError, check_header, read_json, write_json
+from mlx_lm_optiq.core.jsonio import OptiqFileError, check_header, check_keys, read_json, write_json
 from mlx_lm_optiq.weights import clipping
 
 TABLE_KIND = "optiq-sensitivity"
@@ -30,6 +31,22 @@ METHODS = ("exact", "fisher")
 # What a table records as its reference ("auto" is resolved to one of these before measuring).
 REFERENCES = ("float", "low-bit")
 REQUIRED_FIELDS = ("model", "method", "reference", "calibration", "candidates", "modules")
+# Every field a table may hold (what every version of the sweep wrote, plus the header a table
+# read from its own file keeps when it is embedded in optiq_metadata.json); any other key is a
+# typo or another file, refused by name rather than ignored.
+TABLE_FIELDS = (
+    "format_version",
+    "kind",
+    *REQUIRED_FIELDS,
+    "float_reference",
+    "reference_model_bytes",
+    "probes_per_pass",
+    "stacked_probe_kl_floor",
+    "clipping",
+)
+CALIBRATION_FIELDS = ("num_samples", "sequence_length", "tokens", "sha256", "source")
+MODULE_FIELDS = ("num_params", "shape", "kl")
+CANDIDATE_FIELDS = ("bits", "group_size", "mode")
 
 
 def write_table(table: dict[str, Any], path: str | Path) -> Path:
@@ -59,6 +76,9 @@ def validate_table(table: Any, where: str | Path, field: str = "") -> dict[str, 
     def bad(name, expected):
         raise OptiqFileError(f"{where}: field '{field}{name}' {expected}")
 
+    def positive_int(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
     if not isinstance(table, dict):
         raise OptiqFileError(
             f"{where}: field '{field.rstrip('.') or '(top level)'}' must be a sensitivity "
@@ -67,58 +87,61 @@ def validate_table(table: Any, where: str | Path, field: str = "") -> dict[str, 
     for name in REQUIRED_FIELDS:
         if name not in table:
             raise OptiqFileError(f"{where}: missing required field '{field}{name}'")
-    if table["method"] not in METHODS:
-        bad("method", f"must be one of {list(METHODS)}, got {table['method']!r}")
-    if table["reference"] not in REFERENCES:
-        bad("reference", f"must be one of {list(REFERENCES)}, got {table['reference']!r}")
+    check_keys(table, TABLE_FIELDS, where, field.rstrip("."))
+    if not isinstance(table["model"], str):
+        bad("model", f"must be a string, got {brief(table['model'])}")
+    if not isinstance(table["method"], str) or table["method"] not in METHODS:
+        bad("method", f"must be one of {list(METHODS)}, got {brief(table['method'])}")
+    if not isinstance(table["reference"], str) or table["reference"] not in REFERENCES:
+        bad("reference", f"must be one of {list(REFERENCES)}, got {brief(table['reference'])}")
     calib = table["calibration"]
     if not isinstance(calib, dict):
-        bad("calibration", "must be an object")
+        bad("calibration", f"must be an object, got {brief(calib)}")
+    check_keys(calib, CALIBRATION_FIELDS, where, f"{field}calibration")
     for name in ("num_samples", "sequence_length", "tokens"):
         value = calib.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            bad(f"calibration.{name}", f"must be a positive integer, got {value!r}")
+        if not positive_int(value):
+            bad(f"calibration.{name}", f"must be a positive integer, got {brief(value)}")
     if not isinstance(calib.get("sha256"), str):
-        bad("calibration.sha256", "must be a string")
+        bad("calibration.sha256", f"must be a string, got {brief(calib.get('sha256'))}")
+    if "source" in calib and not isinstance(calib["source"], str):
+        bad("calibration.source", f"must be a string, got {brief(calib['source'])}")
     cands = table["candidates"]
     if not isinstance(cands, list) or not cands:
-        bad("candidates", "must be a non-empty list")
+        bad("candidates", f"must be a non-empty list, got {brief(cands)}")
     keys = set()
     for i, c in enumerate(cands):
         if (
             not isinstance(c, dict)
-            or not isinstance(c.get("bits"), int)
-            or not isinstance(c.get("group_size"), int)
+            or not positive_int(c.get("bits"))
+            or not positive_int(c.get("group_size"))
             or not isinstance(c.get("mode"), str)
         ):
-            bad(f"candidates[{i}]", f"must be {{'bits': int, 'group_size': int, 'mode': str}}, got {c!r}")
+            bad(f"candidates[{i}]", f"must be {{'bits': int, 'group_size': int, 'mode': str}}, got {brief(c)}")
+        check_keys(c, CANDIDATE_FIELDS, where, f"{field}candidates[{i}]")
         keys.add(candidate_key(c["bits"], c["group_size"], c["mode"]))
     mods = table["modules"]
     if not isinstance(mods, dict) or not mods:
-        bad("modules", "must be a non-empty object of module path -> entry")
+        bad("modules", f"must be a non-empty object of module path -> entry, got {brief(mods)}")
     for path, entry in mods.items():
         at = f"modules.{path}"
         if not isinstance(entry, dict):
-            bad(at, "must be an object")
+            bad(at, f"must be an object, got {brief(entry)}")
+        check_keys(entry, MODULE_FIELDS, where, f"{field}{at}")
         n = entry.get("num_params")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            bad(f"{at}.num_params", f"must be a positive integer, got {n!r}")
+        if not positive_int(n):
+            bad(f"{at}.num_params", f"must be a positive integer, got {brief(n)}")
         shape = entry.get("shape")
-        if (
-            not isinstance(shape, list)
-            or not shape
-            or not all(isinstance(s, int) and s > 0 for s in shape)
-            or math.prod(shape) != n
-        ):
-            bad(f"{at}.shape", f"must be a list of positive ints with product num_params, got {shape!r}")
+        if not isinstance(shape, list) or not shape or not all(positive_int(s) for s in shape) or math.prod(shape) != n:
+            bad(f"{at}.shape", f"must be a list of positive ints with product num_params, got {brief(shape)}")
         kl = entry.get("kl")
         if not isinstance(kl, dict):
-            bad(f"{at}.kl", "must be an object of candidate key -> KL")
+            bad(f"{at}.kl", f"must be an object of candidate key -> KL, got {brief(kl)}")
         for key, v in kl.items():
             if key not in keys:
                 bad(f"{at}.kl.{key}", f"is not one of the table's candidates {sorted(keys)}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                bad(f"{at}.kl.{key}", f"must be a finite number >= 0, got {v!r}")
+                bad(f"{at}.kl.{key}", f"must be a finite number >= 0, got {brief(v)}")
     if "clipping" in table:
         clipping.validate_table_entry(table["clipping"], mods, where, f"{field}clipping")
     return table

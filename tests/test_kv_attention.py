@@ -1,0 +1,99 @@
+"""Attention over packed per-layer KV caches (kv/attention.py) on the CPU backend.
+
+The reference is dequantize + mx.fast SDPA. The quantized_matmul path (Metal's default)
+runs here on the CPU's quantized_matmul and must compute the same function; the fused
+CUDA kernel has its parity test in test_kv_attention_device.py (GPU only)."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+
+import mlx_lm_optiq
+from mlx_lm_optiq.kv import attention
+from mlx_lm_optiq.kv.caches import MixedQuantizedKVCache
+from mlx_lm_optiq.kv.cuda_attention import why_unsupported
+from tests.kv_attention_cases import masks, packed_case
+
+CASES = [
+    # B, n_q, n_kv, L, S, D, k_bits, v_bits, group
+    (1, 4, 4, 1, 77, 64, 4, 4, 64),
+    (2, 6, 2, 1, 130, 64, 8, 2, 32),
+    (2, 8, 2, 3, 45, 128, 3, 6, 64),
+    (3, 4, 1, 1, 257, 128, 5, 4, 128),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}q{}kv{}L{}S{}D{}k{}v{}g{}".format(*c))
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive"])
+def test_quantized_matmul_path_matches_the_reference(case, mask_kind):
+    B, n_q, n_kv, L, S, D, kb, vb, g = case
+    q, k, v = packed_case(*case)
+    mask = masks(B, L, S)[mask_kind]
+    ref = attention.dequantized_attention(q, k, v, scale=D**-0.5, mask=mask)
+    out = attention.quantized_matmul_attention(q, k, v, scale=D**-0.5, mask=mask)
+    assert out.shape == ref.shape == (B, n_q, L, D)
+    assert mx.abs(out - ref).max().item() < 2e-4
+
+
+def test_path_selection_and_clear_errors(monkeypatch):
+    monkeypatch.delenv(attention.ENV_VAR, raising=False)
+    assert attention.selected_path() == "dequantize"  # the CPU default: the reference
+    monkeypatch.setenv(attention.ENV_VAR, "quantized_matmul")
+    assert attention.selected_path() == "quantized_matmul"
+    monkeypatch.setenv(attention.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="MLX_LM_OPTIQ_KV_ATTENTION='fastest'.*expected one of"):
+        attention.selected_path()
+    monkeypatch.setenv(attention.ENV_VAR, "cuda")
+    with pytest.raises(RuntimeError, match="needs MLX's CUDA backend"):
+        attention.selected_path()
+
+
+def test_the_fused_kernel_says_which_calls_it_does_not_cover():
+    q, k, v = packed_case(1, 32, 8, 1, 64, 128, 4, 4, 64)
+    assert why_unsupported(q, k, v, None) is None  # an 8B-shaped decode step
+    q, k, v = packed_case(1, 32, 8, 512, 600, 128, 4, 4, 64)
+    assert "prefill takes the reference" in why_unsupported(q, k, v, "causal")
+    q, k, v = packed_case(1, 4, 4, 1, 64, 96, 4, 4, 32)
+    assert "head dims" in why_unsupported(q, k, v, None)
+
+
+def test_model_decodes_through_packed_attention_only_after_the_hook_saw_its_cache(tiny_float_path, monkeypatch):
+    """End to end on the real 4-layer model: with the attention hook on and the
+    quantized_matmul path chosen, caches hand out PackedKV from the second call on
+    (the first proves the model's attention goes through the hook) and the logits
+    match the dequantize path's."""
+    model, tok = load(str(tiny_float_path))
+    prompt = mx.array(tok.encode("It is a truth universally acknowledged, that a single man"))[None]
+
+    def run():
+        caches = [MixedQuantizedKVCache(k_bits=4, v_bits=2, group_size=32) for _ in model.layers]
+        logits = [model(prompt, cache=caches)[:, -1]]
+        fetched = caches[0].update_and_fetch  # spy on what attention receives
+        kinds = []
+
+        def spy(k, v):
+            out = fetched(k, v)
+            kinds.append(type(out[0]).__name__)
+            return out
+
+        caches[0].update_and_fetch = spy
+        token = mx.argmax(logits[-1], axis=-1)[:, None]
+        for _ in range(3):
+            logits.append(model(token, cache=caches)[:, -1])
+            token = mx.argmax(logits[-1], axis=-1)[:, None]
+        return mx.stack(logits), kinds, caches[0]
+
+    monkeypatch.setenv(attention.ENV_VAR, "dequantize")
+    mlx_lm_optiq.enable()
+    try:
+        reference, kinds, _ = run()
+        assert set(kinds) == {"array"}
+        monkeypatch.setenv(attention.ENV_VAR, "quantized_matmul")
+        packed, kinds, cache = run()
+        assert cache.packed_attention_seen and kinds == ["PackedKV"] * 3
+    finally:
+        mlx_lm_optiq.disable()
+    assert mx.abs(packed - reference).max().item() < 1e-3
+    # without the hook the caches never hand out packed views
+    _, kinds, cache = run()
+    assert set(kinds) == {"array"} and not cache.packed_attention_seen
