@@ -10,6 +10,8 @@
             memory     KV bytes and *peak* memory after an N-token prefill + decode
             server     aggregate generated tokens/s with C concurrent clients on loopback:
                        stock float (batched), stock --kv-bits 4 (unbatched), ours (batched)
+            budget     the same at a fixed memory budget (the device cut to --budget-gib):
+                       stock float all batched / serialized vs ours all batched
 
 Examples (docs/kv.md has the latest tables):
   python benchmarks/kv.py quality --model /tmp/smollm2-f32 --plan kv_config.json \
@@ -41,7 +43,7 @@ GROUP = 64
 # ----------------------------------------------------------------------------- quality (CPU)
 
 
-def _variants(model, plan_path):
+def _variants(model, plan_paths):
     from mlx_lm_optiq.kv.apply import make_plan_cache
     from mlx_lm_optiq.kv.geometry import average_bits, cache_geometry
     from mlx_lm_optiq.kv.plan_file import load_kv_config, plan_from_dict
@@ -62,8 +64,7 @@ def _variants(model, plan_path):
         ("float KV (reference)", None),
         ("uniform K8/V8 g64", uniform(8, 8)),
         ("uniform K4/V4 g64", uniform(4, 4)),
-        (f"per-layer {Path(plan_path).name}", load_kv_config(plan_path, model)),
-    ]
+    ] + [(f"per-layer {path}", load_kv_config(path, model)) for path in plan_paths]
     out = []
     for name, plan in plans:
         bits = 16.0 if plan is None else average_bits(plan.slots, geometry)
@@ -329,9 +330,17 @@ def _post(port, body, timeout):
         return json.loads(r.read())
 
 
+# A server process started with OPTIQ_BENCH_RESERVE_BYTES=N first allocates and keeps an N-byte
+# array on the device: what is left is the memory budget of the `budget` part (a smaller GPU).
+_RESERVE = (
+    "import os, mlx.core as mx; _n = int(os.environ.get('OPTIQ_BENCH_RESERVE_BYTES', '0')); "
+    "_reserve = [mx.zeros((1 << 28,), mx.uint8) for _ in range(_n >> 28)]; mx.eval(_reserve); "
+)
+
+
 def _start_server(model_dir, flags, optiq, log_path, env=None):
     """A stock or optiq-enabled mlx_lm.server on a free port (tests.helpers.ServerProcess)."""
-    code = (
+    code = _RESERVE + (
         (
             "import sys, mlx_lm_optiq; mlx_lm_optiq.enable(); from mlx_lm.server import main; "
             "sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()"
@@ -358,14 +367,14 @@ def _prompts(tokenizer_dir, clients, prompt_tokens):
     return [tok.decode(i) for i in ids]
 
 
-def _round(port, prompts, max_tokens):
+def _round(port, prompts, max_tokens, timeout=600):
     """All clients at once; returns (completion tokens, wall seconds, errors)."""
     counts = [0] * len(prompts)
     errors = []
 
     def client(j):
         try:
-            out = _post(port, {"prompt": prompts[j], "max_tokens": max_tokens, "temperature": 0.0}, 600)
+            out = _post(port, {"prompt": prompts[j], "max_tokens": max_tokens, "temperature": 0.0}, timeout)
             counts[j] = out["usage"]["completion_tokens"]
         except Exception as e:
             errors.append(repr(e))
@@ -432,13 +441,95 @@ def server(model_dir, out_dir, clients, prompt_tokens, max_tokens, plan_path, st
     print(f"\nstock `mlx_lm.server --kv-bits 4 --quantized-kv-start 0`, one request: {probe}")
 
 
+def _device_memory_bytes():
+    """Total memory of GPU 0 (nvidia-smi), or None when it cannot be read."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return int(out.split()[0]) * 2**20
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
+
+
+def budget(
+    model_dir,
+    out_dir,
+    budget_gib,
+    clients,
+    prompt_tokens,
+    max_tokens,
+    plan_path,
+    stock_concurrency,
+    timeout,
+    prefill_step,
+):
+    """Throughput at a fixed memory budget: the device is cut to `budget_gib` (the rest is held by
+    an array allocated first in each server process), then `clients` requests with
+    `prompt_tokens`-token prompts arrive at once. Stock float KV is run as is (all requests batched:
+    its KV does not fit) and limited to `stock_concurrency` decoding requests (what a user of that
+    GPU must do: serialize); ours batches them all with the per-layer plan. No prompt cache
+    (`--prompt-cache-size 0`): every prompt is unique, and a cached KV would eat the budget."""
+    # OPTIQ_BENCH_DEVICE_BYTES: the device size to assume (a CPU smoke run of this part)
+    total = int(os.environ.get("OPTIQ_BENCH_DEVICE_BYTES", 0)) or _device_memory_bytes()
+    if total is None:
+        raise SystemExit("budget: cannot read the device memory (nvidia-smi)")
+    reserve = total - int(budget_gib * 2**30)
+    if reserve <= 0:
+        raise SystemExit(f"budget: {budget_gib} GiB is more than the device's {total / 2**30:.0f} GiB")
+    prompts = _prompts(model_dir, clients + 2, prompt_tokens)
+    warmup, prompts = prompts[:2], prompts[2:]
+    env = {"OPTIQ_BENCH_RESERVE_BYTES": str(reserve)}
+    common = ["--prompt-cache-size", "0", "--prefill-step-size", str(prefill_step)]
+    sc = str(stock_concurrency)
+    configs = [
+        (f"stock, float KV, all {clients} batched", common, False),
+        (
+            f"stock, float KV, {sc} at a time (--decode-concurrency {sc} --prompt-concurrency {min(8, stock_concurrency)})",
+            common + ["--decode-concurrency", sc, "--prompt-concurrency", str(min(8, stock_concurrency))],
+            False,
+        ),
+        (f"ours --optiq-kv-config, all {clients} batched", common + ["--optiq-kv-config", str(plan_path)], True),
+    ]
+    print(
+        f"\nbudget: the device cut to {budget_gib} GiB (of {total / 2**30:.0f}), {clients} clients at once, "
+        f"~{prompt_tokens}-token prompts, {max_tokens} new tokens each, temperature 0, --prefill-step-size "
+        f"{prefill_step} (after 2 warm-up requests)"
+    )
+    print("| server | aggregate gen tok/s | wall s | completed | note |\n|---|---|---|---|---|")
+    rows = []
+    for i, (name, flags, optiq) in enumerate(configs):
+        log = Path(out_dir) / f"budget{i}.log"
+        srv = _start_server(model_dir, flags, optiq, log, env)
+        try:
+            _round(srv.port, warmup, 8, timeout)
+            tokens, wall, errors = _round(srv.port, prompts, max_tokens, timeout)
+            alive = srv.proc.poll() is None
+        finally:
+            srv.stop()
+        text = log.read_text(errors="replace")
+        oom = next((ln.strip()[:160] for ln in text.splitlines() if "out of memory" in ln.lower()), "")
+        done = len(prompts) - len(errors)
+        note = (oom or (errors[0][:120] if errors else "")) + ("" if alive else " (server process died)")
+        rows.append((name, tokens / wall if done else 0.0, wall, done))
+        print(f"| {name} | {tokens / wall:.1f} | {wall:.1f} | {done}/{len(prompts)} | {note} |", flush=True)
+    completed_stock = [r[1] for r in rows[:2] if r[3] == len(prompts)]
+    if completed_stock and rows[2][3] == len(prompts):
+        print(f"ours vs the best stock row that completed: {rows[2][1] / max(completed_stock):.2f}x")
+
+
 def gpu(args):
     print(f"device: {mx.default_device()}, mlx {mx.__version__}")
     if args.model:  # a real model and its measured plan instead of the random one
         if not args.plan:
             raise SystemExit("--model needs --plan (the model's kv_config.json)")
         model_dir, plan_path = Path(args.model), Path(args.plan)
-    elif not ({"memory", "server"} & set(args.parts)):
+    elif not ({"memory", "server", "budget"} & set(args.parts)):
         model_dir = plan_path = None  # attention/micro need no model
     else:
         if not args.tokenizer:
@@ -453,6 +544,19 @@ def gpu(args):
         micro(args.attention_contexts)
     if "memory" in args.parts:
         memory(model_dir, args.memory_contexts, plan_path)
+    if "budget" in args.parts:
+        budget(
+            model_dir,
+            args.out,
+            args.budget_gib,
+            args.clients,
+            args.prompt_tokens[0],
+            args.max_tokens,
+            plan_path,
+            args.stock_concurrency,
+            args.timeout,
+            args.prefill_step_size,
+        )
     if "server" in args.parts:
         for prompt_tokens in args.prompt_tokens:
             server(
@@ -465,7 +569,7 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("quality", help="KLD/top-1 vs float KV on the real model (CPU)")
     q.add_argument("--model", required=True, help="float (fp32) model folder")
-    q.add_argument("--plan", required=True, help="per-layer kv_config.json for that model")
+    q.add_argument("--plan", required=True, nargs="+", help="per-layer kv_config.json(s) for that model")
     q.add_argument("--text", required=True, help="evaluation text (not the plan's calibration text)")
     q.add_argument("--context", type=int, default=1024)
     q.add_argument("--windows", type=int, default=2)
@@ -488,7 +592,16 @@ def main():
         "--parts",
         nargs="+",
         default=["attention", "memory", "server"],
-        choices=["attention", "micro", "memory", "server"],
+        choices=["attention", "micro", "memory", "server", "budget"],
+    )
+    g.add_argument("--budget-gib", type=float, default=40.0, help="budget: device memory left to each server")
+    g.add_argument("--stock-concurrency", type=int, default=8, help="budget: stock's serialized decode concurrency")
+    g.add_argument("--timeout", type=float, default=600.0, help="budget: seconds a client waits for its answer")
+    g.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=2048,
+        help="budget: every server's --prefill-step-size (stock default 2048)",
     )
     g.add_argument("--tiny", action="store_true", help="toy model sizes: a quick CPU check of the code paths")
     args = p.parse_args()

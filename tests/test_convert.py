@@ -43,6 +43,8 @@ def measured(tiny_q4_path, tmp_path_factory):
             "4,8",
             "--optiq-group-sizes",
             "32,64",
+            "--optiq-sensitivity-method",  # the CPU default is fisher; this fixture checks the exact sweep
+            "exact",
             "--optiq-num-samples",
             "1",
             "--optiq-sequence-length",
@@ -624,7 +626,13 @@ def test_infeasible_targets_fail_before_measuring(tiny_q4_path, tmp_path, hooks_
     from mlx_lm_optiq.core.allocate import InfeasibleBudget
 
     with pytest.raises(InfeasibleBudget, match=r"--optiq-target-bpw: 4.5 is infeasible.*already needs 4\.50"):
-        convert(str(tiny_q4_path), mlx_path=str(tmp_path / "o"), quantize=True, optiq_target_bpw=4.5)
+        convert(
+            str(tiny_q4_path),
+            mlx_path=str(tmp_path / "o"),
+            quantize=True,
+            optiq_target_bpw=4.5,
+            optiq_candidates="4:64,8:64",
+        )
     with pytest.raises(InfeasibleBudget, match=r"5.5 is infeasible.* with protections \['embeddings', 'first-block'"):
         convert(
             str(tiny_q4_path),

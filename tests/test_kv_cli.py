@@ -108,10 +108,10 @@ def _settings(config):
 
 @pytest.mark.parametrize("backend_name", ["cpu", "cuda", "metal"])
 def test_measurement_defaults_follow_the_backend_and_flags_win(backend_name, tiny_q4_path, tmp_path, monkeypatch):
-    """Issue 14: with no measurement flag a CPU gets its cheap defaults (the fast probe after a
+    """Issue 14: with no measurement flag a CPU gets its cheap defaults (the fast probe over 256 tokens after a
     512-token prefix: minutes, not hours, on 2 cores), a GPU today's thorough ones; any flag
     given wins over its default, on the CLI and on convert alike, and the rest stay the backend's."""
-    assert _settings(CPU_DEFAULTS) == (DEFAULT_KV_CANDIDATES, 512, 64, 1, "fast")
+    assert _settings(CPU_DEFAULTS) == (DEFAULT_KV_CANDIDATES, 512, 256, 1, "fast")
     assert _settings(GPU_DEFAULTS) == (DEFAULT_KV_CANDIDATES, 1536, 128, 1, "exact")
     expected = CPU_DEFAULTS if backend_name == "cpu" else GPU_DEFAULTS
     base = [tiny_q4_path, "--target-bits", "4.5", "-o", tmp_path / "kv.json"]

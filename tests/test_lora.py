@@ -202,7 +202,7 @@ def test_allocate_ranks_moves_capacity_at_constant_budget(sidecar, tiny_float_pa
     max_step = max(rank_cost(d) for d in dims.values())
     for base_rank in (1, 4, 8, 16):
         budget = budget_params(dims, base_rank)
-        for mode in RANK_SCALING_MODES:
+        for mode in (m for m in RANK_SCALING_MODES if m != "by_residual"):  # needs residuals: test_lora_residual
             ranks = mode_ranks(mode, dims, base_rank, metadata, sidecar)
             used = lora_params(dims, ranks)
             assert used <= budget and budget - used < max_step, (mode, base_rank, used, budget)
@@ -293,7 +293,7 @@ def test_by_bits_without_sidecar_fails_clearly(tiny_float_path, tmp_path):
         ):
             mlx_lm.lora.run(args)
         args.optiq_max_rank, args.optiq_metadata = None, "side.json"
-        with pytest.raises(ValueError, match="--optiq-metadata / optiq_metadata: is read by --optiq-rank-scaling or"):
+        with pytest.raises(ValueError, match="--optiq-metadata / optiq_metadata: is read by --optiq-rank-scaling, "):
             mlx_lm.lora.run(args)
     finally:
         mlx_lm_optiq.disable()

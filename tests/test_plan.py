@@ -18,7 +18,7 @@ from mlx_lm_optiq.core.formats import (
 )
 from mlx_lm_optiq.core.jsonio import OptiqFileError
 from mlx_lm_optiq.weights import metadata, plan
-from mlx_lm_optiq.weights.config import WeightsConfig
+from mlx_lm_optiq.weights.config import DEFAULT_CANDIDATES, WeightsConfig
 
 
 def _table(shapes, candidates, seed=0):
@@ -239,9 +239,21 @@ def test_config_parses_candidates_once_and_names_fields():
     assert WeightsConfig(target_bpw=5, candidate_bits="4, 8", group_sizes=[32, 64]).candidates == make_candidates(
         [4, 8], [32, 64]
     )
-    # defaults: bits 4,8 at the stock group size (or 64)
-    assert [candidate_key(**c) for c in WeightsConfig(target_bpw=5).candidates] == ["4:64", "8:64"]
-    assert [candidate_key(**c) for c in WeightsConfig(target_bpw=5, q_group_size=32).candidates] == ["4:32", "8:32"]
+    # defaults (tests/test_weight_defaults.py has them per backend): the 16 candidates; a stock
+    # group size alone: the default bits at it; bits alone: at the stock group size (or 64)
+    assert WeightsConfig(target_bpw=5).candidates == parse_candidates(DEFAULT_CANDIDATES)
+    assert len(parse_candidates(DEFAULT_CANDIDATES)) == 16
+    assert [candidate_key(**c) for c in WeightsConfig(target_bpw=5, q_group_size=32).candidates] == [
+        "3:32",
+        "4:32",
+        "5:32",
+        "6:32",
+        "8:32",
+    ]
+    assert [candidate_key(**c) for c in WeightsConfig(target_bpw=5, candidate_bits="4,8").candidates] == [
+        "4:64",
+        "8:64",
+    ]
     with pytest.raises(ConfigError, match="group_sizes: expected comma-separated integers"):
         WeightsConfig(target_bpw=5, group_sizes="64,abc")
     with pytest.raises(ConfigError, match="candidate_bits/group_sizes: candidate bits must be among"):

@@ -86,6 +86,7 @@ def before_convert(call: dict[str, Any], options: dict[str, Any]) -> WeightsCall
             staging_dir=Path(call["mlx_path"]).parent,
             dtype=call.get("dtype"),
             revision=call.get("revision"),
+            spell=_flag,
         )
     if result.float_source is not None:
         call["hf_path"] = str(result.float_source)

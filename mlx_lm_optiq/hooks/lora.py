@@ -1,8 +1,8 @@
 """Hooks on `mlx_lm.lora` (training) and `mlx_lm.tuner.utils` (adapter loading).
 
 mlx_lm.lora:
-  build_parser            adds --optiq-rank-scaling, --optiq-metadata, --optiq-max-rank,
-                          --optiq-load-in-{4bits,6bits,8bits,mxfp4}, --optiq-load-mixed
+  build_parser            adds --optiq-rank-scaling, --optiq-metadata, --optiq-max-rank, --optiq-lora-init,
+                          --optiq-load-in-{4bits,6bits,8bits,mxfp4}, --optiq-load-mixed, --optiq-qat
                           (default None, so the same keys also work in the -c YAML config)
   run                     builds the run's LoraTrainingConfig once (errors spelled as flags); an
                           optiq_* key no flag defines (a misspelt YAML key) is an error
@@ -21,6 +21,8 @@ mlx_lm.tuner.utils:
 mlx_lm.tuner.dora:
   DoRALinear.from_base    right input dims on 3/5/6-bit quantized layers (stock's are wrong there,
                           and our mixed-precision convert writes such layers)
+  train_model, linear_to_lora_layers (second wrappers, --optiq-qat): the plan's formats are read on
+                          the bare float model, then lora.qat puts quantization-aware LoRA layers on
 Every wrapper passes straight through when its feature is not requested.
 """
 
@@ -41,7 +43,7 @@ from mlx_lm_optiq.core.errors import UsageError, user_errors
 from mlx_lm_optiq.core.jsonio import OptiqFileError
 from mlx_lm_optiq.hooks import on_reset, patching
 from mlx_lm_optiq.lora import adapter_files
-from mlx_lm_optiq.lora.config import RANK_SCALING_MODES, UNIFORM_LOAD_SCHEMES, LoraTrainingConfig
+from mlx_lm_optiq.lora.config import LORA_INITS, RANK_SCALING_MODES, UNIFORM_LOAD_SCHEMES, LoraTrainingConfig
 from mlx_lm_optiq.lora.pipeline import PaddedSaves, apply_rank_plan, plan_from_record, plan_ranks, resumed_record
 from mlx_lm_optiq.lora.qlora import load_quantized
 
@@ -67,12 +69,14 @@ class _Training(NamedTuple):
 
 _RUN = contextvars.ContextVar("optiq_lora_run", default=None)
 _TRAINING = contextvars.ContextVar("optiq_lora_training", default=None)
+_QAT = contextvars.ContextVar("optiq_lora_qat", default=None)  # (model path, sidecar path or None) of a QAT run
 
 
 @on_reset
 def _reset():
     _RUN.set(None)
     _TRAINING.set(None)
+    _QAT.set(None)
 
 
 def _flag(name):
@@ -132,8 +136,10 @@ def _build_parser(wrapped, instance, args, kwargs):
     group.add_argument("--optiq-rank-scaling", choices=RANK_SCALING_MODES, default=None, help=helps["rank_scaling"])
     group.add_argument("--optiq-metadata", default=None, help=helps["metadata"])
     group.add_argument("--optiq-max-rank", type=int, default=None, help=helps["max_rank"])
+    group.add_argument("--optiq-lora-init", choices=LORA_INITS, default=None, help=helps["lora_init"])
     for name in (*UNIFORM_LOAD_SCHEMES, "load_mixed"):
         group.add_argument(_flag(name), action="store_true", default=None, help=helps[name])
+    group.add_argument(_flag("qat"), action="store_true", default=None, help=helps["qat"])
     return parser
 
 
@@ -167,6 +173,10 @@ def _run(wrapped, instance, args, kwargs):
     if getattr(run_args, "train", False):  # the record and sidecar it needs, before the model and data load
         restored = _resumed_record(config, run_args) is not None
         with _as_flags():
+            if config.qat:
+                from mlx_lm_optiq.lora import qat
+
+                qat.check_base(run_args.model, config.metadata)
             config.check_sidecar(run_args.model, for_ranks=not restored)
     token = _RUN.set(_Run(run_args, config))
     try:
@@ -206,7 +216,7 @@ def _train_model(wrapped, instance, args, kwargs):
     run_args = bound.arguments["args"]
     config = _config_of(run_args)
     record = _resumed_record(config, run_args)
-    if config.rank_scaling is None and record is None:
+    if config.rank_scaling is None and not config.loftq and record is None:
         return wrapped(*args, **kwargs)
     if record is not None:
         print(
@@ -286,6 +296,40 @@ def _train(wrapped, instance, args, kwargs):
         saves.close()
 
 
+def _qat_train_model(wrapped, instance, args, kwargs):
+    """A `--optiq-qat` run: its model path and sidecar are what `_qat_lora_layers` reads."""
+    run_args = inspect.signature(wrapped).bind(*args, **kwargs).arguments["args"]
+    config = _config_of(run_args)
+    if not config.qat:
+        return wrapped(*args, **kwargs)
+    token = _QAT.set((str(run_args.model), config.metadata))
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _QAT.reset(token)
+
+
+def _qat_lora_layers(wrapped, instance, args, kwargs):
+    """QAT: the sidecar's formats are matched to the bare float model (paths, group sizes), stock (and
+    rank scaling) put the LoRA layers on, then `lora.qat.apply_qat` makes them quantization-aware."""
+    qat_run = _QAT.get()
+    if qat_run is None:
+        return wrapped(*args, **kwargs)
+    from mlx_lm_optiq.lora import qat
+
+    model = inspect.signature(wrapped).bind(*args, **kwargs).arguments["model"]
+    with _as_flags():
+        formats, sidecar = qat.plan_formats(model, *qat_run)
+    result = wrapped(*args, **kwargs)
+    with _as_flags():
+        counts = qat.apply_qat(model, formats)
+    print(
+        f"[optiq] QAT at the formats of {sidecar}: {counts['adapted']} LoRA layers train through their "
+        f"quantization, {counts['fake_quantized']} other layers run quantized, {counts['float']} stay float"
+    )
+    return result
+
+
 def _load_adapters(wrapped, instance, args, kwargs):
     bound = inspect.signature(wrapped).bind(*args, **kwargs)
     adapter_path = bound.arguments["adapter_path"]
@@ -311,6 +355,8 @@ def install(module: ModuleType) -> None:
     patching.wrap(module, "load", _load)
     patching.wrap(module, "train_model", _train_model)
     patching.wrap(module, "linear_to_lora_layers", _linear_to_lora_layers)
+    patching.wrap(module, "train_model", _qat_train_model)
+    patching.wrap(module, "linear_to_lora_layers", _qat_lora_layers)
 
 
 def _dora_from_base(wrapped, instance, args, kwargs):

@@ -11,14 +11,17 @@ Design (flash-decoding): the sequence is cut into splits; one warp owns one
 group times the L query positions), so every key/value byte is read once per
 step, not once per query head. Inside a warp:
 
-* scores: lane j dequantizes position t0+j's key in registers (bit-stream decode
-  of mx.quantize's little-endian packing, any of 2/3/4/5/6/8 bits) and dots it
-  with the queries, which sit pre-scaled in shared memory together with their
-  per-group sums (so scale*code+bias costs one FMA per group, not per element);
+* scores: lane j dequantizes position t0+j's key in registers and dots it with
+  the queries, which sit pre-scaled in shared memory together with their
+  per-group sums (so scale*code+bias costs one FMA per group, not per element).
+  Each group's code words (mx.quantize's little-endian packing, any of
+  2/3/4/5/6/8 bits) are loaded as independent loads and decoded at bit offsets
+  that are constants once the loops unroll: a shift and a mask per code, no
+  running bit buffer (1.3-1.6x faster than the buffer; docs/kv.md);
 * an online softmax per query row (running max, running sum per lane);
 * values: the warp walks the 32 positions of the tile, lane d owns D/32
-  consecutive dims, reads those codes (coalesced across the warp) and
-  accumulates p * (scale*code+bias).
+  consecutive dims, takes those codes from one 64-bit read of the tile's
+  packed row in shared memory and accumulates p * (scale*code+bias).
 
 A second kernel merges the splits (max-rescaled sums, one block per query row) and
 writes the output in the queries' dtype. Masks: none, causal (offset S-L, as mlx-lm's "causal"), or an
@@ -45,19 +48,15 @@ HEAD_DIMS = (64, 128, 256)
 _HEADER = """
 #define OPTIQ_NEG_INF __int_as_float(0xff800000)
 
-// Next BITS-bit code of a little-endian bit stream of 32-bit words, as a float. The
-// float comes from the exponent trick (2^23 + code, minus 2^23): two full-rate ops
-// instead of an int->float conversion, whose throughput is a fraction of an FMA's.
+// Code i (a compile-time constant once the caller's loop is unrolled) of a little-endian
+// BITS-bit stream held in registers `w`: one shift and one mask (two shifts when the code
+// straddles two words), no runtime bit bookkeeping.
 template <int BITS>
-__device__ __forceinline__ float take_code(unsigned long long& buf, int& nb, const unsigned int*& words) {
-  if (nb < BITS) {
-    buf |= ((unsigned long long)(*words++)) << nb;
-    nb += 32;
-  }
-  const unsigned int code = (unsigned int)(buf & ((1ull << BITS) - 1ull));
-  buf >>= BITS;
-  nb -= BITS;
-  return __int_as_float(0x4B000000u | code) - 8388608.f;
+__device__ __forceinline__ float code_at(const unsigned int* w, const int i) {
+  const int bit = i * BITS, wi = bit >> 5, sh = bit & 31;
+  unsigned int c = w[wi] >> sh;
+  if (sh + BITS > 32) c |= w[wi + 1] << (32 - sh);
+  return __int_as_float(0x4B000000u | (c & ((1u << BITS) - 1u))) - 8388608.f;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -167,16 +166,20 @@ _SPLIT_SOURCE = """
       const unsigned int* words = (const unsigned int*)row;
       const TS* ksc = (const TS*)(row + KWORDS * 4);
       const TS* kbi = ksc + NG;
-      unsigned long long buf = 0ull;
-      int nb = 0;
+      constexpr int GW = G * KB / 32;  // code words per group (G is a multiple of 32)
 #pragma unroll
       for (int g = 0; g < NG; g++) {
+        // the group's code words as independent loads, decoded at constant offsets below
+        unsigned int kw[GW + 1];
+#pragma unroll
+        for (int i = 0; i < GW; i++) kw[i] = words[g * GW + i];
+        kw[GW] = 0u;
         float part[RP];
 #pragma unroll
         for (int r = 0; r < RP; r++) part[r] = 0.f;
 #pragma unroll
         for (int j = 0; j < G; j++) {
-          const float c = take_code<KB>(buf, nb, words);
+          const float c = code_at<KB>(kw, j);
 #pragma unroll
           for (int k = 0; k < R4; k++) {
             const float4 x = qs4[(g * G + j) * R4 + k];
@@ -236,14 +239,16 @@ _SPLIT_SOURCE = """
         pt[4 * k + 3] = x.w;
       }
       const unsigned int* vrow = my_v + t * VROW;
-      const unsigned int* words = vrow + (bitoff >> 5);
-      unsigned long long buf = ((unsigned long long)(*words++)) >> (bitoff & 31);
-      int nb = 32 - (bitoff & 31);
+      // this lane's DPL codes start at bit `bitoff`; with its shift they fit in 64 bits for
+      // every head dim and width the kernel takes (word w+1 is at worst the row's first scale)
+      const int w = bitoff >> 5;
+      const unsigned long long bits = (((unsigned long long)vrow[w + 1] << 32) | vrow[w]) >> (bitoff & 31);
       const TS* vsc = (const TS*)(vrow + VWORDS);
       const float sc = (float)vsc[g], bi = (float)vsc[NG + g];
 #pragma unroll
       for (int i = 0; i < DPL; i++) {
-        const float v = sc * take_code<VB>(buf, nb, words) + bi;
+        const unsigned int code = (unsigned int)(bits >> (i * VB)) & ((1u << VB) - 1u);
+        const float v = sc * (__int_as_float(0x4B000000u | code) - 8388608.f) + bi;
 #pragma unroll
         for (int r = 0; r < R; r++) acc[r][i] += pt[r] * v;
       }
@@ -354,7 +359,7 @@ def supports(queries: mx.array, keys: Any, values: Any, mask: Any) -> bool:
     return why_unsupported(queries, keys, values, mask) is None
 
 
-TARGET_WARPS = 2048  # about one resident wave on an H100/H200 (132 SMs x 16 warps)
+TARGET_WARPS = 4096  # ~31 warps per SM on an H100/H200 (132 SMs): the best of 2048-16384 in a sweep (docs/kv.md)
 SHARED_BYTES = 48 * 1024  # static shared memory per block
 
 

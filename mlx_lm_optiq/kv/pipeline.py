@@ -21,6 +21,7 @@ from mlx_lm.utils import load_tokenizer
 from mlx_lm_optiq.core.backend import warn_if_slow_blas
 from mlx_lm_optiq.core.calibration import load_calibration
 from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.durations import format_duration
 from mlx_lm_optiq.core.model_tree import load_float_model, read_model_config, resolve_model_path
 from mlx_lm_optiq.kv.apply import attach_plan
 from mlx_lm_optiq.kv.candidates import KVCandidate
@@ -102,14 +103,6 @@ def _measured_subset(table: dict, candidates: Sequence[KVCandidate], source: str
     return restrict_table(table, candidates)
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def measurement_line(
     config: KVPlanConfig, probes: int, seconds_per_probe: float, spell: Callable[[str], str] = str
 ) -> str:
@@ -126,7 +119,7 @@ def measurement_line(
         f"KV measurement on {c.backend}: probe {c.probe}, {len(c.candidates)} candidates, "
         f"{c.num_windows} {windows} of {c.prefix_tokens} + {c.scored_tokens} scored tokens, "
         f"bits for a {c.context_length}-token context: {probes} probes x ~{seconds_per_probe:.2f} s "
-        f"= ~{_duration(probes * seconds_per_probe)} (estimate)"
+        f"= ~{format_duration(probes * seconds_per_probe)} (estimate)"
     )
     if c.defaulted:
         line += f"; {c.backend} defaults for {', '.join(spell(n) for n in c.defaulted)}"

@@ -11,8 +11,9 @@ module at its own rank and slice the padding off (no padding cost):
   optiq_lora_config.json {"format_version": 1, "kind": "optiq-lora-config",
                           "base_model", "fine_tune_type": "lora|dora", "rank_scaling",
                           "base_rank", "padded_rank", "scale", "dropout", "metadata",
-                          "budget_params", "trainable_params",
-                          "modules": {path: {"rank", "input_dims", "output_dims", "bits"?, "kl"?}}}
+                          "budget_params", "trainable_params", "init"?: "zero|loftq",
+                          "modules": {path: {"rank", "input_dims", "output_dims", "bits"?, "kl"?,
+                                             "residual_energy"?, "residual_captured"?}}}
 
 This module is the one reader (`read_record`), validator (`validate_record`) and
 writer (`new_record` + `write_record`) of optiq_lora_config.json.
@@ -247,8 +248,13 @@ RECORD_FIELDS = (
     "budget_params",
     "trainable_params",
     "modules",
+    "init",
 )
-MODULE_FIELDS = ("rank", "input_dims", "output_dims", "bits", "kl")
+# per-module residual fields (rank scaling by_residual / LoftQ init): ||W - Q||_F^2 and the share
+# of it the module's rank can remove (lora/residual.py)
+RESIDUAL_FIELDS = ("residual_energy", "residual_captured")
+MODULE_FIELDS = ("rank", "input_dims", "output_dims", "bits", "kl", *RESIDUAL_FIELDS)
+LORA_INITS = ("zero", "loftq")
 
 
 def _is_int(value: Any, minimum: int) -> bool:
@@ -282,11 +288,13 @@ def validate_record(data: Mapping, path: str | Path) -> Mapping:
         for key in ("input_dims", "output_dims"):
             if key in entry and not _is_int(entry[key], 1):
                 bad(f"{at}.{key}", "a positive integer", entry[key])
-        for key in ("bits", "kl"):
+        for key in ("bits", "kl", *RESIDUAL_FIELDS):
             if entry.get(key) is not None and not (_is_number(entry[key]) and entry[key] >= 0):
                 bad(f"{at}.{key}", "a finite number >= 0", entry[key])
     if not isinstance(data["fine_tune_type"], str) or data["fine_tune_type"] not in FINE_TUNE_TYPES:
         bad("fine_tune_type", "'lora' or 'dora'", data["fine_tune_type"])
+    if data.get("init") is not None and data["init"] not in LORA_INITS:
+        bad("init", f"one of {list(LORA_INITS)}", data["init"])
     if not _is_number(data["scale"]):
         bad("scale", "a finite number", data["scale"])
     if data.get("dropout") is not None and not (_is_number(data["dropout"]) and 0 <= data["dropout"] < 1):
@@ -323,6 +331,7 @@ def new_record(
     metadata: str | None = None,
     budget_params: int | None = None,
     padded_rank: int | None = None,
+    init: str | None = None,
 ) -> dict:
     """An optiq_lora_config.json payload (the format in this module's docstring).
 
@@ -341,6 +350,7 @@ def new_record(
         "budget_params": budget_params,
         "trainable_params": sum(m["rank"] * (m["input_dims"] + m["output_dims"]) for m in modules.values()),
         "modules": dict(modules),
+        **({"init": init} if init is not None else {}),
     }
 
 

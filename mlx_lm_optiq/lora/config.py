@@ -18,7 +18,9 @@ from mlx_lm_optiq.core.config import ConfigError
 from mlx_lm_optiq.core.jsonio import OptiqFileError
 from mlx_lm_optiq.weights.metadata import find_metadata, read_metadata
 
-RANK_SCALING_MODES = ("constant", "by_bits", "by_kl")
+RANK_SCALING_MODES = ("constant", "by_bits", "by_kl", "by_residual")
+# How new LoRA A/B start: zero (stock: B = 0) or loftq (truncated SVD of the quantization residual).
+LORA_INITS = ("zero", "loftq")
 # Load-time quantization schemes, named as their config fields; at most one is set.
 UNIFORM_LOAD_SCHEMES = ("load_in_4bits", "load_in_6bits", "load_in_8bits", "load_in_mxfp4")
 MIXED_LOAD_SCHEME = "load_mixed"
@@ -54,8 +56,9 @@ class LoraTrainingConfig:
         default=None,
         metadata={
             "help": "Per-layer LoRA rank at the parameter budget of constant --rank: constant, by_bits "
-            "(rank proportional to the layer's quantization bits) or by_kl (to its measured sensitivity). "
-            "by_bits/by_kl read the model's optiq_metadata.json."
+            "(rank proportional to the layer's quantization bits), by_kl (to its measured sensitivity) or "
+            "by_residual (greedy on the sensitivity-weighted singular values of each layer's quantization "
+            "residual). by_bits/by_kl/by_residual read the model's optiq_metadata.json."
         },
     )
     metadata: Path | None = field(
@@ -76,6 +79,24 @@ class LoraTrainingConfig:
             "help": "Quantize a float --model while loading it with the per-layer bits of an optiq_metadata.json."
         },
     )
+    lora_init: str | None = field(
+        default=None,
+        metadata={
+            "help": "How new LoRA weights start: zero (stock, B = 0) or loftq (A/B from the truncated SVD of "
+            "each layer's quantization residual, so training starts at the float model's best low-rank "
+            "correction; needs the float weights: a load-time quantized float --model, or a model our "
+            "convert wrote)."
+        },
+    )
+    qat: bool = field(
+        default=False,
+        metadata={
+            "help": "Quantization-aware LoRA on a float --model: each adapted layer trains through the "
+            "round-to-nearest quantization of W + its LoRA update at that layer's bits/group/mode from "
+            "optiq_metadata.json (straight-through gradients), other layers run quantized at theirs, so "
+            "mlx_lm.fuse + re-quantization to the same plan (python -m mlx_lm_optiq.lora.qat) keeps the gain."
+        },
+    )
     fine_tune_type: str = field(
         default="lora",
         metadata={"help": "mlx_lm.lora's own fine-tune type (lora, dora, full); rank scaling needs lora or dora."},
@@ -94,6 +115,12 @@ class LoraTrainingConfig:
                 raise ConfigError("max_rank", f"expected a positive integer, got {self.max_rank!r}")
             if self.rank_scaling is None:
                 raise ConfigError("max_rank", "only applies with `rank_scaling` by_bits/by_kl")
+        if self.lora_init is not None and self.lora_init not in LORA_INITS:
+            raise ConfigError("lora_init", f"got {self.lora_init!r}, expected one of {list(LORA_INITS)}")
+        if self.lora_init == "loftq" and self.fine_tune_type != "lora":
+            raise ConfigError(
+                "lora_init", f"loftq initialises LoRA layers; `fine_tune_type` is {self.fine_tune_type!r}"
+            )
         for name in LOAD_SCHEMES:
             value = getattr(self, name)
             if value is None:
@@ -103,8 +130,28 @@ class LoraTrainingConfig:
         chosen = [name for name in LOAD_SCHEMES if getattr(self, name)]
         if len(chosen) > 1:
             raise ConfigError("/".join(chosen), "choose one load-time quantization")
-        if self.metadata is not None and not (self.rank_scaling or self.load_mixed):
-            raise ConfigError("metadata", "is read by `rank_scaling` or `load_mixed`; neither is set")
+        if self.qat is None:
+            self.qat = False
+        if not isinstance(self.qat, bool):
+            raise ConfigError("qat", f"expected true or false, got {self.qat!r}")
+        if self.qat and chosen:
+            raise ConfigError(
+                "qat", f"trains on the float model and quantizes by the sidecar itself; drop `{chosen[0]}`"
+            )
+        if self.qat and self.loftq:
+            raise ConfigError(
+                "qat",
+                "`lora_init` loftq fits A·B to a quantized base's residual; QAT trains on the float base: use one",
+            )
+        if self.qat and self.fine_tune_type != "lora":
+            raise ConfigError(
+                "qat",
+                f"needs `fine_tune_type` lora (DoRA's fused weight is not W + its update), got {self.fine_tune_type!r}",
+            )
+        if self.metadata is not None and not (self.rank_scaling or self.load_mixed or self.loftq or self.qat):
+            raise ConfigError(
+                "metadata", "is read by `rank_scaling`, `load_mixed`, `lora_init` loftq or `qat`; none is set"
+            )
         if self.rank_scaling is not None and self.fine_tune_type not in LORA_FINE_TUNE_TYPES:
             raise ConfigError("rank_scaling", f"needs `fine_tune_type` lora or dora, got {self.fine_tune_type!r}")
 
@@ -112,8 +159,23 @@ class LoraTrainingConfig:
         """Read the optiq_metadata.json this run will need (by_bits/by_kl ranks when `for_ranks`, the
         `load_mixed` bits) now, before the model and the data load: a missing or malformed sidecar
         fails in seconds (MetadataNotFound / OptiqFileError naming it), not after loading."""
-        if (for_ranks and self.rank_scaling in ("by_bits", "by_kl")) or self.load_mixed:
+        if (for_ranks and self.rank_scaling in ("by_bits", "by_kl", "by_residual")) or self.load_mixed or self.qat:
             read_metadata(locate_metadata(model_path, self.metadata))
+        if for_ranks and (self.rank_scaling == "by_residual" or self.loftq) and self.load_scheme is None:
+            # the residual needs the float weights: the sidecar's source model (lora/residual.py)
+            from mlx_lm_optiq.lora.residual import float_source
+
+            field = "rank_scaling" if self.rank_scaling == "by_residual" else "lora_init"
+            try:
+                metadata = read_metadata(locate_metadata(model_path, self.metadata))
+            except MetadataNotFound:
+                metadata = None
+            float_source(model_path, None, metadata, field)
+
+    @property
+    def loftq(self) -> bool:
+        """Whether new LoRA layers start from the residual's truncated SVD (`lora_init` loftq)."""
+        return self.lora_init == "loftq"
 
     @property
     def load_scheme(self) -> str | None:

@@ -21,7 +21,9 @@ from mlx_lm_optiq.lora import adapter_files
 def summarize(adapter_path: str | Path) -> dict:
     """{"base_model", "fine_tune_type", "rank_scaling", "base_rank", "padded_rank",
     "trainable_params", "budget_params", "num_modules", "by_bits": [{"bits", "modules",
-    "rank_min", "rank_mean", "rank_max", "params"}]}"""
+    "rank_min", "rank_mean", "rank_max", "params"}]}; with a record also "init", and where it has
+    residuals "residual_energy" (summed ||W - Q||^2) and "residual_captured" (energy-weighted share
+    the ranks can remove)."""
     adapter_path = Path(adapter_path)
     if adapter_files.has_record(adapter_path):
         adapter_files.check_adapter_dir(adapter_path)  # the summary below must describe the real tensors
@@ -31,6 +33,12 @@ def summarize(adapter_path: str | Path) -> dict:
             k: record.get(k)
             for k in ("base_model", "fine_tune_type", "rank_scaling", "base_rank", "padded_rank", "budget_params")
         }
+        info["init"] = record.get("init", "zero")
+        energies = [(m["residual_energy"], m["residual_captured"]) for m in modules.values() if "residual_energy" in m]
+        if energies:  # by_residual / loftq runs: how much of the quantization residual the ranks can remove
+            total = sum(e for e, _ in energies)
+            info["residual_energy"] = total
+            info["residual_captured"] = sum(e * c for e, c in energies) / total if total > 0 else 0.0
     else:
         config = adapter_files.read_stock_config(adapter_path)
         modules = adapter_files.adapter_shapes(adapter_files.load_weights_file(adapter_path)[1])
@@ -77,6 +85,15 @@ def format_summary(info: dict) -> str:
         + ")",
         f"trainable params:  {info['trainable_params']:,} in {info['num_modules']} modules"
         + (f" (constant-rank budget {info['budget_params']:,})" if info.get("budget_params") else ""),
+        *(
+            [
+                f"init:              {info.get('init', 'zero')}",
+                f"residual removable: {info['residual_captured']:.2%} of ||W - Q||^2 = {info['residual_energy']:.4g} "
+                "(best rank-r approximation at each module's rank)",
+            ]
+            if "residual_captured" in info
+            else []
+        ),
         "rank distribution by bits:",
         f"  {'bits':>5} {'modules':>8} {'rank min':>9} {'mean':>7} {'max':>5} {'params':>12}",
     ]

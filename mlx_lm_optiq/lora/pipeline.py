@@ -22,9 +22,17 @@ from typing import Any
 
 from mlx_lm_optiq.core.config import ConfigError
 from mlx_lm_optiq.core.jsonio import OptiqFileError
-from mlx_lm_optiq.lora import adapter_files
+from mlx_lm_optiq.lora import adapter_files, residual
 from mlx_lm_optiq.lora.config import LoraTrainingConfig, locate_metadata
-from mlx_lm_optiq.lora.ranks import Dims, budget_params, layer_sensitivity, lora_params, mode_ranks
+from mlx_lm_optiq.lora.ranks import (
+    DEFAULT_MAX_RANK_FACTOR,
+    Dims,
+    allocate_by_gain,
+    budget_params,
+    layer_sensitivity,
+    lora_params,
+    mode_ranks,
+)
 from mlx_lm_optiq.weights.metadata import METADATA_FILE, read_metadata
 
 
@@ -41,6 +49,10 @@ class RankPlan:
     layers: dict[str, dict] = field(default_factory=dict)
     # a restored plan's record entries ({"bits"?, "kl"?} per module), recorded again as they were
     recorded: dict[str, dict] = field(default_factory=dict)
+    # how apply_rank_plan starts the A/B weights: "zero" (stock) or "loftq" (residual SVD)
+    init: str = "zero"
+    # {module: residual.Residual} when by_residual or loftq needed the quantization residuals
+    residuals: dict[str, Any] = field(default_factory=dict)
 
     @property
     def budget_params(self) -> int:
@@ -57,12 +69,21 @@ class RankPlan:
         for name, (input_dims, output_dims) in self.dims.items():
             entry = {"rank": self.ranks[name], "input_dims": input_dims, "output_dims": output_dims}
             if name in self.recorded:
-                entry.update({k: v for k, v in self.recorded[name].items() if k in ("bits", "kl")})
+                entry.update(
+                    {
+                        k: v
+                        for k, v in self.recorded[name].items()
+                        if k in ("bits", "kl", *adapter_files.RESIDUAL_FIELDS)
+                    }
+                )
             elif name in self.layers:
                 entry["bits"] = self.layers[name]["bits"]
                 kl = layer_sensitivity(self.layers[name])
                 if kl is not None:
                     entry["kl"] = kl
+            if name in self.residuals:  # ||R||_F^2 and the share the module's rank can remove
+                entry["residual_energy"] = self.residuals[name].energy
+                entry["residual_captured"] = self.residuals[name].captured(self.ranks[name])
             entries[name] = entry
         return entries
 
@@ -77,11 +98,24 @@ class RankPlan:
         )
 
 
-def plan_ranks(config: LoraTrainingConfig, model: Any, base_rank: int, model_path: str | Path) -> RankPlan:
+def plan_ranks(
+    config: LoraTrainingConfig,
+    model: Any,
+    base_rank: int,
+    model_path: str | Path,
+    float_model: str | Path | None = None,
+    progress: bool = True,
+    residuals: Mapping[str, Any] | None = None,
+) -> RankPlan:
     """The per-module ranks for the LoRA layers stock `linear_to_lora_layers` put on `model`.
 
-    by_bits/by_kl read `config.metadata` (default: the sidecar next to `model_path`);
-    constant ranks read a sidecar only to record bits next to the ranks.
+    by_bits/by_kl/by_residual read `config.metadata` (default: the sidecar next to `model_path`);
+    constant ranks read a sidecar only to record bits next to the ranks. by_residual and
+    `lora_init` loftq also compute each module's quantization residual against the float
+    weights (`residual.float_source`: the load-time quantized `model_path`, else the sidecar's
+    source model; `float_model` overrides both). `residuals`: {module: residual.Residual} already
+    computed for this base (a benchmark planning many runs on one base), each with at least as
+    many singular triplets as the largest rank planned.
     """
     mode = config.rank_scaling or "constant"
     modules = adapter_files.lora_modules(model)
@@ -91,16 +125,45 @@ def plan_ranks(config: LoraTrainingConfig, model: Any, base_rank: int, model_pat
         )
     dims = {name: adapter_files.module_dims(m) for name, m in modules.items()}
     metadata, metadata_path = None, None
-    if mode != "constant" or config.metadata is not None:
+    if mode != "constant" or config.metadata is not None or (config.loftq and config.load_scheme is None):
         metadata_path = locate_metadata(model_path, config.metadata)
         metadata = read_metadata(metadata_path)
     else:
         candidate = Path(model_path) / METADATA_FILE
         if candidate.is_file():  # only to record bits next to constant ranks
             metadata_path, metadata = candidate, read_metadata(candidate)
-    ranks = mode_ranks(mode, dims, base_rank, metadata, metadata_path, max_rank=config.max_rank)
+    given, residuals = residuals, {}
+    if mode == "by_residual" or config.loftq:
+        cap = config.max_rank or DEFAULT_MAX_RANK_FACTOR * base_rank
+        if mode != "by_residual":
+            ranks = mode_ranks(mode, dims, base_rank, metadata, metadata_path, max_rank=config.max_rank)
+            cap = max(ranks.values())
+        if given is not None:
+            short = [n for n in dims if n not in given or given[n].u.shape[1] < min(cap, *dims[n])]
+            if short:
+                raise ValueError(f"given residuals miss or are too short for {short[:5]} (rank up to {cap})")
+            residuals = {n: given[n] for n in dims}
+        else:
+            source = float_model or residual.float_source(
+                model_path, config.load_scheme, metadata, "rank_scaling" if mode == "by_residual" else "lora_init"
+            )
+            residuals = residual.compute_residuals(model, list(dims), source, cap, progress=progress)
+        if mode == "by_residual":
+            gains = residual.residual_gains(residuals, metadata["layers"], metadata_path, cap)
+            ranks = allocate_by_gain(dims, gains, base_rank, max_rank=cap)
+    else:
+        ranks = mode_ranks(mode, dims, base_rank, metadata, metadata_path, max_rank=config.max_rank)
     layers = metadata["layers"] if metadata else {}
-    return RankPlan(mode, base_rank, ranks, dims, metadata_path, {n: layers[n] for n in dims if n in layers})
+    return RankPlan(
+        mode,
+        base_rank,
+        ranks,
+        dims,
+        metadata_path,
+        {n: layers[n] for n in dims if n in layers},
+        init="loftq" if config.loftq else "zero",
+        residuals=residuals,
+    )
 
 
 def resumed_record(config: LoraTrainingConfig, resume: str | Path | None, base_rank: int | None = None) -> dict | None:
@@ -116,6 +179,12 @@ def resumed_record(config: LoraTrainingConfig, resume: str | Path | None, base_r
     """
     if resume is None:
         return None
+    if config.loftq:
+        raise ConfigError(
+            "lora_init",
+            f"loftq initialises a new adapter, but this run resumes {resume} (its trained weights would replace "
+            "the initialisation): drop `lora_init` or the resume",
+        )
     record = adapter_files.record_beside(resume)
     if record is None and config.rank_scaling is None:
         return None  # stock resumes it
@@ -204,6 +273,7 @@ def plan_from_record(record: dict, model: Any, source: str | Path) -> RankPlan:
         dims=dims,
         metadata_path=Path(metadata) if metadata else None,
         recorded={n: recorded[n] for n in dims},
+        init=record.get("init") or "zero",
     )
 
 
@@ -278,6 +348,10 @@ def apply_rank_plan(
 
     scale, dropout = lora_parameters["scale"], lora_parameters.get("dropout", 0.0)
     adapter_files.build_lora_modules(model, plan.ranks, scale=scale, dropout=dropout, use_dora=use_dora)
+    if plan.init == "loftq" and plan.residuals:  # a restored plan (resume) keeps its trained weights
+        if use_dora or resume is not None:
+            raise ConfigError("lora_init", "loftq initialises new LoRA (not DoRA) layers only, not a resumed adapter")
+        residual.loftq_init(model, plan.ranks, plan.residuals, scale)
     if resume is not None:
         print(f"[optiq] Loading fine-tuned weights from {resume} at the planned per-layer ranks")
         weights = adapter_files.fit_adapter_weights(mx.load(str(resume)), plan.ranks, source=str(resume))
@@ -296,6 +370,7 @@ def apply_rank_plan(
         metadata=str(plan.metadata_path) if plan.metadata_path else None,
         budget_params=plan.budget_params,
         modules=plan.module_entries(),
+        init=plan.init,
     )
     adapter_files.write_record(adapter_path, record)
     print(f"[optiq] {plan.summary()}")

@@ -123,6 +123,18 @@ def quantization_config(plan: Mapping[str, QuantParams | bool]) -> dict | None:
     return block
 
 
+def float_checkpoint_config(model_path: Path, field: str, why: str) -> dict:
+    """The config.json of `model_path`, or a ConfigError on `field` when it is a quantized
+    checkpoint (naming the file and the key that says so, then `why`)."""
+    from mlx_lm.utils import load_config
+
+    config = load_config(model_path)
+    if is_quantized_checkpoint(config):
+        key = "quantization" if "quantization" in config else "quantization_config"
+        raise ConfigError(field, f"{model_path / 'config.json'}: field {key!r} is present: {why}")
+    return config
+
+
 def load_quantized(
     path_or_repo: str | Path,
     scheme: str,
@@ -136,19 +148,14 @@ def load_quantized(
     scheme: one of UNIFORM_SCHEMES' keys, or "load_mixed" (per-layer bits from
     `metadata_path`, default the sidecar next to the model).
     """
-    from mlx_lm.utils import load_config, load_model, load_tokenizer
+    from mlx_lm.utils import load_model, load_tokenizer
 
     if scheme not in LOAD_SCHEMES:
         raise ValueError(f"unknown load-time quantization {scheme!r}; expected one of {list(LOAD_SCHEMES)}")
     model_path = resolve_model_path(path_or_repo)
-    config = load_config(model_path)
-    if is_quantized_checkpoint(config):
-        key = "quantization" if "quantization" in config else "quantization_config"
-        raise ConfigError(
-            scheme,
-            f"{model_path / 'config.json'}: field {key!r} is present: the model is already quantized; "
-            "load-time quantization needs a float base model",
-        )
+    config = float_checkpoint_config(
+        model_path, scheme, "the model is already quantized; load-time quantization needs a float base model"
+    )
     model, config = load_model(model_path, lazy=True, trust_remote_code=trust_remote_code)
     if scheme == MIXED_LOAD_SCHEME:
         mpath = locate_metadata(model_path, metadata_path)

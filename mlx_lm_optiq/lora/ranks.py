@@ -2,7 +2,8 @@
 
 Stock mlx-lm gives every adapted linear layer the same rank r. Here each module
 gets its own rank from a per-module weight (its quantization bits, or its
-measured sensitivity), under the constraint that the total number of trainable
+measured sensitivity: `allocate_ranks`) or from per-step gains (the sensitivity-weighted
+singular values of its quantization residual, `allocate_by_gain`; lora/residual.py), under the constraint that the total number of trainable
 LoRA parameters equals what constant rank r would use, within one rank step:
 capacity is moved, not added.
 
@@ -14,7 +15,7 @@ the rank and is left out of the budget.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from mlx_lm_optiq.core.config import ConfigError
@@ -45,6 +46,28 @@ def lora_params(dims_by_module: Mapping[str, Dims], ranks: Mapping[str, int]) ->
     return sum(ranks[name] * rank_cost(d) for name, d in dims_by_module.items())
 
 
+def _checked_budget(
+    dims_by_module: Mapping[str, Dims],
+    per_module: Mapping[str, object],
+    base_rank: int,
+    max_rank: int | None,
+    what: str,
+) -> tuple[int, list[str]]:
+    """(max rank, module names) after the checks every allocation shares: a base rank >= 1, a cap
+    that lets the budget be spent (default DEFAULT_MAX_RANK_FACTOR x the base rank), and `what`
+    (weights or gains) given for every module."""
+    if base_rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {base_rank}")
+    max_rank = max_rank or DEFAULT_MAX_RANK_FACTOR * base_rank
+    if max_rank < base_rank:
+        raise ConfigError("max_rank", f"{max_rank} is below the base rank {base_rank}: the budget cannot be spent")
+    names = list(dims_by_module)
+    missing = [n for n in names if n not in per_module]
+    if missing:
+        raise ValueError(f"no {what} for LoRA modules {missing[:5]}")
+    return max_rank, names
+
+
 def allocate_ranks(
     dims_by_module: Mapping[str, Dims],
     weights: Mapping[str, float],
@@ -62,15 +85,7 @@ def allocate_ranks(
     budget allows. Result: total <= budget and budget - total < the cost of one
     rank step of any module that could still grow.
     """
-    if base_rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {base_rank}")
-    max_rank = max_rank or DEFAULT_MAX_RANK_FACTOR * base_rank
-    if max_rank < base_rank:
-        raise ConfigError("max_rank", f"{max_rank} is below the base rank {base_rank}: the budget cannot be spent")
-    names = list(dims_by_module)
-    missing = [n for n in names if n not in weights]
-    if missing:
-        raise ValueError(f"no rank weight for LoRA modules {missing[:5]}")
+    max_rank, names = _checked_budget(dims_by_module, weights, base_rank, max_rank, "rank weight")
     for n in names:
         w = weights[n]
         if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
@@ -103,6 +118,50 @@ def allocate_ranks(
         n = max(growable, key=lambda k: (target[k] - ranks[k], -names.index(k)))
         ranks[n] += 1
         left -= cost[n]
+    return ranks
+
+
+def allocate_by_gain(
+    dims_by_module: Mapping[str, Dims],
+    gains: Mapping[str, Sequence[float]],
+    base_rank: int,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+) -> dict[str, int]:
+    """Integer ranks that maximise the summed gain at the parameter budget of constant `base_rank`.
+
+    gains: {module path: g} where g[r] is what raising that module's rank from r to r+1 gains
+    (non-increasing in r, e.g. weighted squared singular values of its quantization residual,
+    `lora.residual.residual_gains`); len(g) >= max_rank. Every module starts at `min_rank` (a
+    LoRA layer cannot have rank 0); then the step with the best gain per parameter is taken
+    while it fits, a module whose next step no longer fits drops out. With non-increasing gains
+    this greedy is the optimum of the fractional problem and within one step of the integer
+    one. Same budget contract as `allocate_ranks`: total <= budget, and budget - total < the
+    cost of one rank step of any module that could still grow (ties: larger gain, then order).
+    """
+    import heapq
+
+    max_rank, names = _checked_budget(dims_by_module, gains, base_rank, max_rank, "rank gains")
+    cost = {n: rank_cost(dims_by_module[n]) for n in names}
+    ranks = {n: min_rank for n in names}
+    left = base_rank * sum(cost.values()) - min_rank * sum(cost.values())
+
+    def entry(i, n):
+        g = float(gains[n][ranks[n]]) if ranks[n] < len(gains[n]) else 0.0
+        if not (math.isfinite(g) and g >= 0):
+            raise ValueError(f"rank gain of {n} at rank {ranks[n]} must be a finite number >= 0, got {g!r}")
+        return (-g / cost[n], -g, i, n)
+
+    heap = [entry(i, n) for i, n in enumerate(names) if ranks[n] < max_rank]
+    heapq.heapify(heap)
+    while heap:
+        _, _, i, n = heapq.heappop(heap)
+        if cost[n] > left:
+            continue  # its next step no longer fits; it never will (left only shrinks)
+        ranks[n] += 1
+        left -= cost[n]
+        if ranks[n] < max_rank:
+            heapq.heappush(heap, entry(i, n))
     return ranks
 
 
@@ -139,6 +198,10 @@ def rank_weights(
         raise OptiqFileError(
             f"{metadata_path}: field 'layers' has no entry for LoRA target(s) {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}; the sidecar must cover every adapted module"
+        )
+    if mode == "by_residual":
+        raise ConfigError(
+            "rank_scaling", "by_residual ranks come from the quantization residuals (`pipeline.plan_ranks`)"
         )
     if mode == "by_bits":
         return {n: float(layers[n]["bits"]) for n in module_names}

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from mlx_lm_optiq.core import backend as _backend
 from mlx_lm_optiq.core.calibration import load_calibration
 from mlx_lm_optiq.core.errors import user_errors
 from mlx_lm_optiq.core.formats import check_with_mlx, parse_candidates
 from mlx_lm_optiq.core.model_tree import read_model_config, resolve_model_path
 from mlx_lm_optiq.weights import clipping
+from mlx_lm_optiq.weights.config import measurement_defaults, per_backend_help
 from mlx_lm_optiq.weights.probes import log_line
 from mlx_lm_optiq.weights.sweep import REFERENCE_MODES, SweepSettings, measure_sensitivity
 from mlx_lm_optiq.weights.table import METHODS, write_table
@@ -24,8 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="local model directory or Hugging Face repo")
     parser.add_argument("--output", required=True, help="sensitivity table to write (JSON)")
-    parser.add_argument("--candidates", default="4:64,8:64", help="comma-separated, e.g. 2:64,4:64,8:64 or mxfp4:32")
-    parser.add_argument("--method", choices=METHODS, default="exact")
+    parser.add_argument(
+        "--candidates",
+        default=None,
+        help=f"comma-separated, e.g. 2:64,4:64,8:64 or mxfp4:32 ({per_backend_help('candidates')})",
+    )
+    parser.add_argument("--method", choices=METHODS, default=None, help=per_backend_help("sensitivity_method"))
     parser.add_argument("--reference", choices=REFERENCE_MODES, default="auto")
     parser.add_argument(
         "--clipping",
@@ -34,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="group ranges of every probe: clipped by activation-weighted error, or stock min/max",
     )
     parser.add_argument("--calibration", default=None, help="JSONL with 'text' or 'messages' (default: bundled set)")
-    parser.add_argument("--num-samples", type=int, default=16)
-    parser.add_argument("--sequence-length", type=int, default=512)
+    parser.add_argument("--num-samples", type=int, default=None, help=per_backend_help("num_samples"))
+    parser.add_argument("--sequence-length", type=int, default=None, help=per_backend_help("sequence_length"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--checkpoint", default=None, help="resume file for an interrupted sweep")
@@ -63,6 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    # what the user left unset: the same per-backend defaults as mlx_lm.convert --optiq-target-bpw
+    defaults = measurement_defaults(_backend.compute_backend())
+    args.candidates = args.candidates or defaults.candidates
+    if args.method is None:  # fisher cannot resume from a checkpoint or use the low-bit reference
+        fisher_blocked = args.checkpoint is not None or args.reference == "low-bit"
+        args.method = "exact" if fisher_blocked else defaults.sensitivity_method
+    args.num_samples = args.num_samples or defaults.num_samples
+    args.sequence_length = args.sequence_length or defaults.sequence_length
     group = mx.distributed.init() if args.distributed else None
     with user_errors(parser.prog):
         # every flag first, then the model path, then the text: nothing long runs on a bad input

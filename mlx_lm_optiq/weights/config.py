@@ -6,6 +6,14 @@ the stock convert arguments it depends on, then handed to
 below re-parses them. Errors are `core.config.ConfigError`s naming fields; a field
 mentioned inside an error's detail is written in backticks (`target_bpw`) so the hook
 can spell it as the flag the user typed.
+
+What a measuring convert leaves unset defaults per backend (`measurement_defaults`, the same
+design as kv/config.py): everywhere the 16 candidates the benchmarks found best for their cost
+(docs/weights.md: 0.52x uniform 4-bit's KL where 4/8-bit g64 gave 0.87x); on a GPU the exact
+sweep on 16x512 tokens (seconds there), on a CPU the Fisher estimate on 16x256 tokens, which
+plans as well as the exact sweep on the GPU benchmark (within 3% KL) and takes minutes on 2
+cores where the exact sweep takes hours. A value the user gives always wins; re-planning from a
+table measures nothing and keeps the table's candidates.
 """
 
 from __future__ import annotations
@@ -15,13 +23,49 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mlx_lm_optiq.core import backend as _backend
 from mlx_lm_optiq.core import formats
 from mlx_lm_optiq.core.config import ConfigError
 from mlx_lm_optiq.weights import clipping, gptq, sweep
 from mlx_lm_optiq.weights.plan import PROTECTIONS, check_protections
 
-DEFAULT_CANDIDATE_BITS = (4, 8)
+# Bits offered when only group sizes (or stock --q-group-size) are given: those of the default set.
+DEFAULT_CANDIDATE_BITS = (3, 4, 5, 6, 8)
+# The group size of `candidate_bits` given alone (as before: a subset of a table stays one).
 DEFAULT_GROUP_SIZE = 64
+# The default candidates: 3/4/5/6/8 bits x group 32/64/128 (128 fits only wide inputs) + nvfp4:16.
+DEFAULT_CANDIDATES = ",".join([f"{b}:{g}" for b in DEFAULT_CANDIDATE_BITS for g in (32, 64, 128)] + ["nvfp4:16"])
+
+
+@dataclass(frozen=True)
+class MeasurementDefaults:
+    """The measuring settings a backend uses for the ones the user leaves unset."""
+
+    candidates: str
+    sensitivity_method: str
+    num_samples: int
+    sequence_length: int
+
+
+# The config fields that take a backend default (the names of MeasurementDefaults' fields).
+MEASUREMENT_DEFAULT_FIELDS = tuple(f.name for f in fields(MeasurementDefaults))
+# A GPU (CUDA, Metal): the exact sweep; the 135M bundled model takes 15.6 s on an H200.
+GPU_DEFAULTS = MeasurementDefaults(DEFAULT_CANDIDATES, "exact", num_samples=16, sequence_length=512)
+# A CPU: the Fisher estimate on half the tokens, ~9 minutes for the bundled model on 2 cores
+# (the exact sweep: hours), planning as well as the exact sweep did on the GPU benchmark.
+CPU_DEFAULTS = MeasurementDefaults(DEFAULT_CANDIDATES, "fisher", num_samples=16, sequence_length=256)
+
+
+def measurement_defaults(backend: str) -> MeasurementDefaults:
+    """The default measuring settings on `backend` (core.backend.compute_backend)."""
+    return CPU_DEFAULTS if backend == "cpu" else GPU_DEFAULTS
+
+
+def per_backend_help(name: str) -> str:
+    """The help-text note for a field with a backend default: "default X on a CPU, Y on a GPU"."""
+    cpu, gpu = getattr(CPU_DEFAULTS, name), getattr(GPU_DEFAULTS, name)
+    return f"default {cpu}" if cpu == gpu else f"default {cpu} on a CPU, {gpu} on a GPU"
+
 
 # Fields that configure measuring the sensitivity table: meaningless when it is read from a file.
 MEASURING_FIELDS = (
@@ -89,18 +133,25 @@ class WeightsConfig:
     candidate_bits: str | list[int] | None = field(
         default=None,
         metadata=_help(
-            "Comma-separated bit widths to choose from per module (default 4,8; when re-planning "
-            "from a saved sensitivity table: the table's candidates)."
+            "Comma-separated bit widths to choose from per module, at the group sizes given (default "
+            f"{','.join(map(str, DEFAULT_CANDIDATE_BITS))} when only group sizes are given; with neither: "
+            "the default candidates; when re-planning from a saved sensitivity table: the table's)."
         ),
     )
     group_sizes: str | list[int] | None = field(
-        default=None, metadata=_help("Comma-separated group sizes to choose from (default: --q-group-size or 64).")
+        default=None,
+        metadata=_help(
+            "Comma-separated group sizes to choose from, with the bits given (default: "
+            f"--q-group-size or {DEFAULT_GROUP_SIZE})."
+        ),
     )
     candidates: str | list[Any] | None = field(
         default=None,
         metadata=_help(
             "Explicit comma-separated candidates instead of bits x group sizes: BITS:GROUP "
-            "(affine) or MODE:GROUP for mlx's float formats, e.g. 3:64,4:64,nvfp4:16,8:64."
+            "(affine) or MODE:GROUP for mlx's float formats, e.g. 3:64,4:64,nvfp4:16,8:64 (default, "
+            f"when no bits, group sizes or --q-group-size are given: {DEFAULT_CANDIDATES}; with "
+            "--q-group-size G alone: 3/4/5/6/8 bits at G; when re-planning: the table's)."
         ),
     )
     calibration: str | Path | None = field(
@@ -109,8 +160,12 @@ class WeightsConfig:
             "Calibration JSONL, one {'text': ...} or {'messages': [...]} per line (default: the bundled set)."
         ),
     )
-    num_samples: int | None = field(default=None, metadata=_help("Calibration sequences (default 16)."))
-    sequence_length: int | None = field(default=None, metadata=_help("Tokens per sequence (default 512)."))
+    num_samples: int | None = field(
+        default=None, metadata=_help(f"Calibration sequences ({per_backend_help('num_samples')}).")
+    )
+    sequence_length: int | None = field(
+        default=None, metadata=_help(f"Tokens per sequence ({per_backend_help('sequence_length')}).")
+    )
     sensitivity: str | Path | None = field(
         default=None,
         metadata=_help(
@@ -118,7 +173,11 @@ class WeightsConfig:
         ),
     )
     sensitivity_method: str | None = field(
-        default=None, metadata=_help("exact: measured KL per module and candidate; fisher: fast second-order estimate.")
+        default=None,
+        metadata=_help(
+            "exact: measured KL per module and candidate; fisher: fast second-order estimate "
+            f"({per_backend_help('sensitivity_method')}; exact with a checkpoint or the low-bit reference)."
+        ),
     )
     reference: str | None = field(default=None, metadata=_help("Reference model of the KL measurement (default auto)."))
     clipping: str | None = field(
@@ -153,6 +212,12 @@ class WeightsConfig:
     q_mode: str | None = field(default=None, metadata=_help("Stock convert's quantization mode."))
     dequantize: bool = field(default=False, metadata=_help("Stock convert's dequantize switch."))
     quant_predicate: Any = field(default=None, metadata=_help("Stock convert's quant_predicate."))
+    # Set by __post_init__ (not flags) when measuring: the backend whose defaults filled the unset
+    # measuring settings, which fields those were (what weights.pipeline says it chose), and why
+    # the method differs from the backend's default when it does.
+    backend: str | None = field(default=None, init=False)
+    defaulted: tuple[str, ...] = field(default=(), init=False)
+    method_note: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.text_only = bool(self.text_only)
@@ -171,6 +236,7 @@ class WeightsConfig:
         if self.sensitivity is not None and all(getattr(self, f) is None for f in CANDIDATE_FIELDS):
             self.candidates = None  # re-planning: the table's own candidates (weights.pipeline)
         else:
+            self._default_measuring()
             self.candidates = self._parse_candidates()
         self.candidate_bits = self.group_sizes = None
         self.protect = _names(self.protect)
@@ -197,6 +263,35 @@ class WeightsConfig:
             )
         if self.writer == "gptq" and self.reference == "low-bit":
             raise ConfigError("writer", GPTQ_NEEDS_FLOAT)
+
+    def _default_measuring(self) -> None:
+        """Fill the measuring settings left unset from the backend's defaults (measuring only).
+
+        The candidates default only when no candidate flag and no stock group size was given (a
+        group size alone, or bits alone, keep their own defaults in `_parse_candidates`). A Fisher
+        default yields to exact where fisher cannot run: a resume file was asked for, or the
+        low-bit reference (fisher needs the float model's gradients)."""
+        if self.sensitivity is not None:
+            return
+        self.backend = _backend.compute_backend()
+        defaults = measurement_defaults(self.backend)
+        defaulted = []
+        if all(getattr(self, f) is None for f in CANDIDATE_FIELDS) and self.q_group_size is None:
+            if (self.q_mode or "affine") == "affine":
+                self.candidates = defaults.candidates
+                defaulted.append("candidates")
+        for name in ("sensitivity_method", "num_samples", "sequence_length"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(defaults, name))
+                defaulted.append(name)
+        if "sensitivity_method" in defaulted and self.sensitivity_method == "fisher":
+            if self.checkpoint is not None:
+                self.method_note = "exact: a `checkpoint` resumes only an exact sweep"
+            elif self.reference == "low-bit":
+                self.method_note = "exact: fisher needs the float model, and `reference` is low-bit"
+            if self.method_note is not None:
+                self.sensitivity_method = "exact"
+        self.defaulted = tuple(defaulted)
 
     def _parse_candidates(self) -> list[formats.Candidate]:
         mode = self.q_mode or "affine"
@@ -231,7 +326,7 @@ class WeightsConfig:
         options: the convert hook's option values, prefix stripped (None: not given; other
         features' options are ignored). call: stock convert's bound arguments.
         """
-        own = {f.name for f in fields(cls)} - set(STOCK_FIELDS)
+        own = {f.name for f in fields(cls) if f.init} - set(STOCK_FIELDS)
         given = {k: v for k, v in options.items() if k in own and v is not None}
         return cls(**given, **{k: call.get(k) for k in STOCK_FIELDS if call.get(k) is not None})
 

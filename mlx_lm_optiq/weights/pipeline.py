@@ -14,6 +14,7 @@ Data flows one way: this module calls the weights modules and core, never back.
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -23,9 +24,10 @@ from typing import Any
 
 from mlx_lm_optiq.core import calibration, model_tree
 from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.durations import format_duration
 from mlx_lm_optiq.core.formats import Candidate, FormatError, candidate_key, parse_candidates, top_level_quantization
 from mlx_lm_optiq.weights import clipping, gptq, metadata, plan, sweep, text_only
-from mlx_lm_optiq.weights.config import GPTQ_NEEDS_FLOAT, WeightsConfig
+from mlx_lm_optiq.weights.config import GPTQ_NEEDS_FLOAT, WeightsConfig, measurement_defaults
 
 # The dequantized copy of a quantized source, inside the convert's staging directory.
 FLOAT_SOURCE_DIR = ".optiq-float-source"
@@ -67,6 +69,7 @@ def plan_weights(
     staging_dir: str | Path,
     dtype: str | None = None,
     revision: str | None = None,
+    spell: Callable[[str], str] = str,
 ) -> WeightsPlanResult:
     """Plan the mixed-precision conversion of `model` (a local path or a hub id) for `config`.
 
@@ -74,6 +77,8 @@ def plan_weights(
     directory: removed with it). dtype, revision: stock convert's arguments of those names.
     Re-planning from `config.sensitivity` chooses from the table's candidates when the config
     names none (`config.candidates` None), else from the named ones, which the table must hold.
+    Before measuring it prints `measurement_line` (fields spelled by `spell`: the convert hook
+    spells them as its flags).
     """
     if config.target_bpw is None:
         raise ConfigError("target_bpw", "is needed to plan mixed precision")
@@ -101,6 +106,9 @@ def plan_weights(
         _info("dequantizing the quantized source to plan and re-quantize it")
         float_source = model_tree.write_float_source(model_path, Path(staging_dir) / FLOAT_SOURCE_DIR)
     if table is None:
+        params = _parameter_count(float_model)
+        _fall_back_to_exact(config, params)
+        _info(measurement_line(config, candidates, params, spell))
         table = measure(model_path, config, tokens)
         plan.check_table_matches(table, float_model, source)
         writer = resolve_writer(config, table)
@@ -134,6 +142,87 @@ def plan_weights(
         model_path=model_path,
         clipper=clipper,
     )
+
+
+# Measured times of the 134.5M-parameter bundled model (docs/weights.md), from which
+# `typical_seconds` scales a rough estimate for another model and calibration size.
+_BUNDLED_PARAMS = 134.5e6
+
+
+def typical_seconds(backend: str, method: str, params: int, tokens: int, candidates: list[Candidate]) -> float:
+    """Rough seconds of a sweep (plus the gptq writer on a CPU), scaled linearly in parameters,
+    calibration tokens and candidates from what the bundled model measured.
+
+    CPU (2 cores, OpenBLAS): fisher 528 s on 16x256 tokens with 15 affine candidates, ~240 s of
+    it the clipping search (per affine candidate, not per token); the gptq writer ~95 s; the
+    exact sweep 27.6 s for 21 of 211 modules x 2 candidates x 128 tokens. H200: exact 15.6 s,
+    fisher 8.3 s on 8x256 tokens with 16 candidates. Metal was not measured (H200's numbers)."""
+    size = params / _BUNDLED_PARAMS
+    affine = sum(1 for c in candidates if c["mode"] == "affine")
+    if backend == "cpu":
+        clip = 240.0 * affine / 15
+        if method == "fisher":
+            return size * (288.0 * tokens / 4096 + clip + 95.0)
+        return size * (27.6 * (211 / 21) * (len(candidates) / 2) * (tokens / 128) + clip + 95.0)
+    per = 15.6 if method == "exact" else 8.3
+    return size * per * (tokens / 2048) * (len(candidates) / 16 if method == "exact" else 1.0)
+
+
+def measurement_line(
+    config: WeightsConfig, candidates: list[Candidate], params: int, spell: Callable[[str], str] = str
+) -> str:
+    """The one line that says what a measuring convert runs, on which backend, for about how long.
+
+    Backend, method, candidates, calibration size, writer and a rough time (`typical_seconds`);
+    which settings came from the backend's defaults, and on a CPU what a GPU would run instead
+    and what that would cost here (the user can ask for it explicitly)."""
+    c = config
+    backend = c.backend or "cpu"
+    samples, length = c.num_samples, c.sequence_length
+    tokens = samples * length
+    writer = c.writer or ("rtn" if c.reference == "low-bit" else gptq.DEFAULT_WRITER)
+    keys = ",".join(candidate_key(**x) for x in candidates)
+    where = "2 CPU cores" if backend == "cpu" else "an H200"
+    line = (
+        f"weights sensitivity on {backend}: method {c.sensitivity_method}, {len(candidates)} candidates "
+        f"({keys}), calibration {samples}x{length} tokens of {c.calibration or 'the bundled set'}, writer "
+        f"{writer}: ~{format_duration(typical_seconds(backend, c.sensitivity_method, params, tokens, candidates))} "
+        f"(rough: the bundled 135M model's measured time on {where}, scaled to {params / 1e6:.0f}M parameters)"
+    )
+    if c.method_note:
+        line += "; method " + re.sub(r"`(\w+)`", lambda m: spell(m.group(1)), c.method_note)
+    if c.defaulted:
+        line += f"; {backend} defaults for {', '.join(spell(n) for n in c.defaulted)}"
+        gpu, own = measurement_defaults("gpu"), measurement_defaults(backend)
+        chosen = {n: getattr(own, n) if n == "candidates" else getattr(c, n) for n in c.defaulted}
+        other = [f"{spell(n)} {getattr(gpu, n)}" for n in c.defaulted if getattr(gpu, n) != chosen[n]]
+        if backend == "cpu" and other:
+            method = gpu.sensitivity_method if "sensitivity_method" in c.defaulted else c.sensitivity_method
+            length = gpu.sequence_length if "sequence_length" in c.defaulted else length
+            here = typical_seconds("cpu", method, params, samples * length, candidates)
+            line += f" (GPU defaults: {' '.join(other)}, ~{format_duration(here)} on this CPU)"
+    return line
+
+
+def _parameter_count(model: Any) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def _fall_back_to_exact(config: WeightsConfig, params: int) -> None:
+    """A defaulted fisher method needs the float reference; when `reference` auto will pick the
+    low-bit one (the float model does not fit: sweep's own rule), measure exact instead and say so."""
+    if "sensitivity_method" not in config.defaulted or config.sensitivity_method != "fisher":
+        return
+    if config.reference not in (None, "auto"):
+        return
+    import mlx.core as mx
+
+    size = 4 if mx.default_device() == mx.cpu else 2  # the sweep's compute dtype: fp32 on a CPU
+    if params * size > sweep._FLOAT_SHARE * sweep._memory_budget():
+        config.sensitivity_method = "exact"
+        config.method_note = "exact: the float model does not fit in memory, and fisher needs it"
 
 
 def resolve_writer(config: WeightsConfig, table: dict[str, Any]) -> str:

@@ -1,0 +1,162 @@
+"""Issue 13 item 4: `--optiq-target-bpw T` alone measures with the backend's defaults (16
+candidates everywhere; fisher on 16x256 tokens on a CPU, exact on 16x512 on a GPU), a value the
+user gives wins, re-planning keeps the table's candidates, and one line says what was chosen."""
+
+import json
+
+import pytest
+
+from mlx_lm_optiq.core import backend
+from mlx_lm_optiq.core.config import field_help
+from mlx_lm_optiq.core.formats import candidate_key, parse_candidates
+from mlx_lm_optiq.weights import pipeline
+from mlx_lm_optiq.weights.config import (
+    CPU_DEFAULTS,
+    DEFAULT_CANDIDATES,
+    GPU_DEFAULTS,
+    WeightsConfig,
+    measurement_defaults,
+)
+
+SIXTEEN = parse_candidates(DEFAULT_CANDIDATES)
+
+
+def _flag(field):
+    return "--optiq-" + field.replace("_", "-")
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "length"), [("cpu", "fisher", 256), ("cuda", "exact", 512), ("metal", "exact", 512)]
+)
+def test_defaults_per_backend(monkeypatch, name, method, length):
+    monkeypatch.setattr(backend, "compute_backend", lambda: name)
+    c = WeightsConfig(target_bpw=4.5)
+    assert c.backend == name
+    assert c.candidates == SIXTEEN and len(SIXTEEN) == 16
+    assert (c.sensitivity_method, c.num_samples, c.sequence_length) == (method, 16, length)
+    assert c.defaulted == ("candidates", "sensitivity_method", "num_samples", "sequence_length")
+    assert c.sweep_settings().method == method
+    assert c.calibration_sizes() == {"num_samples": 16, "sequence_length": length}
+    assert measurement_defaults(name) == (CPU_DEFAULTS if name == "cpu" else GPU_DEFAULTS)
+
+
+def test_user_values_win_and_replans_take_no_defaults(monkeypatch):
+    monkeypatch.setattr(backend, "compute_backend", lambda: "cpu")
+    c = WeightsConfig(target_bpw=4.5, sensitivity_method="exact", num_samples=2, candidates="4:64,8:64")
+    assert (c.sensitivity_method, c.num_samples, c.sequence_length) == ("exact", 2, 256)
+    assert [candidate_key(**x) for x in c.candidates] == ["4:64", "8:64"]
+    assert c.defaulted == ("sequence_length",)
+    # bits or a group size given: their own defaults, not the 16 candidates
+    assert [candidate_key(**x) for x in WeightsConfig(target_bpw=5, candidate_bits="4").candidates] == ["4:64"]
+    assert "candidates" not in WeightsConfig(target_bpw=5, q_group_size=128).defaulted
+    # fisher cannot resume or run on the low-bit reference: a defaulted method yields to exact
+    c = WeightsConfig(target_bpw=4.5, checkpoint="sweep.json")
+    assert c.sensitivity_method == "exact" and c.sweep_settings().checkpoint_path == "sweep.json"
+    assert WeightsConfig(target_bpw=4.5, reference="low-bit", writer="rtn").sensitivity_method == "exact"
+    # re-planning measures nothing: no backend, nothing defaulted, the table's candidates
+    monkeypatch.setattr(backend, "compute_backend", lambda: pytest.fail("a re-plan asked the backend"))
+    c = WeightsConfig(target_bpw=4.5, sensitivity="t.json")
+    assert (c.backend, c.defaulted, c.candidates, c.sensitivity_method) == (None, (), None, None)
+
+
+def test_help_texts_state_the_per_backend_defaults():
+    helps = field_help(WeightsConfig)
+    assert "default fisher on a CPU, exact on a GPU" in helps["sensitivity_method"]
+    assert "default 256 on a CPU, 512 on a GPU" in helps["sequence_length"]
+    assert "default 16)" in helps["num_samples"]
+    assert DEFAULT_CANDIDATES in helps["candidates"]
+
+
+def test_the_line_on_a_gpu_and_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(backend, "compute_backend", lambda: "cuda")
+    gpu = pipeline.measurement_line(WeightsConfig(target_bpw=4.5), SIXTEEN, 134_515_008, _flag)
+    assert gpu.startswith("weights sensitivity on cuda: method exact, 16 candidates (")
+    assert "calibration 16x512 tokens of the bundled set, writer gptq: ~62 s (rough: " in gpu
+    assert gpu.endswith(
+        "cuda defaults for --optiq-candidates, --optiq-sensitivity-method, --optiq-num-samples, --optiq-sequence-length"
+    )
+    monkeypatch.setattr(backend, "compute_backend", lambda: "cpu")
+    cpu = pipeline.measurement_line(WeightsConfig(target_bpw=4.5, num_samples=8), SIXTEEN, 134_515_008, _flag)
+    assert "on cpu: method fisher, 16 candidates" in cpu and "8x256 tokens" in cpu
+    assert "cpu defaults for --optiq-candidates, --optiq-sensitivity-method, --optiq-sequence-length (GPU" in cpu
+    assert "(GPU defaults: --optiq-sensitivity-method exact --optiq-sequence-length 512, ~" in cpu
+    assert "--optiq-num-samples" not in cpu  # given: not a default, not an alternative
+    mine = pipeline.measurement_line(
+        WeightsConfig(target_bpw=4.5, sensitivity_method="exact", num_samples=1, sequence_length=8),
+        SIXTEEN,
+        1000,
+        _flag,
+    )
+    assert "cpu defaults for --optiq-candidates;" not in mine and mine.endswith("cpu defaults for --optiq-candidates")
+    line = pipeline.measurement_line(WeightsConfig(target_bpw=4.5, checkpoint="c.json"), SIXTEEN, 1000, _flag)
+    assert "method exact: a --optiq-checkpoint resumes only an exact sweep" in line
+
+
+def test_a_default_convert_says_what_it_chose_and_measures_it(tiny_q4_path, tmp_path, hooks_enabled, capsys):
+    """A real convert of the 4-layer model with only a target (and a small calibration, given):
+    the line comes before the sweep, and the sidecar records the defaulted method and candidates."""
+    from mlx_lm import convert
+
+    out = tmp_path / "mixed"
+    convert(
+        str(tiny_q4_path),
+        mlx_path=str(out),
+        quantize=True,
+        optiq_target_bpw=4.6,
+        optiq_num_samples=1,
+        optiq_sequence_length=32,
+        optiq_clipping="none",  # fast; the defaults under test are candidates and method
+        optiq_writer="rtn",
+    )
+    err = capsys.readouterr().err
+    expected = "on cpu: method fisher" if backend.compute_backend() == "cpu" else "method exact"
+    line = next(x for x in err.splitlines() if "weights sensitivity on" in x)
+    assert line.startswith("[INFO] optiq: weights sensitivity on") and expected in line
+    assert "defaults for --optiq-candidates, --optiq-sensitivity-method (" in line or line.endswith(
+        "--optiq-sensitivity-method"
+    )
+    assert err.index("weights sensitivity on") < err.index("Sensitivity (")
+    meta = json.loads((out / "optiq_metadata.json").read_text())
+    assert meta["method"] == ("fisher" if backend.compute_backend() == "cpu" else "exact")
+    assert {candidate_key(**c) for c in meta["candidates"]} == set(DEFAULT_CANDIDATES.split(","))
+    assert meta["achieved_bpw"] <= 4.6
+
+
+def test_a_defaulted_fisher_yields_to_exact_when_the_float_model_does_not_fit(monkeypatch):
+    """fisher needs the float model's gradients; `reference` auto picks the low-bit one when the
+    float model does not fit, so a defaulted method measures exact there (a given one is kept and
+    the sweep refuses it, naming both)."""
+    from mlx_lm_optiq.weights import sweep
+
+    monkeypatch.setattr(backend, "compute_backend", lambda: "cpu")
+    monkeypatch.setattr(sweep, "_memory_budget", lambda: 1000)
+    c = WeightsConfig(target_bpw=4.5)
+    pipeline._fall_back_to_exact(c, 10_000)
+    assert c.sensitivity_method == "exact" and "does not fit" in pipeline.measurement_line(c, SIXTEEN, 10_000)
+    given = WeightsConfig(target_bpw=4.5, sensitivity_method="fisher")
+    pipeline._fall_back_to_exact(given, 10_000)
+    assert given.sensitivity_method == "fisher"
+    fits = WeightsConfig(target_bpw=4.5)
+    pipeline._fall_back_to_exact(fits, 10)
+    assert fits.sensitivity_method == "fisher" and fits.method_note is None
+
+
+@pytest.mark.parametrize(("name", "method", "length"), [("cpu", "fisher", 256), ("cuda", "exact", 512)])
+def test_the_table_command_takes_the_same_defaults(monkeypatch, tiny_q4_path, tmp_path, name, method, length):
+    """`python -m mlx_lm_optiq.weights` without flags measures what the convert would (same table of
+    per-backend defaults); a checkpoint makes a defaulted method exact (fisher cannot resume)."""
+    from mlx_lm_optiq.weights import cli
+
+    monkeypatch.setattr(backend, "compute_backend", lambda: name)
+    seen = []
+
+    def fake_measure(model_path, tokens, candidates, settings, **kw):
+        seen.append((candidates, settings.method, tokens.shape))
+        raise SystemExit(7)
+
+    monkeypatch.setattr(cli, "measure_sensitivity", fake_measure)
+    for extra, want in (([], method), (["--checkpoint", str(tmp_path / "c.json")], "exact")):
+        with pytest.raises(SystemExit):
+            cli.main(["--model", str(tiny_q4_path), "--output", str(tmp_path / "t.json"), *extra])
+        candidates, got, shape = seen.pop()
+        assert candidates == SIXTEEN and got == want and tuple(shape) == (16, length)
