@@ -160,3 +160,13 @@ def test_the_table_command_takes_the_same_defaults(monkeypatch, tiny_q4_path, tm
             cli.main(["--model", str(tiny_q4_path), "--output", str(tmp_path / "t.json"), *extra])
         candidates, got, shape = seen.pop()
         assert candidates == SIXTEEN and got == want and tuple(shape) == (16, length)
+
+
+def test_the_table_command_keeps_a_zero_the_user_gave(tiny_q4_path, tmp_path, capsys):
+    """A value given is the user's even when it is falsy: `--num-samples 0` is an error naming
+    the field, not silently the default."""
+    from mlx_lm_optiq.weights import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--model", str(tiny_q4_path), "--output", str(tmp_path / "t.json"), "--num-samples", "0"])
+    assert e.value.code == 1 and "num_samples must be >= 1, got 0" in capsys.readouterr().err

@@ -40,6 +40,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_lm_optiq.core.backend import compute_backend
+
 ENV_VAR = "MLX_LM_OPTIQ_KV_ATTENTION"
 PATHS = ("dequantize", "quantized_matmul", "cuda")
 
@@ -85,16 +87,8 @@ class PackedKV:
         )
 
 
-def _backend() -> str:
-    if mx.default_device() == mx.cpu:
-        return "cpu"
-    if mx.metal.is_available():
-        return "metal"
-    if mx.cuda.is_available():
-        return "cuda"
-    return "cpu"
-
-
+# The path `auto` takes per backend (core.backend.compute_backend); any other GPU backend
+# takes the reference.
 _DEFAULTS = {"cpu": "dequantize", "metal": "quantized_matmul", "cuda": "cuda"}
 
 
@@ -104,9 +98,9 @@ def selected_path() -> str:
     Raises ValueError for an unknown value and RuntimeError when the backend cannot
     run the requested path."""
     requested = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    backend = _backend()
+    backend = compute_backend()
     if requested == "auto":
-        return _DEFAULTS[backend]
+        return _DEFAULTS.get(backend, "dequantize")
     if requested not in PATHS:
         raise ValueError(f"{ENV_VAR}={requested!r}: expected one of auto, {', '.join(PATHS)}")
     if requested == "cuda" and backend != "cuda":

@@ -71,12 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # what the user left unset: the same per-backend defaults as mlx_lm.convert --optiq-target-bpw
     defaults = measurement_defaults(_backend.compute_backend())
-    args.candidates = args.candidates or defaults.candidates
+    # `is None`, not `or`: a value given (even an empty or zero one) is the user's, checked below
+    for name, default in (
+        ("candidates", defaults.candidates),
+        ("num_samples", defaults.num_samples),
+        ("sequence_length", defaults.sequence_length),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.method is None:  # fisher cannot resume from a checkpoint or use the low-bit reference
         fisher_blocked = args.checkpoint is not None or args.reference == "low-bit"
         args.method = "exact" if fisher_blocked else defaults.sensitivity_method
-    args.num_samples = args.num_samples or defaults.num_samples
-    args.sequence_length = args.sequence_length or defaults.sequence_length
     group = mx.distributed.init() if args.distributed else None
     with user_errors(parser.prog):
         # every flag first, then the model path, then the text: nothing long runs on a bad input

@@ -25,6 +25,7 @@ fp8 or powers of two of the group's absmax, a different search).
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -206,19 +207,17 @@ def _recorder_class():
     import mlx.nn as nn
 
     class Recorder(nn.Module):
-        """Stands in for a module: accumulates sum x^2 of its input, then calls it."""
+        """Stands in for a module: hands its float input to `record(path, x)`, then calls it."""
 
-        def __init__(self, module, store, path):
+        def __init__(self, module, record, path):
             super().__init__()
             self.inner = module
-            object.__setattr__(self, "_at", (store, path))
+            object.__setattr__(self, "_at", (record, path))
 
         def __call__(self, x, *args, **kwargs):
-            store, path = self._at
+            record, path = self._at
             if isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.floating):
-                s = (x.astype(mx.float32) ** 2).reshape(-1, x.shape[-1]).sum(0)
-                total, count = store.get(path, (0, 0))
-                store[path] = (total + s, count + x.size // x.shape[-1])
+                record(path, x)
             return self.inner(x, *args, **kwargs)
 
         def __getattr__(self, name):
@@ -232,28 +231,52 @@ def _recorder_class():
     return Recorder
 
 
-def input_moments(model: Any, paths: list[str], tokens: mx.array, batch_size: int = 1) -> dict[str, mx.array]:
-    """{path: E[x^2] per input channel (float32)} of the modules at `paths` in `model`.
+def record_inputs(
+    model: Any,
+    paths: Sequence[str],
+    tokens: mx.array,
+    batch_size: int,
+    record: Callable[[str, mx.array], None],
+    pending: Callable[[], list],
+    end_forward: Callable[[], None] = lambda: None,
+) -> None:
+    """One forward of `model` over `tokens` (N, L), `batch_size` rows at a time, with each module
+    at `paths` (whatever sits there now: float or quantized) wrapped to hand its float input to
+    `record(path, x)` first; the modules are put back afterwards, also on error. Modules called
+    on token ids (embeddings) record nothing. After each batch the output and `pending()` (the
+    running sums `record` builds) are evaluated, then `end_forward()` is called.
 
-    One forward of the model over `tokens` (N, L) with each module (whatever sits at
-    the path now: float or quantized) wrapped to record its input, then put back.
-    Modules called on token ids (embeddings) get no entry.
-    """
+    What the input moments (here) and GPTQ's input Hessians (weights/gptq.py) both measure from."""
     import mlx.core as mx
 
     Recorder = _recorder_class()
-    store = {}
     modules = {p: get_module(model, p) for p in paths}
     for p, m in modules.items():
-        set_module(model, p, Recorder(m, store, p))
+        set_module(model, p, Recorder(m, record, p))
     try:
         for s in range(0, tokens.shape[0], batch_size):
             out = model(tokens[s : s + batch_size])
-            mx.eval(out, [v[0] for v in store.values()])
+            mx.eval(out, pending())
+            end_forward()
             del out
     finally:
         for p, m in modules.items():
             set_module(model, p, m)
+
+
+def input_moments(model: Any, paths: list[str], tokens: mx.array, batch_size: int = 1) -> dict[str, mx.array]:
+    """{path: E[x^2] per input channel (float32)} of the modules at `paths` in `model`
+    (`record_inputs`: one forward over `tokens`; embeddings get no entry)."""
+    import mlx.core as mx
+
+    store = {}
+
+    def record(path, x):
+        s = (x.astype(mx.float32) ** 2).reshape(-1, x.shape[-1]).sum(0)
+        total, count = store.get(path, (0, 0))
+        store[path] = (total + s, count + x.size // x.shape[-1])
+
+    record_inputs(model, paths, tokens, batch_size, record, lambda: [v[0] for v in store.values()])
     return {p: total / count for p, (total, count) in store.items()}
 
 

@@ -51,8 +51,7 @@ import numpy as np
 
 from mlx_lm_optiq.core.errors import OptiqError
 from mlx_lm_optiq.core.formats import Candidate, candidate_key
-from mlx_lm_optiq.core.model_tree import get_module, set_module
-from mlx_lm_optiq.weights.clipping import Clipper, _affine_params
+from mlx_lm_optiq.weights.clipping import Clipper, _affine_params, record_inputs
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -91,41 +90,12 @@ class GPTQSettings:
 # ---------------------------------------------------------------- input Hessians
 
 
-def _recorder_class():
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    class Recorder(nn.Module):
-        """Stands in for a module: adds x^T x of its input (float32) to its input group, then calls it.
-
-        Modules handed the same array object in one forward (q/k/v, gate/up) share a group:
-        their H is computed once.
-        """
-
-        def __init__(self, module, state, path):
-            super().__init__()
-            self.inner = module
-            object.__setattr__(self, "_at", (state, path))
-
-        def __call__(self, x, *args, **kwargs):
-            state, path = self._at
-            if isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.floating):
-                state.record(path, x)
-            return self.inner(x, *args, **kwargs)
-
-        def __getattr__(self, name):
-            try:
-                return super().__getattr__(name)
-            except AttributeError:
-                if name == "inner" or "inner" not in self:  # still in __init__
-                    raise
-                return getattr(self["inner"], name)
-
-    return Recorder
-
-
 class _HessianState:
-    """Running sums of x^T x per input group, and which module belongs to which group."""
+    """Running sums of x^T x per input group, and which module belongs to which group.
+
+    `record` adds x^T x of a module's input (float32) to its input group. Modules handed the
+    same array object in one forward (q/k/v, gate/up) share a group: their H is computed once.
+    """
 
     def __init__(self):
         self.sums: dict[str, Any] = {}  # group key -> float32 (d, d) sum of x^T x
@@ -162,22 +132,8 @@ def input_hessians(
     its input, then put back. Modules fed the same array share a group (keyed by the first
     such module); modules never called on float inputs (embeddings) get no group.
     """
-    import mlx.core as mx
-
-    Recorder = _recorder_class()
     state = _HessianState()
-    modules = {p: get_module(model, p) for p in paths}
-    for p, m in modules.items():
-        set_module(model, p, Recorder(m, state, p))
-    try:
-        for s in range(0, tokens.shape[0], batch_size):
-            out = model(tokens[s : s + batch_size])
-            mx.eval(out, list(state.sums.values()))
-            state.end_forward()
-            del out
-    finally:
-        for p, m in modules.items():
-            set_module(model, p, m)
+    record_inputs(model, paths, tokens, batch_size, state.record, lambda: list(state.sums.values()), state.end_forward)
     return {k: v / state.counts[k] for k, v in state.sums.items()}, dict(state.group_of)
 
 
