@@ -259,3 +259,29 @@ def test_replanning_rounds_on_the_tables_own_calibration_tokens(tiny_q4_path, to
     del table["calibration"]["source"]
     with pytest.raises(ConfigError, match=r"writer: .*does not record it \(field 'calibration.source'\)"):
         pipeline.table_calibration_tokens(tiny_q4_path, table, "t.json")
+
+
+def test_hessians_recorded_block_by_block_write_what_one_forward_writes(float_model, tokens, hessians, monkeypatch):
+    """Without precomputed Hessians the writer records them a few blocks at a time (what lets a
+    70B model's Hessians fit): with a budget below one block's, every block is its own chunk and
+    a partial forward; the written tensors are the ones computed from one full forward's."""
+    layers = {
+        f"model.layers.{i}.{n}": _cand(k)
+        for i in (0, 2, 3)
+        for n, k in (("self_attn.q_proj", "4:64"), ("self_attn.k_proj", "3:64"))
+    }
+    modules = dict(float_model.named_modules())
+    chunks = gptq.hessian_chunks(list(reversed(layers)), modules, budget=1)
+    assert [sorted({p.split(".")[2] for p in c}) for c in chunks] == [["0"], ["2"], ["3"]]  # model order
+    assert gptq.hessian_chunks(list(layers), modules, budget=1 << 40) == [list(layers)]
+    write_dtypes = dict.fromkeys(layers, mx.float32)
+    whole, _ = gptq.compensate(float_model, layers, tokens, write_dtypes, hessians=hessians)
+    recorded = []
+    real = gptq.input_hessians
+    monkeypatch.setattr(gptq, "input_hessians", lambda m, paths, *a: recorded.append(paths) or real(m, paths, *a))
+    monkeypatch.setattr(gptq, "_HESSIAN_BYTES", 1)
+    chunked, summary = gptq.compensate(float_model, layers, tokens, write_dtypes)
+    assert len(recorded) == 3 and summary["compensated"] == sorted(layers)
+    for p in layers:
+        for k in ("weight", "scales", "biases"):
+            assert mx.array_equal(whole[p][k], chunked[p][k]).item(), (p, k)

@@ -243,8 +243,9 @@ def record_inputs(
     """One forward of `model` over `tokens` (N, L), `batch_size` rows at a time, with each module
     at `paths` (whatever sits there now: float or quantized) wrapped to hand its float input to
     `record(path, x)` first; the modules are put back afterwards, also on error. Modules called
-    on token ids (embeddings) record nothing. After each batch the output and `pending()` (the
-    running sums `record` builds) are evaluated, then `end_forward()` is called.
+    on token ids (embeddings) record nothing. After each batch `pending()` (the running sums
+    `record` builds) is evaluated, not the output: a forward runs only as deep as the deepest
+    recorded module. Then `end_forward()` is called.
 
     What the input moments (here) and GPTQ's input Hessians (weights/gptq.py) both measure from."""
     import mlx.core as mx
@@ -256,7 +257,9 @@ def record_inputs(
     try:
         for s in range(0, tokens.shape[0], batch_size):
             out = model(tokens[s : s + batch_size])
-            mx.eval(out, pending())
+            # only what was recorded: MLX is lazy, so the layers after the last recorded module
+            # (and the logits) are never computed
+            mx.eval(pending())
             end_forward()
             del out
     finally:

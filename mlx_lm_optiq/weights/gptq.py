@@ -64,8 +64,12 @@ DAMP = 0.01
 BLOCK_SIZE = 128
 # Damping is raised tenfold at most this many times while H cannot be factorised.
 _DAMP_RETRIES = 4
-# Memory for the logits of one calibration forward (the Hessian pass needs only the inputs).
+# Memory for the logits of one calibration forward (sizes the calibration batch).
 _LOGITS_BYTES = 1 << 30
+# float32 input Hessians held at once when the writer records them itself: the modules are
+# compensated a few blocks at a time, one (partial) calibration forward per chunk, so an 8B
+# model's ~33 GB or a 70B model's ~330 GB of Hessians never exist together.
+_HESSIAN_BYTES = 4 << 30
 
 
 class WriterError(OptiqError):
@@ -135,6 +139,35 @@ def input_hessians(
     state = _HessianState()
     record_inputs(model, paths, tokens, batch_size, state.record, lambda: list(state.sums.values()), state.end_forward)
     return {k: v / state.counts[k] for k, v in state.sums.items()}, dict(state.group_of)
+
+
+def _block_of(path: str) -> tuple:
+    """Sort key and chunk unit of a module path: the path up to its first numeric part
+    ("model.layers.12"), with the number as an int so blocks sort in model order."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return (".".join(parts[:i]), int(part))
+    return (path, -1)
+
+
+def hessian_chunks(paths: Sequence[str], modules: Mapping[str, Any], budget: int) -> list[list[str]]:
+    """`paths` cut into chunks of whole blocks in model order whose float32 Hessians (at most
+    in_dim^2 * 4 bytes per module; shared inputs make it less) stay within `budget` bytes; a
+    block larger than the budget is a chunk of its own. Whole blocks, because modules fed one
+    array (q/k/v, gate/up) must be recorded in one forward to share their H."""
+    blocks: dict[tuple, list[str]] = {}
+    for p in paths:
+        blocks.setdefault(_block_of(p), []).append(p)
+    chunks, current, used = [], [], 0
+    for key in sorted(blocks, key=lambda k: (k[1] < 0, k)):  # numbered blocks first, in order
+        size = sum(4 * int(modules[p].weight.shape[-1]) ** 2 for p in blocks[key])
+        if current and used + size > budget:
+            chunks.append(current)
+            current, used = [], 0
+        current += blocks[key]
+        used += size
+    return chunks + ([current] if current else [])
 
 
 def output_error(weight: mx.array, written: mx.array, hessian: mx.array) -> float:
@@ -333,7 +366,9 @@ def compensate(
     scales in (the cast float weight's)}; clip: the table's Clipper (same group ranges as
     the RTN writer), or None (stock ranges); batch_size: calibration samples per forward
     (default: what keeps the logits within 1 GiB); hessians: `input_hessians`' result for (at
-    least) these modules on `tokens`, when the caller has it (several plans of one model).
+    least) these modules on `tokens`, when the caller has it (several plans of one model);
+    without it they are recorded here a few blocks at a time (`hessian_chunks`, at most
+    _HESSIAN_BYTES of them at once, one partial forward per chunk).
     Returns ({path: {"weight", "scales", "biases"}} (packed_module), summary) where summary
     says which modules were compensated and which were left at round-to-nearest and why.
     """
@@ -353,57 +388,62 @@ def compensate(
             left[path] = f"{type(modules.get(path)).__name__} (not a Linear layer: round to nearest)"
         else:
             jobs[path] = dict(choice)
-    if hessians is None:
-        if batch_size is None:
-            vocab = getattr(getattr(model, "args", None), "vocab_size", None) or 1
-            batch_size = max(1, min(tokens.shape[0], _LOGITS_BYTES // (16 * int(vocab) * tokens.shape[1])))
-        hessians = input_hessians(model, list(jobs), tokens, batch_size)
-    hessians, group_of = dict(hessians[0]), hessians[1]
-    for path in [p for p in jobs if p not in group_of]:
-        left[path] = "never called on float inputs (round to nearest)"
-        del jobs[path]
-    by_group: dict[tuple[str, Any], list[str]] = {}  # (input group, stored dtype): one matrix
-    for path in jobs:
-        by_group.setdefault((group_of[path], write_dtypes[path]), []).append(path)
-    last_use = {key: i for i, (key, _) in enumerate(by_group)}
-    out, ratios, raised = {}, [], {}
-    for i, ((key, _), paths) in enumerate(by_group.items()):
-        # (a copy of the caller's dict: each H is freed after its last use)
-        h = hessians.pop(key) if last_use[key] == i else hessians[key]
-        rows = []
-        for p in paths:
-            cand = jobs[p]
-            w = modules[p].weight.astype(write_dtypes[p])
-            if clip is not None:
-                w = clip(p, w, cand)  # the clipped range: the grid the RTN writer and the sweep use
-            scales, biases = affine_grid(w, cand)
-            rows.append((p, cand, w, scales, biases))
-        g_of = [c["group_size"] for _, c, *_ in rows]
-        W = mx.concatenate([modules[p].weight.astype(write_dtypes[p]).astype(mx.float32) for p, *_ in rows])
-        S = mx.concatenate([mx.repeat(s, g, axis=1) for (_, _, _, s, _), g in zip(rows, g_of)])
-        B = mx.concatenate([mx.repeat(b, g, axis=1) for (_, _, _, _, b), g in zip(rows, g_of)])
-        n_bins = mx.concatenate(
-            [mx.full((w.shape[0], 1), 2 ** c["bits"] - 1, dtype=mx.float32) for _, c, w, *_ in rows]
-        )
-        order = mx.argsort(-mx.diag(h)) if settings.act_order else None
-        h_ordered = h[order][:, order] if order is not None else h
-        label = ", ".join(paths)
-        hinv, damp = inverse_hessian_factor(h_ordered, settings.damp, label)
-        if damp > settings.damp:
-            raised[label] = damp
-        codes = gptq_codes(W, S, B, n_bins, hinv, settings.block_size, order)
-        start = 0
-        for p, cand, w, scales, biases in rows:
-            n = w.shape[0]
-            c = codes[start : start + n]
-            start += n
-            out[p] = packed_module(p, c, scales, biases, cand)
-            written = mx.dequantize(out[p]["weight"], scales, biases, cand["group_size"], cand["bits"])
-            ref = modules[p].weight.astype(write_dtypes[p])
-            rtn = mx.dequantize(*mx.quantize(w, cand["group_size"], cand["bits"]), cand["group_size"], cand["bits"])
-            ratios.append(output_error(ref, written, h) / max(output_error(ref, rtn, h), 1e-30))
-        del h, W, S, B, codes
-        mx.clear_cache()
+    if batch_size is None:
+        vocab = getattr(getattr(model, "args", None), "vocab_size", None) or 1
+        batch_size = max(1, min(tokens.shape[0], _LOGITS_BYTES // (16 * int(vocab) * tokens.shape[1])))
+    if hessians is not None:
+        chunks = [(list(jobs), (dict(hessians[0]), hessians[1]))]
+    else:  # recorded a few blocks at a time: all of a 70B model's Hessians would not fit
+        chunks = [(c, None) for c in hessian_chunks(jobs, modules, _HESSIAN_BYTES)]
+    out, ratios, raised, n_hessians = {}, [], {}, 0
+    for chunk, given in chunks:
+        hs, group_of = given or input_hessians(model, chunk, tokens, batch_size)
+        for path in [p for p in chunk if p not in group_of]:
+            left[path] = "never called on float inputs (round to nearest)"
+            del jobs[path]
+        by_group: dict[tuple[str, Any], list[str]] = {}  # (input group, stored dtype): one matrix
+        for path in chunk:
+            if path in jobs:
+                by_group.setdefault((group_of[path], write_dtypes[path]), []).append(path)
+        last_use = {key: i for i, (key, _) in enumerate(by_group)}
+        n_hessians += len(last_use)
+        for i, ((key, _), paths) in enumerate(by_group.items()):
+            # (a copy of the caller's dict: each H is freed after its last use)
+            h = hs.pop(key) if last_use[key] == i else hs[key]
+            rows = []
+            for p in paths:
+                cand = jobs[p]
+                w = modules[p].weight.astype(write_dtypes[p])
+                if clip is not None:
+                    w = clip(p, w, cand)  # the clipped range: the grid the RTN writer and the sweep use
+                scales, biases = affine_grid(w, cand)
+                rows.append((p, cand, w, scales, biases))
+            g_of = [c["group_size"] for _, c, *_ in rows]
+            W = mx.concatenate([modules[p].weight.astype(write_dtypes[p]).astype(mx.float32) for p, *_ in rows])
+            S = mx.concatenate([mx.repeat(s, g, axis=1) for (_, _, _, s, _), g in zip(rows, g_of)])
+            B = mx.concatenate([mx.repeat(b, g, axis=1) for (_, _, _, _, b), g in zip(rows, g_of)])
+            n_bins = mx.concatenate(
+                [mx.full((w.shape[0], 1), 2 ** c["bits"] - 1, dtype=mx.float32) for _, c, w, *_ in rows]
+            )
+            order = mx.argsort(-mx.diag(h)) if settings.act_order else None
+            h_ordered = h[order][:, order] if order is not None else h
+            label = ", ".join(paths)
+            hinv, damp = inverse_hessian_factor(h_ordered, settings.damp, label)
+            if damp > settings.damp:
+                raised[label] = damp
+            codes = gptq_codes(W, S, B, n_bins, hinv, settings.block_size, order)
+            start = 0
+            for p, cand, w, scales, biases in rows:
+                n = w.shape[0]
+                c = codes[start : start + n]
+                start += n
+                out[p] = packed_module(p, c, scales, biases, cand)
+                written = mx.dequantize(out[p]["weight"], scales, biases, cand["group_size"], cand["bits"])
+                ref = modules[p].weight.astype(write_dtypes[p])
+                rtn = mx.dequantize(*mx.quantize(w, cand["group_size"], cand["bits"]), cand["group_size"], cand["bits"])
+                ratios.append(output_error(ref, written, h) / max(output_error(ref, rtn, h), 1e-30))
+            del h, W, S, B, codes
+            mx.clear_cache()
     seconds = time.perf_counter() - started
     summary = {
         "method": "gptq",
@@ -417,7 +457,7 @@ def compensate(
         "seconds": seconds,
     }
     log(
-        f"gptq: {len(out)} modules written with error compensation ({len(last_use)} input Hessians from "
+        f"gptq: {len(out)} modules written with error compensation ({n_hessians} input Hessians from "
         f"{tokens.size} calibration tokens), {len(left)} left at round to nearest; calibration output error "
         f"vs round to nearest: median {summary['output_error_vs_rtn_median'] or 0:.3f}x; {seconds:.1f}s"
         + (f"; damping raised for {len(raised)} input(s) that could not be factorised" if raised else "")

@@ -1,0 +1,152 @@
+"""Scale of the weights convert (issue 13 item 5): our whole `mlx_lm.convert --optiq-target-bpw`
+(sweep + planning + writing + stock reload check) on a random-weight model of a real LLM's shape.
+
+    python benchmarks/weights_scale.py --shape 8b                                  # bf16 source, defaults
+    python benchmarks/weights_scale.py --shape 70b --source q4 --convert '{"optiq_reference": "low-bit"}'
+    python benchmarks/weights_scale.py --shape tiny                                # CPU smoke run, seconds
+
+Speed and memory do not depend on the weight values, so a random-weight model of the 8B/70B
+llama shape (hidden size, layers, MLP width, GQA heads, 128k vocabulary) measures what a user's
+convert of such a model costs; the plan it finds means nothing. The source is built with
+mlx-lm's own model class one block at a time (a 70B float source would not fit in memory:
+`--source q4` stores it 4-bit, as the 4-bit checkpoints users re-quantize from), with the
+bundled SmolLM2 tokenizer (token ids < 49152 of the 128k embedding). The convert runs in its
+own process with the optiq hooks on and only the flags `--convert` adds (the backend defaults
+otherwise); its [INFO] lines, the wall time, and the process's peak device memory are printed,
+and written to --out as JSON. A built source is reused from --workdir.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("OPTIQ_SHARED", REPO.parent / "shared"))
+
+LLAMA = dict(
+    model_type="llama",
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
+    vocab_size=128256,
+)
+SHAPES = {
+    "tiny": dict(LLAMA, hidden_size=256, num_hidden_layers=2, intermediate_size=768, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, vocab_size=49152),
+    "1b": dict(LLAMA, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64),
+    "8b": dict(LLAMA, hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128),
+    "70b": dict(LLAMA, hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
+                num_key_value_heads=8, head_dim=128),
+}  # fmt: skip
+
+
+def build_source(shape: str, source: str, dst: Path, tokenizer_from: Path) -> Path:
+    """A random-weight llama of `shape` at dst (bf16, or 4-bit g64 for --source q4), built and
+    evaluated one block at a time so that only the stored model (plus one float block) is ever
+    in memory. Written to a temporary directory and renamed: an interrupted build leaves none."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.llama import Model, ModelArgs
+    from mlx_lm.utils import save_config, save_model
+
+    if (dst / "config.json").is_file():
+        return dst
+    t0 = time.perf_counter()
+    config = dict(SHAPES[shape])
+    mx.random.seed(0)
+    model = Model(ModelArgs.from_dict(config))  # parameters are lazy until evaluated
+    model.set_dtype(mx.bfloat16)
+    if source == "q4":
+        nn.quantize(model, group_size=64, bits=4)
+        config["quantization"] = {"group_size": 64, "bits": 4}
+    for block in [model.model.embed_tokens, *model.model.layers, model.model.norm, model.lm_head]:
+        mx.eval(block.parameters())
+        mx.clear_cache()
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(tmp, model)
+    save_config(config, tmp / "config.json")
+    for f in Path(tokenizer_from).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copy(f, tmp / f.name)
+    n = sum(v.size for _, v in tree_flatten(model.parameters()))
+    tmp.rename(dst)
+    print(
+        f"[scale] built {shape} ({source}): {n / 1e9:.2f}G stored values in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+    return dst
+
+
+CONVERT = """
+import json, sys, time
+import mlx.core as mx
+import mlx_lm_optiq
+mlx_lm_optiq.enable()
+from mlx_lm.convert import convert
+src, out, bpw, extra = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])
+t0 = time.perf_counter()
+convert(hf_path=src, mlx_path=out, quantize=True, optiq_target_bpw=bpw, **extra)
+print(json.dumps({"convert_s": time.perf_counter() - t0, "peak_gib": mx.get_peak_memory() / 2**30,
+                  "device": str(mx.default_device())}))
+"""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    p.add_argument("--source", choices=("bf16", "q4"), default="bf16", help="How the random source is stored.")
+    p.add_argument("--bpw", type=float, default=4.5, help="--optiq-target-bpw of the convert.")
+    p.add_argument(
+        "--convert",
+        default="{}",
+        help='Extra convert keywords as JSON, e.g. \'{"optiq_reference": "low-bit"}\' (default: none, the backend defaults).',
+    )
+    p.add_argument("--tokenizer", default=str(SHARED / "models" / "smollm2-135m-instruct-q4-exact"))
+    p.add_argument("--workdir", default="/tmp/optiq-weights-scale")
+    p.add_argument("--out", default=None, help="Write the result as JSON here.")
+    args = p.parse_args(argv)
+    try:
+        extra = json.loads(args.convert)
+    except json.JSONDecodeError as e:
+        raise SystemExit(
+            f'--convert: not JSON ({e}); expected a JSON object such as {{"optiq_reference": "low-bit"}}'
+        ) from None
+    if not isinstance(extra, dict):
+        raise SystemExit("--convert: expected a JSON object of convert keywords")
+    work = Path(args.workdir)
+    src = build_source(args.shape, args.source, work / f"src-{args.shape}-{args.source}", Path(args.tokenizer))
+    out = work / f"out-{args.shape}-{args.source}-{args.bpw:g}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-c", CONVERT, str(src), str(out), str(args.bpw), json.dumps(extra)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    info = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(("[INFO]", "[optiq]"))]
+    print("\n".join(info))
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"[scale] convert failed (exit {proc.returncode})")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(shape=args.shape, source=args.source, bpw=args.bpw, convert=extra, wall_s=wall, log=info)
+    print(
+        f"[scale] {args.shape} ({args.source} source) -> {args.bpw:g} BPW: convert {result['convert_s']:.0f} s "
+        f"(process {wall:.0f} s), peak {result['peak_gib']:.1f} GiB on {result['device']}"
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

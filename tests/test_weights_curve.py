@@ -1,0 +1,106 @@
+"""benchmarks/weights_curve.py on a real (4-layer) model: a tiny run end to end, then a resumed one.
+
+Why: the curve's JSON and SVG are what docs/weights.md shows; this checks that a real run
+writes finite numbers, keeps ours within each target, draws one polyline per series, and
+that a re-run reuses what is cached instead of writing the models again.
+"""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "weights_curve.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_curve_tiny_run_json_svg_and_resume(tiny_q4_path, austen, tmp_path):
+    work, output, figure = tmp_path / "work", tmp_path / "curve.json", tmp_path / "curve.svg"
+    # excerpts: tokenizing two whole novels would take most of the test's time
+    calib, held_out = tmp_path / "calib.txt", tmp_path / "held_out.txt"
+    calib.write_text(austen("persuasion")[:20000])
+    held_out.write_text(austen("emma")[:20000])
+    args = [
+        "--calibration-text",
+        calib,
+        "--eval-text",
+        held_out,
+        "--model",
+        tiny_q4_path,
+        "--workdir",
+        work,
+        "--output",
+        output,
+        "--svg",
+        figure,
+        "--candidates",
+        "3:64,4:64",
+        "--two-bit",
+        "2:64",
+        "--grid",
+        "4.5",
+        "--two-bit-grid",
+        "3.5",
+        "--anchors",
+        "uniform",
+        "--uniform-bits",
+        "3,4",
+        "--uniform-groups",
+        "64",
+        "--num-samples",
+        "1",
+        "--sequence-length",
+        "32",
+        "--eval-tokens",
+        "64",
+        "--eval-sequence-length",
+        "32",
+        "--plot-range",
+        "3.0:5.0",
+        "--no-progress",
+    ]
+    printed = _run(args)
+    data = json.loads(output.read_text())
+    points = data["points"]
+    series = {p["series"] for p in points}
+    assert series == {"ours", "ours + 2-bit", "uniform RTN g64"}
+    for p in points:
+        assert all(math.isfinite(p[k]) for k in ("bpw", "kl", "top1", "ppl", "seconds")), p
+        assert p["kl"] >= 0 and p["num_tokens"] == 64
+        if p["kind"] == "ours":
+            assert p["bpw"] <= p["target"] + 1e-9, p
+    # a grid point snaps onto the uniform anchor's exact BPW (4.5 -> 4-bit g64's size); the 2-bit
+    # series is planned at its own grid point, below what the 3/4-bit candidates can reach
+    uniform = {p["label"]: p["bpw"] for p in points if p["series"] == "uniform RTN g64"}
+    assert [p["target"] for p in points if p["series"] == "ours"] == pytest.approx([uniform["4-bit g64"]], abs=1e-4)
+    assert [p["target"] for p in points if p["series"] == "ours + 2-bit"] == [3.5]
+    assert "| anchor | BPW | anchor KL |" in printed and "| target | ours KL | ours + 2-bit KL |" in printed
+
+    svg = figure.read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    drawn = re.findall(r'<polyline class="series" data-series="([^"]+)" points="([^"]+)"', svg)
+    assert sorted(name for name, _ in drawn) == sorted(series)
+    for name, coords in drawn:
+        n = sum(1 for p in points if p["series"] == name)
+        assert len(coords.split()) == n
+    assert 'class="reference"' in svg  # the uniform 4-bit g64 level
+
+    # resumed: nothing is written again, the same numbers come back
+    again = _run(args)
+    assert "writing" not in again
+    assert json.loads(output.read_text())["points"] == points
