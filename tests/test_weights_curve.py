@@ -49,7 +49,7 @@ def test_curve_tiny_run_json_svg_and_resume(tiny_q4_path, austen, tmp_path):
         "--svg",
         figure,
         "--candidates",
-        "3:64,4:64",
+        "4:64",
         "--two-bit",
         "2:64",
         "--grid",
@@ -85,7 +85,7 @@ def test_curve_tiny_run_json_svg_and_resume(tiny_q4_path, austen, tmp_path):
         if p["kind"] == "ours":
             assert p["bpw"] <= p["target"] + 1e-9, p
     # a grid point snaps onto the uniform anchor's exact BPW (4.5 -> 4-bit g64's size); the 2-bit
-    # series is planned at its own grid point, below what the 3/4-bit candidates can reach
+    # series is planned at its own grid point, below what the 4-bit candidate alone can reach
     uniform = {p["label"]: p["bpw"] for p in points if p["series"] == "uniform RTN g64"}
     assert [p["target"] for p in points if p["series"] == "ours"] == pytest.approx([uniform["4-bit g64"]], abs=1e-4)
     assert [p["target"] for p in points if p["series"] == "ours + 2-bit"] == [3.5]
