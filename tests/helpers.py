@@ -258,3 +258,18 @@ def assert_greedy_matches_solo(
             diff = abs(token_logprobs[i] - got_lp)
             assert diff <= noise, f"{label}: position {i}: token log-probability differs by {diff:.3g} > {noise}"
     return exact
+
+
+def assert_lora_cli_error(monkeypatch: Any, capsys: Any, argv: Sequence[str], message: str) -> None:
+    """`mlx_lm.lora` run with `argv` (hooks on) exits 1 with one last `mlx_lm.lora: error:` line
+    containing `message`, and no traceback."""
+    import importlib
+
+    import pytest
+
+    monkeypatch.setattr(sys, "argv", list(argv))
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module("mlx_lm.lora").main()
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("mlx_lm.lora: error: ") and message in err, err

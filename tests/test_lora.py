@@ -30,6 +30,7 @@ from mlx_lm_optiq.lora.ranks import (
     rank_weights,
 )
 from mlx_lm_optiq.weights.metadata import read_metadata
+from tests.helpers import assert_lora_cli_error
 
 PROBE = [[1, 504, 3458, 282, 4649, 314, 253, 1121, 30, 378, 2102, 314, 4372, 28]]
 
@@ -480,7 +481,6 @@ def test_resume_refuses_flags_that_contradict_the_record(by_bits_adapter, tiny_f
 def test_command_line_errors_are_one_line(tiny_float_path, tmp_path, monkeypatch, capsys):
     """Issue 16 item 8: `mlx_lm.lora` with a bad optiq flag prints one `mlx_lm.lora: error:` line
     (exit 1, no traceback) before it loads anything."""
-    import importlib
 
     import mlx_lm_optiq
 
@@ -495,12 +495,7 @@ def test_command_line_errors_are_one_line(tiny_float_path, tmp_path, monkeypatch
                 f"{tmp_path / 'none.json'}: file not found",
             ),
         ):
-            monkeypatch.setattr(sys, "argv", [*base, *extra])
-            with pytest.raises(SystemExit) as e:
-                importlib.import_module("mlx_lm.lora").main()
-            err = capsys.readouterr().err
-            assert e.value.code == 1 and "Traceback" not in err, err
-            assert err.strip().splitlines()[-1].startswith("mlx_lm.lora: error: ") and message in err, err
+            assert_lora_cli_error(monkeypatch, capsys, [*base, *extra], message)
     finally:
         mlx_lm_optiq.disable()
 

@@ -6,9 +6,7 @@ The core property: the QAT training forward is the forward of the model that sto
 re-quantization to the same plan writes, so that model keeps what the adapter learned.
 """
 
-import importlib
 import json
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,6 +18,7 @@ from mlx_lm_optiq.core.jsonio import OptiqFileError, write_json
 from mlx_lm_optiq.lora import qat
 from mlx_lm_optiq.lora.config import LoraTrainingConfig
 from mlx_lm_optiq.lora.peft import export_peft
+from tests.helpers import assert_lora_cli_error
 from tests.test_lora import PROBE, logits, run_mlx_lm, small_dataset, stock_env, train_args
 
 QUICKSTART_SIDECAR = Path(__file__).resolve().parents[1] / "docs" / "results" / "quickstart-optiq_metadata.json"
@@ -219,12 +218,7 @@ def test_flag_errors(tiny_float_path, tiny_q4_path, sidecar, tmp_path, monkeypat
                 "--optiq-qat / optiq_qat: needs --fine-tune-type lora",
             ),
         ):
-            monkeypatch.setattr(sys, "argv", [*base, *extra])
-            with pytest.raises(SystemExit) as e:
-                importlib.import_module("mlx_lm.lora").main()
-            err = capsys.readouterr().err
-            assert e.value.code == 1 and "Traceback" not in err, err
-            assert err.strip().splitlines()[-1].startswith("mlx_lm.lora: error: ") and message in err, err
+            assert_lora_cli_error(monkeypatch, capsys, [*base, *extra], message)
     finally:
         mlx_lm_optiq.disable()
 
