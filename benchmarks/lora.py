@@ -146,6 +146,12 @@ def convert_base(args, bpw, sensitivity=None):
     kwargs = {"optiq_target_bpw": bpw}
     if sensitivity is not None:
         kwargs["optiq_sensitivity"] = str(sensitivity)  # one sweep, planned at every budget
+    else:
+        # The 16 default candidates, pinned: below 3.7 BPW the product's default adds 2-bit ones
+        # (since 2026-12-03), and the bases of docs/lora.md's runs were planned without them.
+        from mlx_lm_optiq.weights.config import DEFAULT_CANDIDATES
+
+        kwargs["optiq_candidates"] = DEFAULT_CANDIDATES
     if args.num_samples and sensitivity is None:  # measuring settings: the first base only
         kwargs["optiq_num_samples"] = args.num_samples
     if args.sequence_length and sensitivity is None:

@@ -60,13 +60,9 @@ def random_adapters(tiny_float_path, adapter_dir):
     }
 
 
-def _train_adapter(model, data, out, seed, num_layers, learning_rate):
-    """A LoRA adapter trained for a few steps with the real (stock) `mlx_lm.lora`."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlx_lm",
-        "lora",
+def _lora_argv(model, data, out, seed, num_layers, learning_rate):
+    """The real (stock) `mlx_lm.lora` command line of a LoRA adapter trained for a few steps."""
+    return [
         "--model",
         str(model),
         "--train",
@@ -93,34 +89,56 @@ def _train_adapter(model, data, out, seed, num_layers, learning_rate):
         "--seed",
         str(seed),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+
+
+# One stock process runs `mlx_lm lora`'s own main once per command line (importing mlx_lm's
+# trainer is most of a few-step run's time); each run seeds itself from its --seed.
+TRAIN_EACH = """
+import json, sys
+from mlx_lm import lora
+assert 'mlx_lm_optiq' not in sys.modules
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ['mlx_lm.lora', *argv]
+    lora.main()
+"""
 
 
 @pytest.fixture(scope="session")
-def trained_adapter(tiny_float_path, adapter_dir, shared_dir):
-    return _train_adapter(
-        tiny_float_path,
-        shared_dir / "data" / "gsm_symbolic",
-        adapter_dir / "trained",
-        seed=3,
-        num_layers=2,
-        learning_rate=1e-2,
-    )
-
-
-@pytest.fixture(scope="session")
-def trained_adapter_2(tiny_float_path, adapter_dir, shared_dir, tmp_path_factory):
-    """A second trained adapter: on Austen prose ({"text"} records) instead of math, every block, other seed."""
+def trained_adapters(tiny_float_path, adapter_dir, shared_dir, tmp_path_factory):
+    """(math, prose): two adapters trained with the real (stock) `mlx_lm.lora`. The second is on
+    Austen prose ({"text"} records) instead of math, every block, other seed."""
     data = tmp_path_factory.mktemp("prose")
     words = (shared_dir / "data" / "text" / "persuasion.txt").read_text().split()[3000:]
     for split, start, n in (("train", 0, 8), ("valid", 400, 2)):
         with open(data / f"{split}.jsonl", "w") as f:
             for i in range(n):
                 f.write(json.dumps({"text": " ".join(words[start + 40 * i : start + 40 * (i + 1)])}) + "\n")
-    return _train_adapter(tiny_float_path, data, adapter_dir / "trained2", seed=7, num_layers=4, learning_rate=1e-2)
+    math, prose = adapter_dir / "trained", adapter_dir / "trained2"
+    argvs = [
+        _lora_argv(
+            tiny_float_path, shared_dir / "data" / "gsm_symbolic", math, seed=3, num_layers=2, learning_rate=1e-2
+        ),
+        _lora_argv(tiny_float_path, data, prose, seed=7, num_layers=4, learning_rate=1e-2),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN_EACH, json.dumps(argvs)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for out in (math, prose):
+        assert (out / "adapters.safetensors").exists() and (out / "adapter_config.json").exists()
+    return math, prose
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(trained_adapters):
+    return trained_adapters[0]
+
+
+@pytest.fixture(scope="session")
+def trained_adapter_2(trained_adapters):
+    """The second trained adapter: Austen prose, every block, other seed."""
+    return trained_adapters[1]
 
 
 def _greedy_tokens(model, tokenizer, prompt, n=8):

@@ -11,6 +11,7 @@ import time
 import pytest
 
 TARGET = 4.8
+MEASURED_TOKENS = 32  # the calibration of the `measured` fixture: one sample of this many tokens
 CONVERT = [sys.executable, "-m", "mlx_lm", "convert"]  # the `mlx_lm convert` subcommand form
 CONVERT_SCRIPT = [os.path.join(os.path.dirname(sys.executable), "mlx_lm.convert")]  # the console script
 
@@ -48,7 +49,7 @@ def measured(tiny_q4_path, tmp_path_factory):
             "--optiq-num-samples",
             "1",
             "--optiq-sequence-length",
-            "64",
+            str(MEASURED_TOKENS),  # short: each of the exact sweep's 116 probes runs the vocabulary head on them
             "--mlx-path",
             str(out),
         ],
@@ -105,7 +106,7 @@ def test_measured_convert_reloads_in_stock_mlx_lm_with_planned_bits(measured):
     # clipped group ranges by default; the moments of every linear module travel with the table
     assert meta["clipping"] == "activation" and meta["sensitivity"]["clipping"]["method"] == "activation"
     assert set(meta["sensitivity"]["clipping"]["moments"]) == set(meta["layers"]) - {"model.embed_tokens"}
-    assert meta["sensitivity"]["calibration"]["tokens"] == 64
+    assert meta["sensitivity"]["calibration"]["tokens"] == MEASURED_TOKENS
     assert all(set(e["kl"]) == {"4:32", "4:64", "8:32", "8:64"} for e in meta["layers"].values())
 
 
@@ -126,6 +127,8 @@ def test_explicit_candidates_mix_float_formats_and_reload_in_stock_mlx_lm(
         optiq_sensitivity_method="fisher",
         optiq_num_samples=1,
         optiq_sequence_length=64,
+        optiq_clipping="none",  # fast: the subject is the formats (clipping and gptq: test_clipping, test_gptq)
+        optiq_writer="rtn",
     )
     meta = _sidecar(out)
     config = json.loads((out / "config.json").read_text())
@@ -249,7 +252,7 @@ def test_replan_from_sidecar_with_python_api_does_not_measure(
 
 @pytest.fixture(scope="module")
 def measured_with_3_bits(tiny_q4_path, tmp_path_factory):
-    """A convert that measured 3-bit too (fisher, stock ranges, one short sample: fast)."""
+    """A convert that measured 3-bit too (fisher, stock ranges, stock rounding, one short sample: fast)."""
     import mlx_lm_optiq
 
     out = tmp_path_factory.mktemp("rich") / "mixed"
@@ -265,6 +268,7 @@ def measured_with_3_bits(tiny_q4_path, tmp_path_factory):
             optiq_candidates="3:64,4:64,8:64",
             optiq_sensitivity_method="fisher",
             optiq_clipping="none",
+            optiq_writer="rtn",
             optiq_num_samples=1,
             optiq_sequence_length=64,
         )
@@ -290,6 +294,7 @@ def test_replan_from_sidecar_uses_the_candidates_it_measured(
         quantize=True,
         optiq_target_bpw=4.0,
         optiq_sensitivity=str(measured_with_3_bits / "optiq_metadata.json"),
+        optiq_writer="rtn",  # the subject is the candidates; gptq re-planning: test_replan_..._does_not_measure
     )
     meta = _sidecar(out)
     assert [f"{c['bits']}:{c['group_size']}" for c in meta["candidates"]] == ["3:64", "4:64", "8:64"]
@@ -305,6 +310,7 @@ def test_replan_from_sidecar_uses_the_candidates_it_measured(
         optiq_target_bpw=4.6,
         optiq_candidate_bits="4,8",
         optiq_sensitivity=str(measured_with_3_bits),
+        optiq_writer="rtn",
     )
     assert {c["bits"] for c in _sidecar(subset)["layers"].values()} == {4, 8}
     # ... and one the table did not measure is a clear error naming it
@@ -335,6 +341,7 @@ def test_protections_keep_modules_at_their_most_precise_candidate(measured, tiny
         optiq_group_sizes="32,64",
         optiq_protect="first-block",
         optiq_sensitivity=str(measured),
+        optiq_writer="rtn",  # the subject is the plan; gptq re-planning: test_replan_..._does_not_measure
     )
     meta = _sidecar(out)
     got = _stock_reload(out)
@@ -347,9 +354,12 @@ def test_protections_keep_modules_at_their_most_precise_candidate(measured, tiny
     assert got["bpw"] <= 5.0
 
 
-def test_infeasible_target_is_a_clear_error_and_writes_nothing(measured, tiny_q4_path, tmp_path):
+def test_infeasible_target_is_a_clear_error_and_writes_nothing(
+    measured, tiny_q4_path, tmp_path, hooks_enabled, monkeypatch, capsys
+):
+    """The hooked command line, in process (the subprocess forms: the console-script and interrupt tests)."""
     out = tmp_path / "too-small"
-    res = _convert_cli(
+    code, err = _convert_main(
         [
             "--hf-path",
             str(tiny_q4_path),
@@ -361,20 +371,23 @@ def test_infeasible_target_is_a_clear_error_and_writes_nothing(measured, tiny_q4
             "--mlx-path",
             str(out),
         ],
-        dict(os.environ, MLX_LM_OPTIQ="1"),
+        monkeypatch,
+        capsys,
     )
-    assert res.returncode != 0
-    assert "--optiq-target-bpw: 4.2 is infeasible" in res.stderr and "4.50" in res.stderr
+    assert code != 0
+    assert "--optiq-target-bpw: 4.2 is infeasible" in err and "4.50" in err
     assert not out.exists() and not _partials(tmp_path)
 
 
-def test_corrupt_sensitivity_file_is_a_clear_error(tiny_q4_path, tmp_path, measured):
+def test_corrupt_sensitivity_file_is_a_clear_error(
+    tiny_q4_path, tmp_path, measured, hooks_enabled, monkeypatch, capsys
+):
     bad = tmp_path / "table.json"
     meta = _sidecar(measured)
     meta["sensitivity"]["modules"]["model.layers.1.mlp.up_proj"]["kl"]["4:64"] = "lots"
     bad.write_text(json.dumps(meta))
     out = tmp_path / "out"
-    res = _convert_cli(
+    code, err = _convert_main(
         [
             "--hf-path",
             str(tiny_q4_path),
@@ -386,12 +399,11 @@ def test_corrupt_sensitivity_file_is_a_clear_error(tiny_q4_path, tmp_path, measu
             "--mlx-path",
             str(out),
         ],
-        dict(os.environ, MLX_LM_OPTIQ="1"),
+        monkeypatch,
+        capsys,
     )
-    assert res.returncode != 0
-    assert (
-        str(bad) in res.stderr and "modules.model.layers.1.mlp.up_proj.kl.4:64' must be a finite number" in res.stderr
-    )
+    assert code != 0
+    assert str(bad) in err and "modules.model.layers.1.mlp.up_proj.kl.4:64' must be a finite number" in err
     assert not out.exists()
 
 

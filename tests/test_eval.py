@@ -11,35 +11,29 @@ import pytest
 from mlx_lm_optiq import quality
 from mlx_lm_optiq.core.jsonio import write_json
 
+UNIFORM_CONVERT = """
+import sys
+from mlx_lm import convert
+assert 'mlx_lm_optiq' not in sys.modules
+src = sys.argv[1]
+for bits, dst in zip((4, 8), sys.argv[2:]):
+    convert(src, mlx_path=dst, quantize=True, q_bits=bits, q_group_size=64)
+"""
+
 
 @pytest.fixture(scope="module")
 def uniform_models(tiny_float_path, tmp_path_factory):
-    """Stock mlx-lm uniform 4-bit and 8-bit (g64) conversions of the 4-layer float model."""
+    """Stock mlx-lm uniform 4-bit and 8-bit (g64) conversions of the 4-layer float model (one stock
+    process for both: the import of mlx_lm is most of a small convert's time)."""
     base = tmp_path_factory.mktemp("uniform")
     env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
-    out = {}
-    for bits in (4, 8):
-        out[bits] = base / f"q{bits}"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mlx_lm",
-                "convert",
-                "--hf-path",
-                str(tiny_float_path),
-                "-q",
-                "--q-bits",
-                str(bits),
-                "--q-group-size",
-                "64",
-                "--mlx-path",
-                str(out[bits]),
-            ],
-            check=True,
-            capture_output=True,
-            env=env,
-        )
+    out = {bits: base / f"q{bits}" for bits in (4, 8)}
+    subprocess.run(
+        [sys.executable, "-c", UNIFORM_CONVERT, str(tiny_float_path), str(out[4]), str(out[8])],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     return out
 
 

@@ -685,26 +685,25 @@ def test_disable_restores_lora_symbols():
 
 
 @pytest.mark.slow
-def test_by_kl_on_a_model_converted_by_optiq(tiny_float_path, data_dir, tmp_path):
-    """The whole path: our mlx_lm.convert writes the sidecar; mlx_lm.lora finds it next to the model."""
+def test_by_kl_on_a_model_converted_by_optiq(tiny_float_path, data_dir, tmp_path, hooks_enabled):
+    """The whole path: our mlx_lm.convert writes the sidecar; mlx_lm.lora finds it next to the model.
+
+    The convert runs through the hooked Python API (its command line is test_convert's) on a few
+    cheap candidates with stock rounding: this test is about the sidecar the lora run finds."""
+    from mlx_lm import convert  # the hooked one
+
     env = dict(os.environ, MLX_LM_OPTIQ="1")
     converted = tmp_path / "optiq-mixed"
-    run_mlx_lm(
-        "convert",
-        [
-            "--hf-path",
-            tiny_float_path,
-            "-q",
-            "--optiq-target-bpw",
-            5.6,
-            "--optiq-num-samples",
-            2,
-            "--optiq-sequence-length",
-            64,
-            "--mlx-path",
-            converted,
-        ],
-        env,
+    convert(
+        str(tiny_float_path),
+        mlx_path=str(converted),
+        quantize=True,
+        optiq_target_bpw=5.6,
+        optiq_candidates="3:64,4:64,8:64",
+        optiq_num_samples=1,
+        optiq_sequence_length=64,
+        optiq_clipping="none",
+        optiq_writer="rtn",
     )
     sidecar = json.loads((converted / "optiq_metadata.json").read_text())
     args = train_args(converted, data_dir, tmp_path / "ad", "--optiq-rank-scaling", "by_kl", "--rank", 4, iters=1)

@@ -19,7 +19,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MARKER = "<!-- readme-example -->"
-BIN = Path(sys.executable).parent
 
 
 def readme_example(text: str) -> str:
@@ -51,8 +50,9 @@ def test_readme_example_runs_as_written(tiny_q4_path, tmp_path):
     code = readme_example(README.read_text())
     code = set_top_level(code, "MODEL", str(tiny_q4_path))
     code = set_top_level(code, "OUT", str(out))
-    code = set_top_level(code, "SAMPLES, SEQ_LEN", (2, 64))
-    code = set_top_level(code, "KV_PREFIX", 64)
+    samples, seq_len, kv_prefix = 1, 32, 32  # small calibration and KV sizes (the knobs the example names)
+    code = set_top_level(code, "SAMPLES, SEQ_LEN", (samples, seq_len))
+    code = set_top_level(code, "KV_PREFIX", kv_prefix)
     script = tmp_path / "readme_example.py"
     script.write_text(code)
     env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
@@ -61,13 +61,13 @@ def test_readme_example_runs_as_written(tiny_q4_path, tmp_path):
     # every optiq_* keyword took effect (a misspelt one would fall back to a default)
     meta = json.loads((out / "optiq_metadata.json").read_text())
     assert meta["method"] == "fisher" and meta["achieved_bpw"] <= meta["target_bpw"]
-    assert meta["sensitivity"]["calibration"]["tokens"] == 2 * 64
+    assert meta["sensitivity"]["calibration"]["tokens"] == samples * seq_len
     keys = lambda c: f"{c['bits'] if c['mode'] == 'affine' else c['mode']}:{c['group_size']}"  # noqa: E731
     assert {keys(c) for c in meta["candidates"]} == set(_keyword(code, "optiq_candidates").split(","))
     assert len({c["bits"] for c in meta["layers"].values()}) > 1  # it really mixes
     kv = json.loads((out / "kv_config.json").read_text())
     assert kv["kind"] == "optiq-kv-config" and kv["achieved_bits"] <= kv["target_bits"]
-    assert kv["sensitivity"]["prefix_tokens"] == 64
+    assert kv["sensitivity"]["prefix_tokens"] == kv_prefix
     measured = {k for slot in kv["layers"] for k in slot.get("kl", {})}
     assert measured == set(_keyword(code, "optiq_kv_candidates").split(","))
     printed = re.search(r"^(\d+\.\d{3}) bits per weight$", res.stdout, re.M)
@@ -77,13 +77,64 @@ def test_readme_example_runs_as_written(tiny_q4_path, tmp_path):
     assert "plan KV: '" in generated and "float KV: '" in generated, res.stdout  # both generations printed
 
 
-def _help_text(*cmds: list[str]) -> str:
+# `--help` of several commands from one interpreter: it imports the heavy third-party packages
+# (transformers, torch: most of a cold `import mlx_lm`) once, then forks one child per command, which
+# runs it as its console script (entry point) or `python -m` module would, with argv `NAME --help`.
+# Neither mlx_lm nor our modules are imported before the fork: each child starts them (and, with
+# MLX_LM_OPTIQ=1, the `.pth` bootstrap's hooks) itself.
+_HELP_DRIVER = r"""
+import json, os, runpy, sys, traceback
+from importlib.metadata import entry_points
+
+import torch, transformers  # noqa: F401
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+assert not any(m.split(".")[0] == "mlx_lm" for m in sys.modules)
+results = []
+for kind, name, out in json.loads(sys.argv[1]):
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        for fd, path in ((1, out + ".out"), (2, out + ".err")):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv, code = [name, "--help"], 0
+        try:
+            if kind == "script":
+                entry_points(group="console_scripts")[name].load()()
+            else:
+                runpy.run_module(name, run_name="__main__", alter_sys=True)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    results.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(results))
+"""
+
+
+def _helps(kind: str, names: list[str], env: dict, tmp: Path) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of `NAME --help` for each name: console scripts (kind "script")
+    or `python -m` modules (kind "module"), each in a fresh child of one interpreter."""
+    specs = [(kind, name, str(tmp / f"help{i}")) for i, name in enumerate(names)]
+    res = subprocess.run(
+        [sys.executable, "-c", _HELP_DRIVER, json.dumps(specs)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    codes = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(codes) == len(names)
+    return [(c, Path(o + ".out").read_text(), Path(o + ".err").read_text()) for c, (_, _, o) in zip(codes, specs)]
+
+
+def _help_text(commands: list[str], tmp: Path) -> str:
     env = dict(os.environ, MLX_LM_OPTIQ="1", COLUMNS="200")
     outs = []
-    for cmd in cmds:
-        res = subprocess.run(cmd + ["--help"], env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, f"{' '.join(cmd)} --help: {res.stderr[-2000:]}"
-        outs.append(res.stdout)
+    for cmd, (code, out, err) in zip(commands, _helps("script", commands, env, tmp)):
+        assert code == 0, f"{cmd} --help: {err[-2000:]}"
+        assert out.startswith("usage: "), f"{cmd} --help: {out[:500]}"
+        outs.append(out)
     return "\n".join(outs)
 
 
@@ -91,13 +142,13 @@ def _flags(text: str) -> set[str]:
     return set(re.findall(r"--[a-z][a-z0-9-]*[a-z0-9]", text))
 
 
-def test_readme_optiq_flags_exist_on_the_mlx_lm_commands():
+def test_readme_optiq_flags_exist_on_the_mlx_lm_commands(tmp_path):
     """Every `--optiq-*` flag named in the README is added to some mlx-lm command (`--optiq-kv-*`
     style wildcards must prefix one)."""
     text = README.read_text()
     named = set(re.findall(r"--optiq-[a-z0-9-]*[a-z0-9*]", text))
     assert named, "README names no --optiq-* flag"
-    known = _flags(_help_text(*([str(BIN / f"mlx_lm.{c}")] for c in ("convert", "server", "generate", "lora"))))
+    known = _flags(_help_text([f"mlx_lm.{c}" for c in ("convert", "server", "generate", "lora")], tmp_path))
     missing = sorted(
         f for f in named if (not any(k.startswith(f[:-1]) for k in known) if f.endswith("*") else f not in known)
     )
@@ -117,23 +168,17 @@ def _commands(text: str) -> list[tuple[str, str]]:
     return found
 
 
-def test_readme_python_m_commands_exist_with_their_flags():
+def test_readme_python_m_commands_exist_with_their_flags(tmp_path):
     commands = _commands(README.read_text())
     assert commands, "README shows no `python -m mlx_lm_optiq...` command"
     problems = []
+    modules = sorted({module for module, _ in commands})
     helps = {}
+    for module, (code, out, err) in zip(modules, _helps("module", modules, dict(os.environ, COLUMNS="200"), tmp_path)):
+        helps[module] = out if code == 0 and out.startswith("usage: ") else None
+        if helps[module] is None:
+            problems.append(f"python -m {module} --help failed: {err.strip()[-300:]}")
     for module, line in commands:
-        if module not in helps:
-            res = subprocess.run(
-                [sys.executable, "-m", module, "--help"],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env=dict(os.environ, COLUMNS="200"),
-            )
-            helps[module] = res.stdout if res.returncode == 0 else None
-            if res.returncode != 0:
-                problems.append(f"python -m {module} --help failed: {res.stderr.strip()[-300:]}")
         if helps[module] is not None:
             bad = sorted(_flags(line) - _flags(helps[module]))
             if bad:

@@ -14,6 +14,7 @@ from mlx_lm_optiq.weights.config import (
     CPU_DEFAULTS,
     DEFAULT_CANDIDATES,
     GPU_DEFAULTS,
+    LOW_BIT_BELOW_BPW,
     WeightsConfig,
     measurement_defaults,
 )
@@ -92,17 +93,19 @@ def test_the_line_on_a_gpu_and_on_a_cpu(monkeypatch):
     assert "method exact: a --optiq-checkpoint resumes only an exact sweep" in line
 
 
-def test_a_default_convert_says_what_it_chose_and_measures_it(tiny_q4_path, tmp_path, hooks_enabled, capsys):
+def test_a_default_convert_says_what_it_chose_and_measures_it(tiny_float_path, tmp_path, hooks_enabled, capsys):
     """A real convert of the 4-layer model with only a target (and a small calibration, given):
-    the line comes before the sweep, and the sidecar records the defaulted method and candidates."""
+    the line comes before the sweep, and the sidecar records the defaulted method and candidates.
+    The source is the session's fp32 copy (CPU quantizes fp32 fastest: the 16 candidates' errors are
+    most of the time); a quantized source's own reference is test_convert's."""
     from mlx_lm import convert
 
     out = tmp_path / "mixed"
     convert(
-        str(tiny_q4_path),
+        str(tiny_float_path),
         mlx_path=str(out),
         quantize=True,
-        optiq_target_bpw=4.6,
+        optiq_target_bpw=3.4,  # below LOW_BIT_BELOW_BPW: the 2-bit pair joins the 16
         optiq_num_samples=1,
         optiq_sequence_length=32,
         optiq_clipping="none",  # fast; the defaults under test are candidates and method
@@ -115,11 +118,31 @@ def test_a_default_convert_says_what_it_chose_and_measures_it(tiny_q4_path, tmp_
     assert "defaults for --optiq-candidates, --optiq-sensitivity-method (" in line or line.endswith(
         "--optiq-sensitivity-method"
     )
+    assert "(with 2:32,2:64: the target is below 3.7 BPW)" in line
     assert err.index("weights sensitivity on") < err.index("Sensitivity (")
     meta = json.loads((out / "optiq_metadata.json").read_text())
     assert meta["method"] == ("fisher" if backend.compute_backend() == "cpu" else "exact")
-    assert {candidate_key(**c) for c in meta["candidates"]} == set(DEFAULT_CANDIDATES.split(","))
-    assert meta["achieved_bpw"] <= 4.6
+    assert {candidate_key(**c) for c in meta["candidates"]} == set(DEFAULT_CANDIDATES.split(",")) | {"2:32", "2:64"}
+    # 3.4 BPW is below the 16 candidates' cheapest plan: the plan needs (and uses) 2-bit layers
+    assert meta["achieved_bpw"] <= 3.4 and any(e["bits"] == 2 for e in meta["layers"].values())
+    config = json.loads((out / "config.json").read_text())
+    assert any(v.get("bits") == 2 for v in config["quantization"].values() if isinstance(v, dict))
+
+
+def test_low_targets_add_the_2_bit_candidates(monkeypatch):
+    """Below LOW_BIT_BELOW_BPW the defaulted set gains 2:32,2:64 (docs/weights.md, quality vs BPW:
+    0.69x KL at 3.51 BPW); from there up, and whenever the user names candidates, it does not."""
+    monkeypatch.setattr(backend, "compute_backend", lambda: "cpu")
+    keys = lambda c: [candidate_key(**x) for x in c.candidates]  # noqa: E731
+    low = WeightsConfig(target_bpw=3.5)
+    assert keys(low) == [candidate_key(**x) for x in parse_candidates(DEFAULT_CANDIDATES + ",2:32,2:64")]
+    assert "candidates" in low.defaulted
+    assert keys(WeightsConfig(target_bpw=LOW_BIT_BELOW_BPW)) == [candidate_key(**x) for x in SIXTEEN]
+    assert keys(WeightsConfig(target_bpw=3.0, candidates="3:64,4:64")) == ["3:64", "4:64"]
+    assert keys(WeightsConfig(target_bpw=3.0, candidate_bits="3,4")) == ["3:64", "4:64"]
+    line = pipeline.measurement_line(low, low.candidates, 134_515_008, _flag)
+    assert "18 candidates" in line and "(with 2:32,2:64: the target is below 3.7 BPW)" in line
+    assert "(with 2:" not in pipeline.measurement_line(WeightsConfig(target_bpw=4.5), SIXTEEN, 134_515_008, _flag)
 
 
 def test_a_defaulted_fisher_yields_to_exact_when_the_float_model_does_not_fit(monkeypatch):

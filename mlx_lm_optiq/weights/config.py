@@ -61,6 +61,23 @@ def measurement_defaults(backend: str) -> MeasurementDefaults:
     return CPU_DEFAULTS if backend == "cpu" else GPU_DEFAULTS
 
 
+# Below this target BPW the default candidates gain 2-bit ones (LOW_BIT_CANDIDATES). On the
+# quality-vs-BPW curve (docs/weights.md) they lower the KL 0.69x at 3.51 BPW and 0.80x at 3.63,
+# make 3.0-3.45 BPW possible at all (the 16 candidates' cheapest plan of the bundled model is
+# 3.458 BPW), and change nothing beyond noise from 3.75 BPW up (1.02x, 0.98x) — where they would
+# only cost sweep time.
+LOW_BIT_BELOW_BPW = 3.7
+LOW_BIT_CANDIDATES = "2:32,2:64"
+
+
+def default_candidates(defaults: MeasurementDefaults, target_bpw: float) -> str:
+    """The candidate set a measuring convert uses when none is given: the backend's, plus the
+    2-bit candidates for a target below LOW_BIT_BELOW_BPW."""
+    if target_bpw < LOW_BIT_BELOW_BPW:
+        return f"{defaults.candidates},{LOW_BIT_CANDIDATES}"
+    return defaults.candidates
+
+
 def per_backend_help(name: str) -> str:
     """The help-text note for a field with a backend default: "default X on a CPU, Y on a GPU"."""
     cpu, gpu = getattr(CPU_DEFAULTS, name), getattr(GPU_DEFAULTS, name)
@@ -150,7 +167,8 @@ class WeightsConfig:
         metadata=_help(
             "Explicit comma-separated candidates instead of bits x group sizes: BITS:GROUP "
             "(affine) or MODE:GROUP for mlx's float formats, e.g. 3:64,4:64,nvfp4:16,8:64 (default, "
-            f"when no bits, group sizes or --q-group-size are given: {DEFAULT_CANDIDATES}; with "
+            f"when no bits, group sizes or --q-group-size are given: {DEFAULT_CANDIDATES}, plus "
+            f"{LOW_BIT_CANDIDATES} for a target below {LOW_BIT_BELOW_BPW} BPW; with "
             "--q-group-size G alone: 3/4/5/6/8 bits at G; when re-planning: the table's)."
         ),
     )
@@ -278,7 +296,7 @@ class WeightsConfig:
         defaulted = []
         if all(getattr(self, f) is None for f in CANDIDATE_FIELDS) and self.q_group_size is None:
             if (self.q_mode or "affine") == "affine":
-                self.candidates = defaults.candidates
+                self.candidates = default_candidates(defaults, self.target_bpw)
                 defaulted.append("candidates")
         for name in ("sensitivity_method", "num_samples", "sequence_length"):
             if getattr(self, name) is None:

@@ -27,7 +27,13 @@ from mlx_lm_optiq.core.config import ConfigError
 from mlx_lm_optiq.core.durations import format_duration
 from mlx_lm_optiq.core.formats import Candidate, FormatError, candidate_key, parse_candidates, top_level_quantization
 from mlx_lm_optiq.weights import clipping, gptq, metadata, plan, sweep, text_only
-from mlx_lm_optiq.weights.config import GPTQ_NEEDS_FLOAT, WeightsConfig, measurement_defaults
+from mlx_lm_optiq.weights.config import (
+    GPTQ_NEEDS_FLOAT,
+    LOW_BIT_BELOW_BPW,
+    LOW_BIT_CANDIDATES,
+    WeightsConfig,
+    measurement_defaults,
+)
 
 # The dequantized copy of a quantized source, inside the convert's staging directory.
 FLOAT_SOURCE_DIR = ".optiq-float-source"
@@ -193,6 +199,8 @@ def measurement_line(
         line += "; method " + re.sub(r"`(\w+)`", lambda m: spell(m.group(1)), c.method_note)
     if c.defaulted:
         line += f"; {backend} defaults for {', '.join(spell(n) for n in c.defaulted)}"
+        if "candidates" in c.defaulted and c.target_bpw < LOW_BIT_BELOW_BPW:
+            line += f" (with {LOW_BIT_CANDIDATES}: the target is below {LOW_BIT_BELOW_BPW} BPW)"
         gpu, own = measurement_defaults("gpu"), measurement_defaults(backend)
         chosen = {n: getattr(own, n) if n == "candidates" else getattr(c, n) for n in c.defaulted}
         other = [f"{spell(n)} {getattr(gpu, n)}" for n in c.defaulted if getattr(gpu, n) != chosen[n]]
