@@ -14,8 +14,8 @@ the same way, against the same float reference (the checkpoint's dequantization)
   without them choose from exactly what a default sweep measures). It is then re-planned at
   every target (no re-measuring: the table is planned again, as `--optiq-sensitivity` does),
   written with the default GPTQ writer (`weights.gptq.compensate`, the pipeline's function,
-  on input Hessians computed once for all plans: they do not depend on the plan), saved as a
-  stock mlx-lm model and checked with `plan.verify_converted` (bits per layer, BPW <= target).
+  on input Hessians computed once for all plans: they do not depend on the plan; `--writer rtn`
+  rounds to nearest instead, for quick smoke runs), saved as a stock mlx-lm model and checked with `plan.verify_converted` (bits per layer, BPW <= target).
   Targets: the grid, plus each anchor's exact BPW inside it (a grid point within `--snap` of
   one is replaced by it). "ours + 2-bit" is planned from the same table over `--two-bit-grid`.
 - anchors, each at its own BPW and calibrated (where they calibrate) on the same tokens as
@@ -115,6 +115,13 @@ def parse_args(argv=None):
         "--gptq-bits",
         default="4,2",
         help="mlx-lm GPTQ anchor bits, group 64 (mlx-lm 0.32's gptq quantizes 2, 4 or 8 bits: 3 is refused)",
+    )
+    p.add_argument(
+        "--writer",
+        choices=("gptq", "rtn"),
+        default="gptq",
+        help="how ours' plans are written: gptq (the default writer, weights.gptq.compensate) or rtn "
+        "(round to nearest on the table's clipped ranges: no Hessians, quick; for smoke runs)",
     )
     p.add_argument("--workdir", default="/tmp/optiq-curve", help="cache of everything (re-runs skip what is done)")
     p.add_argument("--output", default=str(REPO / "docs" / "results" / "weights-curve-cpu.json"))
@@ -331,7 +338,8 @@ def _rtn_model(ctx, group_size, bits, mode="affine", predicate=None):
 
 
 def write_ours(ctx, options, target, dst):
-    """Plan the table at `target` over `options`, write it with the default GPTQ writer, verify."""
+    """Plan the table at `target` over `options`, write it with `--writer` (default: the default
+    GPTQ writer; rtn: the planned formats rounded to nearest on the table's clipped ranges), verify."""
     import collections
 
     from mlx_lm_optiq.core.formats import candidate_key, top_level_quantization
@@ -343,22 +351,23 @@ def write_ours(ctx, options, target, dst):
     gs, bits, mode = top_level_quantization(options)
     model, config = _rtn_model(ctx, gs, bits, mode, plan.quant_predicate(pl["layers"], clipper))
     plan.check_quantized(model, pl["layers"])
-    mods = dict(model.named_modules())
-    dtypes = {p: mods[p].scales.dtype for p, c in pl["layers"].items() if "group_size" in c}
-    tensors, summary = gptq.compensate(
-        ctx.reference, pl["layers"], ctx.tokens, dtypes, clip=clipper, hessians=ctx.hessians
-    )
-    gptq.apply_to_model(model, tensors)
+    written = {} if ctx.args.writer == "gptq" else {"writer": ctx.args.writer}
+    if ctx.args.writer == "gptq":
+        mods = dict(model.named_modules())
+        dtypes = {p: mods[p].scales.dtype for p, c in pl["layers"].items() if "group_size" in c}
+        tensors, summary = gptq.compensate(
+            ctx.reference, pl["layers"], ctx.tokens, dtypes, clip=clipper, hessians=ctx.hessians
+        )
+        gptq.apply_to_model(model, tensors)
+        written = {
+            "gptq_modules": len(summary["compensated"]),
+            "gptq_rtn_modules": len(summary["round_to_nearest"]),
+            "gptq_output_error_vs_rtn_median": summary["output_error_vs_rtn_median"],
+        }
     _save(ctx, dst, model, config)
     bpw = plan.verify_converted(dst, pl["layers"], target, pl["predicted_bits"])
     mix = collections.Counter(candidate_key(**c) if "group_size" in c else "float" for c in pl["layers"].values())
-    return {
-        "planned_bpw": bpw,
-        "plan_mix": dict(sorted(mix.items())),
-        "gptq_modules": len(summary["compensated"]),
-        "gptq_rtn_modules": len(summary["round_to_nearest"]),
-        "gptq_output_error_vs_rtn_median": summary["output_error_vs_rtn_median"],
-    }
+    return {"planned_bpw": bpw, "plan_mix": dict(sorted(mix.items())), **written}
 
 
 def write_rtn(ctx, dst, group_size, bits, mode="affine", predicate=None):
@@ -428,6 +437,8 @@ def write_dynamic_quant(ctx, dst, target):
 def run_point(ctx, point, build):
     """Write (unless written) and evaluate one point; its result is cached as points/<slug>.json."""
     slug = _slug(f"{point['series']}@{point['label']}")
+    if point["kind"] == "ours" and ctx.args.writer != "gptq":
+        slug += f"-{ctx.args.writer}"  # never mixed with (nor resumed as) a default writer's point
     done = ctx.work / "points" / f"{slug}.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -837,6 +848,8 @@ def main(argv=None):
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
         "compute": "simulated quantization (dequantized to fp32)",
     }
+    if args.writer != "gptq":
+        setup["writer"] = args.writer  # ours not written by the default writer: said in the JSON
     setup["caption"] = (
         f"calibration {setup['calibration_text']}, eval {args.eval_tokens} tokens of {setup['eval_text']}; "
         f"simulated quantization in fp32; {setup['device']}, mlx {setup['mlx']}"

@@ -545,30 +545,43 @@ def test_convert_flag_writes_kv_config(tiny_q4_path, tmp_path, shared_dir, hooks
     assert not (tmp_path / "y").exists()
 
 
+# `python -m mlx_lm <command> ...` run once per argv list (JSON in argv[1]) in ONE interpreter, as the
+# console script runs it (runpy of mlx_lm's __main__); each run's stderr and exit code are framed.
+_CONSOLE_RUNS = """
+import json, runpy, sys, traceback
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["mlx_lm", *argv]
+    print("=== run", file=sys.stderr, flush=True)
+    try:
+        runpy.run_module("mlx_lm", run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (print(e.code, file=sys.stderr) or 1)
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    print(f"=== exit {code}", file=sys.stderr, flush=True)
+"""
+
+
 def test_generate_console_script_uses_folder_plan_and_flags(model_dir, optiq_env):
+    import json
     import subprocess
 
     _write_plan(model_dir / "kv_config.json", [NONE, A84, A84, A84])
-    base = [
-        sys.executable,
-        "-m",
-        "mlx_lm",
-        "generate",
-        "--model",
-        str(model_dir),
-        "--prompt",
-        "Hi",
-        "--max-tokens",
-        "2",
-    ]
-    out = subprocess.run(base + ["--kv-bits", "4"], env=optiq_env, capture_output=True, text=True)
-    assert out.returncode != 0
-    assert "per-layer KV plan" in out.stderr and "3x K8/V4 g64" in out.stderr
-    assert "kv_bits=4 cannot be combined with the per-layer KV plan" in out.stderr
-    out = subprocess.run(
-        base + ["--optiq-kv-config", str(model_dir / "missing.json")], env=optiq_env, capture_output=True, text=True
+    base = ["generate", "--model", str(model_dir), "--prompt", "Hi", "--max-tokens", "2"]
+    runs = [base + ["--kv-bits", "4"], base + ["--optiq-kv-config", str(model_dir / "missing.json")]]
+    proc = subprocess.run(
+        [sys.executable, "-c", _CONSOLE_RUNS, json.dumps(runs)], env=optiq_env, capture_output=True, text=True
     )
-    assert out.returncode == 2 and "--optiq-kv-config: " in out.stderr and "missing.json: file not found" in out.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs = [chunk.rsplit("=== exit ", 1) for chunk in proc.stderr.split("=== run\n")[1:]]
+    assert len(outs) == 2, proc.stderr[-3000:]
+    (stderr, code), (stderr2, code2) = ((err, int(c)) for err, c in outs)
+    assert code != 0
+    assert "per-layer KV plan" in stderr and "3x K8/V4 g64" in stderr
+    assert "kv_bits=4 cannot be combined with the per-layer KV plan" in stderr
+    assert code2 == 2 and "--optiq-kv-config: " in stderr2 and "missing.json: file not found" in stderr2
 
 
 def test_disable_restores_generate_symbols():

@@ -13,13 +13,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
+import mlx_lm_optiq
 from mlx_lm_optiq.core.config import ConfigError
 from mlx_lm_optiq.core.jsonio import OptiqFileError, write_json
 from mlx_lm_optiq.lora import qat
 from mlx_lm_optiq.lora.config import LoraTrainingConfig
 from mlx_lm_optiq.lora.peft import export_peft
 from tests.helpers import assert_lora_cli_error
-from tests.test_lora import PROBE, logits, run_mlx_lm, small_dataset, stock_env, train_args
+from tests.test_lora import PROBE, logits, small_dataset, train_args
+from tests.test_lora_stock import main_of, optiq
 
 QUICKSTART_SIDECAR = Path(__file__).resolve().parents[1] / "docs" / "results" / "quickstart-optiq_metadata.json"
 FLOAT_MODULE = "model.layers.3.self_attn.v_proj"  # kept float by the test sidecar (and adapted)
@@ -95,7 +97,7 @@ def _flat(tree):
     return tree_flatten(tree)
 
 
-def test_qat_run_fuses_and_requantizes_to_the_model_it_trained(tiny_float_path, sidecar, shared_dir, tmp_path):
+def test_qat_run_fuses_and_requantizes_to_the_model_it_trained(tiny_float_path, sidecar, shared_dir, tmp_path, capsys):
     """`mlx_lm.lora --optiq-qat` saves a stock adapter; stock `mlx_lm.fuse` (optiq off) fuses it into the
     float base; `python -m mlx_lm_optiq.lora.qat` writes that at the plan's formats; stock `mlx_lm.load`
     reads it, and its logits are the QAT forward's (the model that trained) to float tolerance."""
@@ -106,8 +108,11 @@ def test_qat_run_fuses_and_requantizes_to_the_model_it_trained(tiny_float_path, 
     adapters = tmp_path / "adapters"
     args = train_args(tiny_float_path, data, adapters, "--optiq-qat", "--optiq-metadata", sidecar, iters=2)
     args[args.index("--max-seq-length") + 1] = 32
-    proc = run_mlx_lm("lora", args, {**stock_env(), "MLX_LM_OPTIQ": "1"})
-    assert "QAT at the formats of" in proc.stdout and "1 stay float" in proc.stdout, proc.stdout[-2000:]
+    # stock `mlx_lm.lora`'s main, in-process with the hooks on (as MLX_LM_OPTIQ=1 turns them on)
+    with optiq():
+        main_of("lora", args)
+    printed = capsys.readouterr().out
+    assert "QAT at the formats of" in printed and "1 stay float" in printed, printed[-2000:]
     stock_config = json.loads((adapters / "adapter_config.json").read_text())
     assert stock_config["fine_tune_type"] == "lora" and stock_config["optiq_qat"] is True
     assert not (adapters / "optiq_lora_config.json").exists()  # plain stock adapter files
@@ -118,7 +123,8 @@ def test_qat_run_fuses_and_requantizes_to_the_model_it_trained(tiny_float_path, 
     assert json.loads((peft_dir / "adapter_config.json").read_text())["r"] == 8
 
     fused, requantized = tmp_path / "fused", tmp_path / "requantized"
-    run_mlx_lm("fuse", ["--model", tiny_float_path, "--adapter-path", adapters, "--save-path", fused], stock_env())
+    assert not mlx_lm_optiq.enabled_patches()  # stock `mlx_lm.fuse`: the hooks are off
+    main_of("fuse", ["--model", tiny_float_path, "--adapter-path", adapters, "--save-path", fused])
     qat.main(["--model", str(fused), "--metadata", str(sidecar), "--mlx-path", str(requantized)])
     written = json.loads((requantized / "optiq_metadata.json").read_text())
     assert written["writer"]["method"] == "rtn" and written["layers"] == json.loads(sidecar.read_text())["layers"]

@@ -2,9 +2,6 @@
 real 4-layer SmolLM2 dequantized to fp32."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,7 +13,8 @@ from mlx_lm_optiq.core.jsonio import OptiqFileError, write_json
 from mlx_lm_optiq.lora import adapter_files
 from mlx_lm_optiq.lora.config import LoraTrainingConfig
 from mlx_lm_optiq.lora.qlora import load_quantized
-from tests.test_lora import PROBE, logits, run_mlx_lm, small_dataset, train_args
+from tests.test_lora import PROBE, logits, small_dataset, train_args
+from tests.test_lora_stock import main_of, optiq
 
 
 def _mixed_sidecar(float_path, out_file, float_layer=None):
@@ -139,41 +137,40 @@ def _choose_one_through_the_hook(float_path):
         mlx_lm_optiq.disable()
 
 
-_PEAK = """
-import sys, mlx.core as mx
-from pathlib import Path
-from mlx.utils import tree_flatten
-mx.reset_peak_memory()
-if sys.argv[2] == "optiq":
-    from mlx_lm_optiq.lora.qlora import load_quantized
-    model, _, _ = load_quantized(sys.argv[1], "load_in_4bits", progress=False)
-else:  # the naive way: load the float model, then quantize it
-    from mlx_lm.utils import load_model, quantize_model
-    model, config = load_model(Path(sys.argv[1]))
-    model, _ = quantize_model(model, config, 64, 4)
-    mx.eval(model.parameters())
-print(mx.get_peak_memory(), sum(v.nbytes for _, v in tree_flatten(model.parameters())))
-"""
+def _peak(float_path, kind):
+    """(peak MLX memory above what was held before, the model's bytes) of loading `float_path` 4-bit:
+    ours (quantizing while loading) or the naive way (load the float model, then quantize it)."""
+    import gc
+
+    from mlx.utils import tree_flatten
+
+    gc.collect()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    if kind == "optiq":
+        model, _, _ = load_quantized(float_path, "load_in_4bits", progress=False)
+    else:
+        from mlx_lm.utils import load_model, quantize_model
+
+        model, config = load_model(Path(float_path))
+        model, _ = quantize_model(model, config, 64, 4)
+        mx.eval(model.parameters())
+    return mx.get_peak_memory() - base, sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def test_quantizes_while_loading_never_holding_both_models(tiny_float_path):
     float_bytes = sum(f.stat().st_size for f in Path(tiny_float_path).glob("*.safetensors"))
-
-    def peak(kind):
-        out = subprocess.run(
-            [sys.executable, "-c", _PEAK, str(tiny_float_path), kind], capture_output=True, text=True, check=True
-        ).stdout.split()
-        return int(out[-2]), int(out[-1])
-
-    ours, quantized_bytes = peak("optiq")
-    naive, _ = peak("naive")
+    # measured in this process, each above the memory held before it (as test_sensitivity's peaks)
+    ours, quantized_bytes = _peak(tiny_float_path, "optiq")
+    naive, _ = _peak(tiny_float_path, "naive")
     assert naive >= float_bytes  # the float model was fully resident
     # ours holds the quantized model plus at most a layer in float: less than the float model alone
     assert ours < float_bytes
     assert ours < naive - quantized_bytes
 
 
-def test_qlora_cli_mixed_base_with_by_bits_ranks(tiny_float_path, mixed_sidecar, shared_dir, tmp_path):
+def test_qlora_cli_mixed_base_with_by_bits_ranks(tiny_float_path, mixed_sidecar, shared_dir, tmp_path, capsys):
     data = small_dataset(shared_dir, tmp_path / "data", n_train=4, n_valid=2, chars=80)
     out = tmp_path / "qlora"
     args = train_args(
@@ -191,8 +188,10 @@ def test_qlora_cli_mixed_base_with_by_bits_ranks(tiny_float_path, mixed_sidecar,
     )
     args[args.index("--max-seq-length") + 1] = 32
     args[args.index("--batch-size") + 1] = 1
-    proc = run_mlx_lm("lora", args, dict(os.environ, MLX_LM_OPTIQ="1"))
-    assert "optiq: quantizing while loading" in proc.stderr
+    # stock `mlx_lm.lora`'s main, in-process with the hooks on (as MLX_LM_OPTIQ=1 turns them on)
+    with optiq():
+        main_of("lora", args)
+    assert "optiq: quantizing while loading" in capsys.readouterr().err
     record = adapter_files.read_record(out)
     assert record["modules"]["model.layers.3.mlp.down_proj"]["bits"] == 6
     assert record["modules"]["model.layers.1.self_attn.q_proj"]["bits"] == 16

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -131,15 +130,33 @@ def test_weights_plot_stays_readable(blocks):
         plt.close(fig)
 
 
-def test_weights_plot_command_writes_a_png_of_sane_size(tmp_path):
+def run_module(module, argv, capsys):
+    """`python -m <module> <argv>` in this interpreter (runpy runs the module's `__main__` block, as
+    `-m` does; a fresh interpreter would spend seconds importing mlx_lm): (exit code, stdout, stderr)."""
+    import runpy
+    import warnings
+
+    capsys.readouterr()
+    saved = sys.argv
+    sys.argv = [module, *map(str, argv)]
+    code = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules": the tests imported it
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = saved
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_weights_plot_command_writes_a_png_of_sane_size(tmp_path, capsys):
     out = tmp_path / "bits.png"
-    res = subprocess.run(
-        [sys.executable, "-m", "mlx_lm_optiq.weights.plot", str(SIDECAR), "--output", str(out)],
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip() == f"wrote {out}"
+    code, stdout, stderr = run_module("mlx_lm_optiq.weights.plot", [SIDECAR, "--output", out], capsys)
+    assert code == 0, stderr[-3000:]
+    assert stdout.strip() == f"wrote {out}"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = _png_size(out)
     assert 1200 <= width <= 2600 and 600 <= height <= 1200, (width, height)
@@ -154,7 +171,7 @@ def test_weights_plot_names_a_missing_sidecar(tmp_path, capsys):
 # ----------------------------------------------------------------------------- kv
 
 
-def test_kv_plot_of_a_real_plan(tmp_path):
+def test_kv_plot_of_a_real_plan(tmp_path, capsys):
     plan = read_kv_config(KV_CONFIG)
     fig = kv_plot.build_figure(plan)
     try:
@@ -173,13 +190,9 @@ def test_kv_plot_of_a_real_plan(tmp_path):
     finally:
         plt.close(fig)
     out = tmp_path / "kv.png"
-    res = subprocess.run(
-        [sys.executable, "-m", "mlx_lm_optiq.kv.plot", str(KV_CONFIG), "--output", str(out)],
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip() == f"wrote {out}"
+    code, stdout, stderr = run_module("mlx_lm_optiq.kv.plot", [KV_CONFIG, "--output", out], capsys)
+    assert code == 0, stderr[-3000:]
+    assert stdout.strip() == f"wrote {out}"
     width, height = _png_size(out)
     assert 800 <= width <= 2600 and 400 <= height <= 1200, (width, height)
     assert 20_000 < out.stat().st_size < 2_000_000

@@ -8,7 +8,6 @@ that a re-run reuses what is cached instead of writing the models again.
 import json
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,19 +16,32 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(args):
-    out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "weights_curve.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+@pytest.fixture
+def curve(monkeypatch, capsys):
+    """The benchmark's main() in this interpreter (a fresh one costs seconds of imports per run):
+    run(args) -> what it printed. Its sys.path entries and benchmarks/ modules are undone after."""
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    spec = importlib.util.spec_from_file_location("_weights_curve_under_test", REPO / "benchmarks" / "weights_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(args):
+        capsys.readouterr()
+        module.main([str(a) for a in args])
+        return capsys.readouterr().out
+
+    yield run
+    benchmarks = str(REPO / "benchmarks")
+    for name in set(sys.modules) - before:
+        if str(getattr(sys.modules[name], "__file__", None) or "").startswith(benchmarks):
+            del sys.modules[name]
 
 
 @pytest.mark.slow
-def test_curve_tiny_run_json_svg_and_resume(tiny_q4_path, austen, tmp_path):
+def test_curve_tiny_run_json_svg_and_resume(tiny_q4_path, austen, tmp_path, curve):
     work, output, figure = tmp_path / "work", tmp_path / "curve.json", tmp_path / "curve.svg"
     # excerpts: tokenizing two whole novels would take most of the test's time
     calib, held_out = tmp_path / "calib.txt", tmp_path / "held_out.txt"
@@ -73,8 +85,12 @@ def test_curve_tiny_run_json_svg_and_resume(tiny_q4_path, austen, tmp_path):
         "--plot-range",
         "3.0:5.0",
         "--no-progress",
+        # ours written by round to nearest: GPTQ (the default writer, ~10 s a point here) is
+        # test_gptq's subject; this one checks the curve's points, outputs and resume
+        "--writer",
+        "rtn",
     ]
-    printed = _run(args)
+    printed = curve(args)
     data = json.loads(output.read_text())
     points = data["points"]
     series = {p["series"] for p in points}
@@ -84,12 +100,15 @@ def test_curve_tiny_run_json_svg_and_resume(tiny_q4_path, austen, tmp_path):
         assert p["kl"] >= 0 and p["num_tokens"] == 64
         if p["kind"] == "ours":
             assert p["bpw"] <= p["target"] + 1e-9, p
+            assert p["writer"] == "rtn" and "gptq_modules" not in p, p
     # a grid point snaps onto the uniform anchor's exact BPW (4.5 -> 4-bit g64's size); the 2-bit
     # series is planned at its own grid point, below what the 4-bit candidate alone can reach
     uniform = {p["label"]: p["bpw"] for p in points if p["series"] == "uniform RTN g64"}
     assert [p["target"] for p in points if p["series"] == "ours"] == pytest.approx([uniform["4-bit g64"]], abs=1e-4)
     assert [p["target"] for p in points if p["series"] == "ours + 2-bit"] == [3.5]
     assert "| anchor | BPW | anchor KL |" in printed and "| target | ours KL | ours + 2-bit KL |" in printed
+
+    assert data["setup"]["writer"] == "rtn"
 
     svg = figure.read_text()
     assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
@@ -101,6 +120,6 @@ def test_curve_tiny_run_json_svg_and_resume(tiny_q4_path, austen, tmp_path):
     assert 'class="reference"' in svg  # the uniform 4-bit g64 level
 
     # resumed: nothing is written again, the same numbers come back
-    again = _run(args)
+    again = curve(args)
     assert "writing" not in again
     assert json.loads(output.read_text())["points"] == points
