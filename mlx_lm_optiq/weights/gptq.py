@@ -388,13 +388,13 @@ def compensate(
             left[path] = f"{type(modules.get(path)).__name__} (not a Linear layer: round to nearest)"
         else:
             jobs[path] = dict(choice)
-    if batch_size is None:
-        vocab = getattr(getattr(model, "args", None), "vocab_size", None) or 1
-        batch_size = max(1, min(tokens.shape[0], _LOGITS_BYTES // (16 * int(vocab) * tokens.shape[1])))
     if hessians is not None:
         chunks = [(list(jobs), (dict(hessians[0]), hessians[1]))]
     else:  # recorded a few blocks at a time: all of a 70B model's Hessians would not fit
         chunks = [(c, None) for c in hessian_chunks(jobs, modules, _HESSIAN_BYTES)]
+        if batch_size is None:  # only recording forwards use it
+            vocab = getattr(getattr(model, "args", None), "vocab_size", None) or 1
+            batch_size = max(1, min(tokens.shape[0], _LOGITS_BYTES // (16 * int(vocab) * tokens.shape[1])))
     out, ratios, raised, n_hessians = {}, [], {}, 0
     for chunk, given in chunks:
         hs, group_of = given or input_hessians(model, chunk, tokens, batch_size)

@@ -32,6 +32,7 @@ from mlx_lm_optiq.weights.config import (
     LOW_BIT_BELOW_BPW,
     LOW_BIT_CANDIDATES,
     WeightsConfig,
+    default_candidates,
     measurement_defaults,
 )
 
@@ -199,9 +200,9 @@ def measurement_line(
         line += "; method " + re.sub(r"`(\w+)`", lambda m: spell(m.group(1)), c.method_note)
     if c.defaulted:
         line += f"; {backend} defaults for {', '.join(spell(n) for n in c.defaulted)}"
-        if "candidates" in c.defaulted and c.target_bpw < LOW_BIT_BELOW_BPW:
-            line += f" (with {LOW_BIT_CANDIDATES}: the target is below {LOW_BIT_BELOW_BPW} BPW)"
         gpu, own = measurement_defaults("gpu"), measurement_defaults(backend)
+        if "candidates" in c.defaulted and default_candidates(own, c.target_bpw) != own.candidates:
+            line += f" (with {LOW_BIT_CANDIDATES}: the target is below {LOW_BIT_BELOW_BPW} BPW)"
         chosen = {n: getattr(own, n) if n == "candidates" else getattr(c, n) for n in c.defaulted}
         other = [f"{spell(n)} {getattr(gpu, n)}" for n in c.defaulted if getattr(gpu, n) != chosen[n]]
         if backend == "cpu" and other:
