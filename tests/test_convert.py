@@ -278,7 +278,7 @@ def measured_with_3_bits(tiny_q4_path, tmp_path_factory):
 
 
 def test_replan_from_sidecar_uses_the_candidates_it_measured(
-    measured_with_3_bits, tiny_q4_path, tmp_path, hooks_enabled, monkeypatch
+    measured_with_3_bits, tiny_q4_path, tmp_path, hooks_enabled, monkeypatch, capsys
 ):
     """No candidate flag when re-planning: the sidecar's own candidates (3:64 included), not the
     4:64/8:64 defaults, which could not reach 4.0 bits per weight."""
@@ -300,6 +300,20 @@ def test_replan_from_sidecar_uses_the_candidates_it_measured(
     assert [f"{c['bits']}:{c['group_size']}" for c in meta["candidates"]] == ["3:64", "4:64", "8:64"]
     assert 3.9 < meta["achieved_bpw"] <= 4.0
     assert any(c["bits"] == 3 for c in meta["layers"].values())
+    assert "no 2-bit candidates" not in capsys.readouterr().err  # 4.0 BPW: the 2-bit ones would not pay
+
+    # below 3.7 BPW a measuring convert would add 2-bit candidates: the re-plan says how to get them
+    convert(
+        str(tiny_q4_path),
+        mlx_path=str(tmp_path / "low"),
+        quantize=True,
+        optiq_target_bpw=3.6,
+        optiq_sensitivity=str(measured_with_3_bits),
+        optiq_writer="rtn",
+    )
+    err = capsys.readouterr().err
+    assert "has no 2-bit candidates" in err and "--optiq-candidates 3:64,4:64,8:64,2:32,2:64" in err, err
+    assert {c["bits"] for c in _sidecar(tmp_path / "low")["layers"].values()} <= {3, 4, 8}
 
     # candidate flags still restrict the choice to a subset of the measured ones
     subset = tmp_path / "subset"

@@ -97,6 +97,9 @@ def plan_weights(
         table = metadata.load_sensitivity(source)
         candidates = _table_candidates(table, candidates, source)
         writer = resolve_writer(config, table)
+        hint = low_bit_hint(candidates, config.target_bpw, source, spell) if config.candidates is None else None
+        if hint:
+            _info(hint)
     model_path = model_tree.resolve_model_path(model, revision)
     quantized = model_tree.is_quantized_checkpoint(model_tree.read_model_config(model_path))
     tokens = calibration_tokens(model_path, config) if table is None else None
@@ -299,6 +302,23 @@ def _write_compensated(result: WeightsPlanResult, out_dir: Path) -> dict[str, An
     del model
     gptq.write_compensated(out_dir, tensors)
     return summary
+
+
+def low_bit_hint(
+    candidates: list[Candidate], target_bpw: float, source: str, spell: Callable[[str], str] = str
+) -> str | None:
+    """One line for a re-plan below LOW_BIT_BELOW_BPW from a table with no 2-bit candidate (a
+    table measured without a target, or at a higher one, has the 16): a measuring convert at this
+    target would have added LOW_BIT_CANDIDATES, which the quality curve shows pay there. The plan
+    still uses the table's candidates (re-planning never measures); the line says how to get them."""
+    if target_bpw >= LOW_BIT_BELOW_BPW or any(c["bits"] == 2 for c in candidates):
+        return None
+    keys = ",".join(candidate_key(**c) for c in candidates)
+    return (
+        f"{source} has no 2-bit candidates; below {LOW_BIT_BELOW_BPW} BPW a measuring convert adds "
+        f"{LOW_BIT_CANDIDATES}, which lower the KL there (docs/weights.md, quality vs bits per weight): "
+        f"measure the table again with {spell('candidates')} {keys},{LOW_BIT_CANDIDATES} to plan with them"
+    )
 
 
 def _table_candidates(table: dict[str, Any], given: list[Candidate] | None, source: str) -> list[Candidate]:
