@@ -23,6 +23,17 @@ import argparse
 import time
 from pathlib import Path
 
+DWQ_MAX_SAMPLES = 2048  # mlx_lm.dwq's --num-samples default
+
+
+def _samples(value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {value!r}") from None
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
@@ -32,7 +43,13 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calibration", default=None, help="calibration JSONL (default: the bundled set, as our convert)")
-    p.add_argument("--num-samples", type=int, default=16, help="calibration sequences (default 16, the CPU convert's)")
+    p.add_argument(
+        "--num-samples",
+        type=_samples,
+        default=16,
+        help="calibration sequences (default 16, the CPU convert's); 'all': every window of --sequence-length "
+        f"the calibration holds, at most {DWQ_MAX_SAMPLES} (mlx_lm.dwq's default)",
+    )
     p.add_argument("--sequence-length", type=int, default=256, help="tokens per sequence (default 256, as above)")
     p.add_argument("--seed", type=int, default=123, help="mx.random seed (mlx-lm's CLI default)")
     p.add_argument("--dwq-valid", type=int, default=4, help="dwq: calibration windows held out for validation")
@@ -54,6 +71,10 @@ def main() -> None:
     # xᵀx from overflowing), then stored at the checkpoint's dtype, as stock would store it.
     stored = next(v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
     model.set_dtype(mx.float32)
+    if args.num_samples == "all":
+        from mlx_lm_optiq.core.calibration import token_stream
+
+        args.num_samples = min(DWQ_MAX_SAMPLES, len(token_stream(tokenizer, args.calibration)) // args.sequence_length)
     tokens = load_calibration(tokenizer, args.calibration, args.num_samples, args.sequence_length)
     if args.method == "gptq":
         from mlx_lm.quant.gptq import gptq_quantize

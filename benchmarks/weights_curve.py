@@ -123,6 +123,13 @@ def parse_args(argv=None):
         help="how ours' plans are written: gptq (the default writer, weights.gptq.compensate) or rtn "
         "(round to nearest on the table's clipped ranges: no Hessians, quick; for smoke runs)",
     )
+    p.add_argument(
+        "--dwq-num-samples",
+        default="all",
+        help="the dwq anchor's training windows (of the sweep's sequence length, from the same calibration text): "
+        "default all the text holds, at most mlx_lm.dwq's 2048 — distillation improves with data, and the anchor "
+        "should be the strongest a user can run on this text (the sweep's 16 windows give dwq 3 steps)",
+    )
     p.add_argument("--workdir", default="/tmp/optiq-curve", help="cache of everything (re-runs skip what is done)")
     p.add_argument("--output", default=str(REPO / "docs" / "results" / "weights-curve-cpu.json"))
     p.add_argument("--svg", default=str(REPO / "docs" / "weights-curve-cpu.svg"))
@@ -394,7 +401,7 @@ def write_mlx_anchor(ctx, dst, method, bits, group_size=64):
         "--calibration",
         str(ctx.calib_jsonl),
         "--num-samples",
-        str(cfg.num_samples),
+        str(ctx.args.dwq_num_samples if method == "dwq" else cfg.num_samples),
         "--sequence-length",
         str(cfg.sequence_length),
     ]
