@@ -1,8 +1,6 @@
 """Shared fixtures: real models and text from ../shared, float references made once per session."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,24 +32,14 @@ def full_q4_path(shared_dir):
 
 
 def _dequantize(src, dst, dtype):
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlx_lm",
-            "convert",
-            "--hf-path",
-            str(src),
-            "-d",
-            "--dtype",
-            dtype,
-            "--mlx-path",
-            str(dst),
-        ],
-        check=True,
-        capture_output=True,
-        env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"},
-    )
+    """Stock `mlx_lm.convert -d --dtype DTYPE`, in this process (a fresh interpreter costs seconds of
+    imports): the hooks are off here (session fixtures are set up before any test enables them)."""
+    from mlx_lm.convert import convert
+
+    import mlx_lm_optiq
+
+    assert not mlx_lm_optiq.enabled_patches(), "the float references are written by stock mlx-lm"
+    convert(str(src), mlx_path=str(dst), dequantize=True, dtype=dtype)
     return dst
 
 

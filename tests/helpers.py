@@ -5,12 +5,18 @@
   file, started and waited for until it answers HTTP; `stop()` (or `with`) ends it.
 - `request_json(port, method, path, body)`: one HTTP request -> (status, parsed JSON).
 - `write_random_adapter(...)`: a real mlx-lm LoRA adapter with seeded random weights.
+- `optiq()` / `main_of(command, argv)`: the hooks on for a block; stock `mlx_lm.<command>.main()`
+  in this process (a fresh interpreter costs seconds of imports per run).
+- `run_together((argv, env), ...)`: several short subprocesses at once (one core each).
+- `fork_each(specs, env, tmp)`: first imports (or `NAME --help` runs), each in a fresh child of one
+  interpreter that pre-imported only the heavy third-party packages.
 
 Kept light: nothing here imports mlx at module level.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -258,6 +264,131 @@ def assert_greedy_matches_solo(
             diff = abs(token_logprobs[i] - got_lp)
             assert diff <= noise, f"{label}: position {i}: token log-probability differs by {diff:.3g} > {noise}"
     return exact
+
+
+def run_together(*runs: tuple[Sequence[str], Mapping[str, str]]) -> list[subprocess.CompletedProcess]:
+    """`subprocess.run(argv, env=env, capture_output=True, text=True)` for each (argv, env), all at
+    once (each is mostly one interpreter's imports, on one core): the results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(spec):
+        argv, env = spec
+        return subprocess.run(list(argv), env=dict(env), capture_output=True, text=True)
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return list(pool.map(run, runs))
+
+
+@contextlib.contextmanager
+def optiq(enabled: bool = True):
+    """The hooks on (as MLX_LM_OPTIQ=1 turns them on) for the block, off after it whatever happens."""
+    import mlx_lm_optiq
+
+    if enabled:
+        mlx_lm_optiq.enable()
+    try:
+        yield
+    finally:
+        mlx_lm_optiq.disable()
+
+
+def main_of(command: str, argv: Sequence[Any]) -> None:
+    """Run stock `mlx_lm.<command>.main()` in-process with `argv` (hooks as they are now)."""
+    import importlib
+
+    module = importlib.import_module(f"mlx_lm.{command}")
+    saved = sys.argv
+    sys.argv = [f"mlx_lm.{command}", *map(str, argv)]
+    try:
+        module.main()
+    finally:
+        sys.argv = saved
+
+
+# `python -c _FORK_EACH SPECS_JSON`: imports the heavy third-party packages mlx-lm pulls in (transformers
+# and torch: ~90 % of a cold `import mlx_lm`) once, then forks one child per spec, two at a time (each is
+# mostly imports, on one core). Neither mlx_lm nor any of our modules beyond what the `.pth` bootstrap
+# imports is loaded before the forks, so in each child they are imported first (and, with
+# MLX_LM_OPTIQ=1, the bootstrap's hooks install there).
+_FORK_EACH = r"""
+import importlib, json, os, runpy, sys, traceback
+from importlib.metadata import entry_points
+
+import torch, transformers  # noqa: F401  third-party only
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+preloaded = sorted(m for m in sys.modules if m.split(".")[0] in ("mlx_lm", "mlx_lm_optiq"))
+armed = any(type(f).__name__ == "_OptiqTrigger" and not f.fired for f in sys.meta_path)
+
+
+def child(kind, name):
+    if kind == "import":
+        importlib.import_module(name)
+        return
+    sys.argv = [name, "--help"]
+    if kind == "script":
+        entry_points(group="console_scripts")[name].load()()
+    else:
+        runpy.run_module(name, run_name="__main__", alter_sys=True)
+
+
+specs, running, codes = json.loads(sys.argv[1]), {}, {}
+
+
+def wait_one():
+    pid, status = os.wait()
+    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+
+
+for i, (kind, name, out) in enumerate(specs):
+    if len(running) >= 2:
+        wait_one()
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        for fd, path in ((1, out + ".out"), (2, out + ".err")):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        code = 0
+        try:
+            child(kind, name)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    running[pid] = i
+while running:
+    wait_one()
+print(json.dumps({"preloaded": preloaded, "armed": armed, "codes": [codes[i] for i in range(len(specs))]}))
+"""
+
+
+def fork_each(
+    specs: Sequence[tuple[str, str]], env: Mapping[str, str], tmp: str | Path
+) -> tuple[dict[str, Any], list[tuple[int, str, str]]]:
+    """Run each (kind, NAME) in a fresh child forked from one interpreter started with `env` that has
+    imported only transformers and torch: kind "import" imports module NAME; "script" runs console
+    script NAME (its entry point) and "module" `python -m NAME`, each with argv `NAME --help`.
+
+    Returns ({"preloaded": our and mlx_lm's modules loaded before the forks (the `.pth` bootstrap's),
+    "armed": whether the bootstrap's import trigger was installed and not fired}, [(exit code,
+    stdout, stderr) per spec]); the outputs are files under `tmp`.
+    """
+    paths = [str(Path(tmp) / f"child{i}") for i in range(len(specs))]
+    res = subprocess.run(
+        [sys.executable, "-c", _FORK_EACH, json.dumps([[k, n, p] for (k, n), p in zip(specs, paths)])],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    codes = info.pop("codes")
+    assert len(codes) == len(specs)
+    return info, [(c, Path(p + ".out").read_text(), Path(p + ".err").read_text()) for c, p in zip(codes, paths)]
 
 
 def assert_lora_cli_error(monkeypatch: Any, capsys: Any, argv: Sequence[str], message: str) -> None:

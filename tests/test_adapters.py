@@ -9,7 +9,6 @@ block counts and learning rates).
 import functools
 import json
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -20,6 +19,7 @@ mx = pytest.importorskip("mlx.core")
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
+import mlx_lm_optiq  # noqa: E402
 from mlx_lm_optiq.adapters import admin_api, mounting, rows  # noqa: E402
 from mlx_lm_optiq.adapters.config import AdapterServingConfig  # noqa: E402
 from mlx_lm_optiq.adapters.serving import ServedAdapters, start_serving  # noqa: E402
@@ -29,8 +29,10 @@ from tests.helpers import (  # noqa: E402
     MLX_LM_SERVER_SCRIPT,
     ServerProcess,
     assert_greedy_matches_solo,
+    main_of,
     replay_solo_logprobs,
     request_json,
+    run_together,
     write_random_adapter,
 )
 
@@ -91,18 +93,6 @@ def _lora_argv(model, data, out, seed, num_layers, learning_rate):
     ]
 
 
-# One stock process runs `mlx_lm lora`'s own main once per command line (importing mlx_lm's
-# trainer is most of a few-step run's time); each run seeds itself from its --seed.
-TRAIN_EACH = """
-import json, sys
-from mlx_lm import lora
-assert 'mlx_lm_optiq' not in sys.modules
-for argv in json.loads(sys.argv[1]):
-    sys.argv = ['mlx_lm.lora', *argv]
-    lora.main()
-"""
-
-
 @pytest.fixture(scope="session")
 def trained_adapters(tiny_float_path, adapter_dir, shared_dir, tmp_path_factory):
     """(math, prose): two adapters trained with the real (stock) `mlx_lm.lora`. The second is on
@@ -120,11 +110,11 @@ def trained_adapters(tiny_float_path, adapter_dir, shared_dir, tmp_path_factory)
         ),
         _lora_argv(tiny_float_path, data, prose, seed=7, num_layers=4, learning_rate=1e-2),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
-    proc = subprocess.run(
-        [sys.executable, "-c", TRAIN_EACH, json.dumps(argvs)], capture_output=True, text=True, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # stock `mlx_lm lora`'s own main, once per command line, in this process with the hooks off
+    # (importing mlx_lm's trainer is most of a few-step run's time); each run seeds itself from its --seed
+    assert not mlx_lm_optiq.enabled_patches()
+    for argv in argvs:
+        main_of("lora", argv)
     for out in (math, prose):
         assert (out / "adapters.safetensors").exists() and (out / "adapter_config.json").exists()
     return math, prose
@@ -266,35 +256,24 @@ def test_mixed_rows_in_one_forward_match_solo(tiny_float_path, random_adapters, 
 
 
 def test_mixed_rows_method_variable_is_checked():
-    bad = subprocess.run(
-        [sys.executable, "-c", "import mlx_lm_optiq.adapters.mounting"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, MLX_LM_OPTIQ_MIXED_ROWS="fast"),
+    mounting_import = [sys.executable, "-c", "import mlx_lm_optiq.adapters.mounting"]
+    bad, ok, bad2, ok2 = run_together(  # four fresh interpreters, at once
+        (mounting_import, dict(os.environ, MLX_LM_OPTIQ_MIXED_ROWS="fast")),
+        (
+            [sys.executable, "-c", "import mlx_lm_optiq.adapters.rows as R; print(R.mixed_rows_method())"],
+            dict(os.environ, MLX_LM_OPTIQ_MIXED_ROWS="masked"),
+        ),
+        (mounting_import, dict(os.environ, MLX_LM_OPTIQ_COMPILE_DECODE="yes")),
+        (
+            [sys.executable, "-c", "import mlx_lm_optiq.adapters.rows as R; print(R.COMPILE_DECODE)"],
+            dict(os.environ, MLX_LM_OPTIQ_COMPILE_DECODE="0"),
+        ),
     )
     assert bad.returncode != 0
     assert "MLX_LM_OPTIQ_MIXED_ROWS is 'fast', expected one of ['gather', 'take', 'masked']" in bad.stderr
-    ok = subprocess.run(
-        [sys.executable, "-c", "import mlx_lm_optiq.adapters.rows as R; print(R.mixed_rows_method())"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, MLX_LM_OPTIQ_MIXED_ROWS="masked"),
-    )
     assert ok.returncode == 0 and ok.stdout.strip() == "masked", ok.stderr
-    bad = subprocess.run(
-        [sys.executable, "-c", "import mlx_lm_optiq.adapters.mounting"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, MLX_LM_OPTIQ_COMPILE_DECODE="yes"),
-    )
-    assert bad.returncode != 0 and "MLX_LM_OPTIQ_COMPILE_DECODE is 'yes', expected 0 or 1" in bad.stderr
-    ok = subprocess.run(
-        [sys.executable, "-c", "import mlx_lm_optiq.adapters.rows as R; print(R.COMPILE_DECODE)"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, MLX_LM_OPTIQ_COMPILE_DECODE="0"),
-    )
-    assert ok.returncode == 0 and ok.stdout.strip() == "False", ok.stderr
+    assert bad2.returncode != 0 and "MLX_LM_OPTIQ_COMPILE_DECODE is 'yes', expected 0 or 1" in bad2.stderr
+    assert ok2.returncode == 0 and ok2.stdout.strip() == "False", ok2.stderr
     # gather dies inside mx.gather_mm on CUDA (mlx 0.32.4): refused when the variable is read, not at a request
     with pytest.raises(ValueError, match="MLX_LM_OPTIQ_MIXED_ROWS is 'gather', which does not run on CUDA"):
         rows._refuse_gather_on_cuda("gather", "MLX_LM_OPTIQ_MIXED_ROWS", on_cuda=True)

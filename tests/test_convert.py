@@ -11,7 +11,7 @@ import time
 import pytest
 
 TARGET = 4.8
-MEASURED_TOKENS = 32  # the calibration of the `measured` fixture: one sample of this many tokens
+MEASURED_TOKENS = 16  # the calibration of the `measured` fixture: one sample of this many tokens
 CONVERT = [sys.executable, "-m", "mlx_lm", "convert"]  # the `mlx_lm convert` subcommand form
 CONVERT_SCRIPT = [os.path.join(os.path.dirname(sys.executable), "mlx_lm.convert")]  # the console script
 

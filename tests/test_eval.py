@@ -1,7 +1,6 @@
 """`python -m mlx_lm_optiq.quality`: PPL, KL and top-1 vs the float model on held-out text."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,40 +10,30 @@ import pytest
 from mlx_lm_optiq import quality
 from mlx_lm_optiq.core.jsonio import write_json
 
-UNIFORM_CONVERT = """
-import sys
-from mlx_lm import convert
-assert 'mlx_lm_optiq' not in sys.modules
-src = sys.argv[1]
-for bits, dst in zip((4, 8), sys.argv[2:]):
-    convert(src, mlx_path=dst, quantize=True, q_bits=bits, q_group_size=64)
-"""
-
 
 @pytest.fixture(scope="module")
 def uniform_models(tiny_float_path, tmp_path_factory):
-    """Stock mlx-lm uniform 4-bit and 8-bit (g64) conversions of the 4-layer float model (one stock
-    process for both: the import of mlx_lm is most of a small convert's time)."""
+    """Stock mlx-lm uniform 4-bit and 8-bit (g64) conversions of the 4-layer float model, in this
+    process (the import of mlx_lm is most of a small convert's time) with the hooks off."""
+    from mlx_lm.convert import convert
+
+    import mlx_lm_optiq
+
     base = tmp_path_factory.mktemp("uniform")
-    env = {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
     out = {bits: base / f"q{bits}" for bits in (4, 8)}
-    subprocess.run(
-        [sys.executable, "-c", UNIFORM_CONVERT, str(tiny_float_path), str(out[4]), str(out[8])],
-        check=True,
-        capture_output=True,
-        env=env,
-    )
+    assert not mlx_lm_optiq.enabled_patches()  # stock mlx-lm's convert
+    for bits, dst in out.items():
+        convert(str(tiny_float_path), mlx_path=str(dst), quantize=True, q_bits=bits, q_group_size=64)
     return out
 
 
-def test_eval_command_reports_quality_on_held_out_text(uniform_models, tiny_float_path, shared_dir, tmp_path):
+def test_eval_command_reports_quality_on_held_out_text(uniform_models, tiny_float_path, shared_dir, tmp_path, capsys):
+    """The command's main in this process (its `python -m` entry point: test_help_documents_...)."""
     text = shared_dir / "data" / "text" / "emma.txt"
     report = tmp_path / "eval.json"
-    res = subprocess.run(
+    capsys.readouterr()
+    quality.main(
         [
-            sys.executable,
-            "-m",
-            "mlx_lm_optiq.quality",
             "--model",
             str(uniform_models[4]),
             "--model",
@@ -63,12 +52,10 @@ def test_eval_command_reports_quality_on_held_out_text(uniform_models, tiny_floa
             "simulated",
             "--output",
             str(report),
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "256 tokens of" in res.stdout and "compute:" in res.stdout and "simulated" in res.stdout
+    printed = capsys.readouterr().out
+    assert "256 tokens of" in printed and "compute:" in printed and "simulated" in printed
     data = json.loads(report.read_text())
     assert data["kind"] == "optiq-eval" and data["num_tokens"] == 256
     q4, q8 = data["results"][str(uniform_models[4])], data["results"][str(uniform_models[8])]

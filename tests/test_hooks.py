@@ -8,12 +8,17 @@ import pytest
 
 import mlx_lm_optiq
 from mlx_lm_optiq import _compat
+from tests.helpers import fork_each, run_together
 
 
 def _run(code, env_extra=None, unset=("MLX_LM_OPTIQ",)):
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def _without_variable():
+    return {k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}
 
 
 def test_enable_disable_restores_identical_objects():
@@ -83,10 +88,7 @@ def test_unset_variable_imports_nothing_at_startup():
 def test_console_scripts_show_flags_only_when_enabled(argv):
     bindir = os.path.dirname(sys.executable)
     cmd = [os.path.join(bindir, argv[0])] + argv[1:]
-    on = subprocess.run(cmd, env={**os.environ, "MLX_LM_OPTIQ": "1"}, capture_output=True, text=True)
-    off = subprocess.run(
-        cmd, env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"}, capture_output=True, text=True
-    )
+    on, off = run_together((cmd, {**os.environ, "MLX_LM_OPTIQ": "1"}), (cmd, _without_variable()))
     assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
     assert "--optiq-" in on.stdout
     assert "optiq" not in off.stdout
@@ -161,21 +163,17 @@ CONVERT_ARGS = ["--hf-path", "x", "--optiq-target-bpw", "4"]
 )
 def test_optiq_flag_without_the_variable_says_which_variable_to_set(cmd):
     """Stock argparse only says "unrecognized arguments"; the .pth bootstrap adds one line."""
-    off = subprocess.run(
-        cmd + CONVERT_ARGS,
-        env={k: v for k, v in os.environ.items() if k != "MLX_LM_OPTIQ"},
-        capture_output=True,
-        text=True,
-    )
+    runs = [(cmd + CONVERT_ARGS, _without_variable())]
+    if cmd[0] == _bin("mlx_lm.convert"):  # the run with the variable set (checked below), alongside
+        runs.append((cmd + CONVERT_ARGS + ["--help"], {**os.environ, "MLX_LM_OPTIQ": "1"}))
+    off, *on = run_together(*runs)
     assert off.returncode == 2 and "unrecognized arguments: --optiq-target-bpw" in off.stderr
     hint = "mlx_lm_optiq: --optiq-target-bpw needs the mlx-lm-optiq hooks: set MLX_LM_OPTIQ=1"
     assert off.stderr.count(hint) == 1, off.stderr  # once, although a venv runs the .pth line twice
     if cmd[0] != _bin("mlx_lm.convert"):
         return
     # with the variable set the flag is known: no hint (--help exits before any work)
-    on = subprocess.run(
-        cmd + CONVERT_ARGS + ["--help"], env={**os.environ, "MLX_LM_OPTIQ": "1"}, capture_output=True, text=True
-    )
+    (on,) = on
     assert on.returncode == 0 and "--optiq-target-bpw" in on.stdout and "mlx_lm_optiq:" not in on.stderr
 
 
@@ -216,52 +214,10 @@ def test_runpy_server_warning_is_printed_once():
     assert out.stderr.count("mlx_lm_optiq: `python -m mlx_lm.server` bypasses the hooks") == 1, out.stderr
 
 
-# Forks one child per module from an interpreter started with MLX_LM_OPTIQ=1 (the `.pth` bootstrap's
-# trigger installed) that has imported only the heavy third-party packages mlx-lm pulls in
-# (transformers and torch: ~90 % of a cold `import mlx_lm`). Neither mlx_lm nor any of our modules
-# beyond the bootstrap is imported before the fork, so each child's `import NAME` is its first.
-_FIRST_IMPORTS = r"""
-import importlib, json, os, sys, traceback
-
-import torch, transformers  # noqa: F401  third-party only
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
-
-ours = sorted(m for m in sys.modules if m.split(".")[0] in ("mlx_lm", "mlx_lm_optiq"))
-assert ours == ["mlx_lm_optiq", "mlx_lm_optiq._lazy"], ours  # what the bootstrap alone imports
-assert any(type(f).__name__ == "_OptiqTrigger" and not f.fired for f in sys.meta_path), sys.meta_path
-names, running, results = sys.argv[1:], {}, {}
-
-
-def wait_one():
-    pid, status = os.wait()
-    results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-
-
-for name in names:
-    if len(running) >= 2:
-        wait_one()
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            importlib.import_module(name)
-        except BaseException:
-            print(json.dumps([name, traceback.format_exc()[-600:]]), flush=True)
-            code = 1
-        os._exit(code)
-    running[pid] = name
-while running:
-    wait_one()
-print(json.dumps(results), flush=True)
-"""
-
-
-def test_every_module_imports_first_with_the_bootstrap_on():
+def test_every_module_imports_first_with_the_bootstrap_on(tmp_path):
     """With MLX_LM_OPTIQ=1 the hooks install inside the first `import mlx_lm`, which one of our own
     modules may be doing: no module may then see another half-initialized (each imported first,
     in its own child forked from an interpreter where neither mlx_lm nor our modules are loaded)."""
-    import json
     import pkgutil
 
     import mlx_lm_optiq
@@ -269,14 +225,11 @@ def test_every_module_imports_first_with_the_bootstrap_on():
     names = [
         m.name for m in pkgutil.walk_packages(mlx_lm_optiq.__path__, "mlx_lm_optiq.") if not m.name.endswith("__main__")
     ]
-    env = dict(os.environ, MLX_LM_OPTIQ="1")
-    out = subprocess.run(
-        [sys.executable, "-c", _FIRST_IMPORTS, *names], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
-    results, tracebacks = json.loads(lines[-1]), [json.loads(line) for line in lines[:-1]]
-    assert sorted(results) == sorted(names)
-    assert len(names) > 50
-    failed = [(name, code, dict(tracebacks).get(name, "")) for name, code in results.items() if code != 0]
+    # forked from an interpreter started with MLX_LM_OPTIQ=1 (the bootstrap's trigger installed) that
+    # imported only the heavy third-party packages mlx-lm pulls in
+    info, results = fork_each([("import", name) for name in names], dict(os.environ, MLX_LM_OPTIQ="1"), tmp_path)
+    assert info["preloaded"] == ["mlx_lm_optiq", "mlx_lm_optiq._lazy"], info  # what the bootstrap alone imports
+    assert info["armed"], info  # its import trigger is installed and has not fired
+    assert len(results) == len(names) and len(names) > 50
+    failed = [(name, code, err[-600:]) for name, (code, _, err) in zip(names, results) if code != 0]
     assert not failed, failed

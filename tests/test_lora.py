@@ -1,7 +1,9 @@
 """Sensitivity-aware LoRA through `mlx_lm.lora` (issue 5), on the real 4-layer SmolLM2.
 
-Training runs go through the real console entry point (`python -m mlx_lm lora`) with
-MLX_LM_OPTIQ=1, on the fp32 dequantized model (fast CPU matmuls) with per-layer bits
+The by_bits adapter the tests share is trained through the real console entry point (`python -m
+mlx_lm lora`) with MLX_LM_OPTIQ=1; the other runs call stock `mlx_lm.<command>.main()` in this
+process (hooks on as that variable turns them on; a fresh interpreter costs seconds of imports per
+run). All train on the fp32 dequantized model (fast CPU matmuls) with per-layer bits
 from stock mlx-lm's `mixed_4_6` recipe and KLs measured here; the QLoRA flags are
 exercised on the same float model.
 """
@@ -30,7 +32,7 @@ from mlx_lm_optiq.lora.ranks import (
     rank_weights,
 )
 from mlx_lm_optiq.weights.metadata import read_metadata
-from tests.helpers import assert_lora_cli_error
+from tests.helpers import assert_lora_cli_error, main_of, optiq
 
 PROBE = [[1, 504, 3458, 282, 4649, 314, 253, 1121, 30, 378, 2102, 314, 4372, 28]]
 
@@ -359,7 +361,7 @@ def test_stock_reload_matches_compact_reload(by_bits_adapter, tiny_float_path):
     assert mx.abs(stock - base).max().item() > 1e-2  # the adapter does something
 
 
-def test_stock_generate_cli_same_text_as_compact_load(by_bits_adapter, tiny_float_path):
+def test_stock_generate_cli_same_text_as_compact_load(by_bits_adapter, tiny_float_path, capsys):
     from mlx_lm import generate, load
 
     import mlx_lm_optiq
@@ -378,7 +380,10 @@ def test_stock_generate_cli_same_text_as_compact_load(by_bits_adapter, tiny_floa
         "--temp",
         0,
     ]
-    stock = run_mlx_lm("generate", args, stock_env()).stdout.split("==========")[1].strip()
+    assert not mlx_lm_optiq.enabled_patches()  # stock `mlx_lm.generate`'s main, in-process: the hooks are off
+    capsys.readouterr()
+    main_of("generate", args)
+    stock = capsys.readouterr().out.split("==========")[1].strip()
     mlx_lm_optiq.enable()
     try:
         model, tokenizer = load(str(tiny_float_path), adapter_path=str(by_bits_adapter))
@@ -391,20 +396,20 @@ def test_stock_generate_cli_same_text_as_compact_load(by_bits_adapter, tiny_floa
 def test_fuse_with_stock_fuse(by_bits_adapter, tiny_float_path, tmp_path):
     from mlx_lm import load
 
+    import mlx_lm_optiq
+
     fused = tmp_path / "fused"
-    run_mlx_lm(
-        "fuse", ["--model", tiny_float_path, "--adapter-path", by_bits_adapter, "--save-path", fused], stock_env()
-    )
+    assert not mlx_lm_optiq.enabled_patches()  # stock `mlx_lm.fuse`, in-process: the hooks are off
+    main_of("fuse", ["--model", tiny_float_path, "--adapter-path", by_bits_adapter, "--save-path", fused])
     fused_model, _ = load(str(fused))
     adapted, _ = load(str(tiny_float_path), adapter_path=str(by_bits_adapter))
     assert mx.abs(logits(fused_model) - logits(adapted)).max().item() < 1e-3
 
 
-def test_resume_from_padded_adapter(by_bits_adapter, tiny_float_path, sidecar, data_dir, tmp_path):
+def test_resume_from_padded_adapter(by_bits_adapter, tiny_float_path, sidecar, data_dir, tmp_path, capsys):
     """Resuming a by_bits adapter restores its ranks from its optiq_lora_config.json, with or
     without --optiq-rank-scaling (issue 16 item 12: without the flag, stock loaded the padded file
     into constant-rank layers and wrote an adapter whose ranks disagreed with its config)."""
-    env = dict(os.environ, MLX_LM_OPTIQ="1")
     resumed = tmp_path / "resumed"
     # learning rate 0: the resumed weights must come out unchanged, which they
     # only do if the padded file was loaded into the compact layers correctly
@@ -412,8 +417,11 @@ def test_resume_from_padded_adapter(by_bits_adapter, tiny_float_path, sidecar, d
         tiny_float_path, data_dir, resumed, "--resume-adapter-file", by_bits_adapter / "adapters.safetensors", iters=1
     )
     args[args.index("--learning-rate") + 1] = "0"
-    proc = run_mlx_lm("lora", args, env)
-    assert "by_bits ranks are restored from" in proc.stdout and "at the planned per-layer ranks" in proc.stdout
+    capsys.readouterr()
+    with optiq():
+        main_of("lora", args)
+    printed = capsys.readouterr().out
+    assert "by_bits ranks are restored from" in printed and "at the planned per-layer ranks" in printed
     before = mx.load(str(by_bits_adapter / "adapters.safetensors"))
     after = mx.load(str(resumed / "adapters.safetensors"))
     assert before.keys() == after.keys()
@@ -604,7 +612,8 @@ def test_yaml_config_by_kl_dora(tiny_float_path, sidecar, data_dir, tmp_path):
         f"optiq_rank_scaling: by_kl\noptiq_metadata: {sidecar}\n"
         "lora_parameters:\n  rank: 4\n  scale: 10.0\n  dropout: 0.0\n"
     )
-    run_mlx_lm("lora", ["-c", config], dict(os.environ, MLX_LM_OPTIQ="1"))
+    with optiq():
+        main_of("lora", ["-c", config])
     record = adapter_files.read_record(out)
     assert record["rank_scaling"] == "by_kl" and record["fine_tune_type"] == "dora"
     assert record["base_rank"] == 4 and record["scale"] == 10.0
@@ -692,7 +701,6 @@ def test_by_kl_on_a_model_converted_by_optiq(tiny_float_path, data_dir, tmp_path
     cheap candidates with stock rounding: this test is about the sidecar the lora run finds."""
     from mlx_lm import convert  # the hooked one
 
-    env = dict(os.environ, MLX_LM_OPTIQ="1")
     converted = tmp_path / "optiq-mixed"
     convert(
         str(tiny_float_path),
@@ -709,7 +717,7 @@ def test_by_kl_on_a_model_converted_by_optiq(tiny_float_path, data_dir, tmp_path
     args = train_args(converted, data_dir, tmp_path / "ad", "--optiq-rank-scaling", "by_kl", "--rank", 4, iters=1)
     args[args.index("--max-seq-length") + 1] = 32
     args[args.index("--batch-size") + 1] = 1
-    run_mlx_lm("lora", args, env)
+    main_of("lora", args)  # stock `mlx_lm.lora`'s main, the hooks on
     record = adapter_files.read_record(tmp_path / "ad")
     assert record["metadata"] == str(converted / "optiq_metadata.json")
     for path, entry in record["modules"].items():

@@ -19,9 +19,8 @@ from mlx_lm_optiq.core.jsonio import OptiqFileError, write_json
 from mlx_lm_optiq.lora import qat
 from mlx_lm_optiq.lora.config import LoraTrainingConfig
 from mlx_lm_optiq.lora.peft import export_peft
-from tests.helpers import assert_lora_cli_error
+from tests.helpers import assert_lora_cli_error, main_of, optiq
 from tests.test_lora import PROBE, logits, small_dataset, train_args
-from tests.test_lora_stock import main_of, optiq
 
 QUICKSTART_SIDECAR = Path(__file__).resolve().parents[1] / "docs" / "results" / "quickstart-optiq_metadata.json"
 FLOAT_MODULE = "model.layers.3.self_attn.v_proj"  # kept float by the test sidecar (and adapted)

@@ -13,8 +13,8 @@ from mlx_lm_optiq.core.jsonio import OptiqFileError, write_json
 from mlx_lm_optiq.lora import adapter_files
 from mlx_lm_optiq.lora.config import LoraTrainingConfig
 from mlx_lm_optiq.lora.qlora import load_quantized
+from tests.helpers import main_of, optiq
 from tests.test_lora import PROBE, logits, small_dataset, train_args
-from tests.test_lora_stock import main_of, optiq
 
 
 def _mixed_sidecar(float_path, out_file, float_layer=None):

@@ -20,6 +20,7 @@ from mlx_lm_optiq.lora.config import LoraTrainingConfig
 from mlx_lm_optiq.lora.pipeline import apply_rank_plan, plan_ranks
 from mlx_lm_optiq.lora.ranks import allocate_by_gain, budget_params, lora_params, mode_ranks, rank_cost
 from mlx_lm_optiq.quality import float32_model
+from tests.helpers import assert_lora_cli_error, optiq
 from tests.test_lora import logits, run_mlx_lm, small_dataset, train_args
 
 NUM_LAYERS = 2  # LoRA on blocks 2-3: 14 modules keep the SVDs fast
@@ -223,9 +224,10 @@ def test_by_residual_without_float_weights_is_a_clear_error(tiny_q4_path, tiny_f
         LoraTrainingConfig(lora_init="loftq", fine_tune_type="dora")
 
 
-def test_cli_by_residual_loftq_run_and_info(tiny_float_path, sidecar, shared_dir, tmp_path, capsys):
+def test_cli_by_residual_loftq_run_and_info(tiny_float_path, sidecar, shared_dir, tmp_path, capsys, monkeypatch):
     """The flags through the real `mlx_lm lora` console entry point, then `lora.info` shows the residuals
-    (its main, in this process: one interpreter start less), and a resume is refused."""
+    and a resume is refused (`lora.info`'s main, and stock `mlx_lm.lora`'s with the hooks on, in this
+    process: interpreter starts less)."""
     from mlx_lm_optiq.lora import info
 
     data = small_dataset(shared_dir, tmp_path / "data")
@@ -243,10 +245,11 @@ def test_cli_by_residual_loftq_run_and_info(tiny_float_path, sidecar, shared_dir
     info.main([str(adapter), "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert summary["init"] == "loftq" and 0 < summary["residual_captured"] < 1
-    # resuming a loftq run is refused before loading: the init would be overwritten
-    proc = run_mlx_lm(
-        "lora", [*args, *extra, "--resume-adapter-file", adapter / "adapters.safetensors"], env, check=False
-    )
-    assert proc.returncode == 1 and "--optiq-lora-init / optiq_lora_init: loftq initialises a new adapter" in (
-        proc.stderr + proc.stdout
-    )
+    # resuming a loftq run is refused before loading: the init would be overwritten (exit 1, one error line)
+    with optiq():
+        assert_lora_cli_error(
+            monkeypatch,
+            capsys,
+            ["mlx_lm.lora", *map(str, [*args, *extra, "--resume-adapter-file", adapter / "adapters.safetensors"])],
+            "--optiq-lora-init / optiq_lora_init: loftq initialises a new adapter",
+        )

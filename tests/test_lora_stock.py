@@ -7,44 +7,19 @@ reads our convert's own bits. Training runs through stock `mlx_lm.lora.main()` i
 GSM-Symbolic: quantized matmuls are slow on CPU, so every run is as short as the check allows.
 """
 
-import contextlib
 import json
 import shutil
-import sys
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-import mlx_lm_optiq
 from mlx_lm_optiq.lora import adapter_files
+from tests.helpers import main_of, optiq
 from tests.test_lora import PROBE, small_dataset
 
 # bits whose packing stock DoRALinear.from_base gets wrong (32 % bits != 0)
 ODD_BITS = (3, 5, 6)
-
-
-@contextlib.contextmanager
-def optiq(enabled=True):
-    if enabled:
-        mlx_lm_optiq.enable()
-    try:
-        yield
-    finally:
-        mlx_lm_optiq.disable()
-
-
-def main_of(command, argv):
-    """Run stock `mlx_lm.<command>.main()` in-process with `argv` (hooks as they are now)."""
-    import importlib
-
-    module = importlib.import_module(f"mlx_lm.{command}")
-    saved = sys.argv
-    sys.argv = [f"mlx_lm.{command}", *map(str, argv)]
-    try:
-        module.main()
-    finally:
-        sys.argv = saved
 
 
 def lora_args(model, data, adapter_path, *extra, iters=1):

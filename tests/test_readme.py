@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import fork_each
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MARKER = "<!-- readme-example -->"
@@ -77,55 +79,14 @@ def test_readme_example_runs_as_written(tiny_q4_path, tmp_path):
     assert "plan KV: '" in generated and "float KV: '" in generated, res.stdout  # both generations printed
 
 
-# `--help` of several commands from one interpreter: it imports the heavy third-party packages
-# (transformers, torch: most of a cold `import mlx_lm`) once, then forks one child per command, which
-# runs it as its console script (entry point) or `python -m` module would, with argv `NAME --help`.
-# Neither mlx_lm nor our modules are imported before the fork: each child starts them (and, with
-# MLX_LM_OPTIQ=1, the `.pth` bootstrap's hooks) itself.
-_HELP_DRIVER = r"""
-import json, os, runpy, sys, traceback
-from importlib.metadata import entry_points
-
-import torch, transformers  # noqa: F401
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
-
-assert not any(m.split(".")[0] == "mlx_lm" for m in sys.modules)
-results = []
-for kind, name, out in json.loads(sys.argv[1]):
-    sys.stdout.flush(), sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        for fd, path in ((1, out + ".out"), (2, out + ".err")):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv, code = [name, "--help"], 0
-        try:
-            if kind == "script":
-                entry_points(group="console_scripts")[name].load()()
-            else:
-                runpy.run_module(name, run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(code)
-    results.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(results))
-"""
-
-
 def _helps(kind: str, names: list[str], env: dict, tmp: Path) -> list[tuple[int, str, str]]:
     """(exit code, stdout, stderr) of `NAME --help` for each name: console scripts (kind "script")
-    or `python -m` modules (kind "module"), each in a fresh child of one interpreter."""
-    specs = [(kind, name, str(tmp / f"help{i}")) for i, name in enumerate(names)]
-    res = subprocess.run(
-        [sys.executable, "-c", _HELP_DRIVER, json.dumps(specs)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    codes = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(codes) == len(names)
-    return [(c, Path(o + ".out").read_text(), Path(o + ".err").read_text()) for c, (_, _, o) in zip(codes, specs)]
+    or `python -m` modules (kind "module"), each in a fresh child of one interpreter that imported
+    transformers and torch (most of a cold `import mlx_lm`) but neither mlx_lm nor our modules: each
+    child starts them (and, with MLX_LM_OPTIQ=1, the `.pth` bootstrap's hooks) itself."""
+    info, results = fork_each([(kind, name) for name in names], env, tmp)
+    assert not any(m.split(".")[0] == "mlx_lm" for m in info["preloaded"]), info
+    return results
 
 
 def _help_text(commands: list[str], tmp: Path) -> str:
