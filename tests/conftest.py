@@ -77,7 +77,7 @@ def optiq_env():
 @pytest.fixture
 def hooks_enabled():
     import mlx_lm_optiq
+    from tests.helpers import optiq
 
-    mlx_lm_optiq.enable()
-    yield mlx_lm_optiq
-    mlx_lm_optiq.disable()
+    with optiq():
+        yield mlx_lm_optiq

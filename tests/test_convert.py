@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.helpers import optiq
+
 TARGET = 4.8
 MEASURED_TOKENS = 16  # the calibration of the `measured` fixture: one sample of this many tokens
 CONVERT = [sys.executable, "-m", "mlx_lm", "convert"]  # the `mlx_lm convert` subcommand form
@@ -253,11 +255,9 @@ def test_replan_from_sidecar_with_python_api_does_not_measure(
 @pytest.fixture(scope="module")
 def measured_with_3_bits(tiny_q4_path, tmp_path_factory):
     """A convert that measured 3-bit too (fisher, stock ranges, stock rounding, one short sample: fast)."""
-    import mlx_lm_optiq
 
     out = tmp_path_factory.mktemp("rich") / "mixed"
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         from mlx_lm import convert  # the hooked one
 
         convert(
@@ -272,8 +272,6 @@ def measured_with_3_bits(tiny_q4_path, tmp_path_factory):
             optiq_num_samples=1,
             optiq_sequence_length=64,
         )
-    finally:
-        mlx_lm_optiq.disable()
     return out
 
 

@@ -8,10 +8,10 @@ import mlx.core as mx
 import pytest
 from mlx_lm import load
 
-import mlx_lm_optiq
 from mlx_lm_optiq.kv import attention
 from mlx_lm_optiq.kv.caches import MixedQuantizedKVCache
 from mlx_lm_optiq.kv.cuda_attention import why_unsupported
+from tests.helpers import optiq
 from tests.kv_attention_cases import masks, packed_case
 
 CASES = [
@@ -84,15 +84,12 @@ def test_model_decodes_through_packed_attention_only_after_the_hook_saw_its_cach
         return mx.stack(logits), kinds, caches[0]
 
     monkeypatch.setenv(attention.ENV_VAR, "dequantize")
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         reference, kinds, _ = run()
         assert set(kinds) == {"array"}
         monkeypatch.setenv(attention.ENV_VAR, "quantized_matmul")
         packed, kinds, cache = run()
         assert cache.packed_attention_seen and kinds == ["PackedKV"] * 3
-    finally:
-        mlx_lm_optiq.disable()
     assert mx.abs(packed - reference).max().item() < 1e-3
     # without the hook the caches never hand out packed views
     _, kinds, cache = run()

@@ -14,6 +14,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_lm_optiq.kv import attention, cuda_attention
+from tests.helpers import optiq
 from tests.kv_attention_cases import masks, packed_case
 
 pytestmark = [
@@ -92,7 +93,6 @@ def test_a_model_decodes_through_the_kernel_like_the_reference(monkeypatch):
     on: the default (fused) path's logits match the dequantize path's."""
     from mlx_lm.models import llama
 
-    import mlx_lm_optiq
     from mlx_lm_optiq.kv.caches import MixedQuantizedKVCache
 
     mx.random.seed(0)
@@ -119,14 +119,11 @@ def test_a_model_decodes_through_the_kernel_like_the_reference(monkeypatch):
             out.append(model(steps[:, i : i + 1], cache=caches)[:, -1])
         return mx.stack(out).astype(mx.float32)
 
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         monkeypatch.setenv(attention.ENV_VAR, "dequantize")
         reference = run()
         monkeypatch.delenv(attention.ENV_VAR)
         fused = run()
-    finally:
-        mlx_lm_optiq.disable()
     err = mx.abs(fused - reference).max().item()
     print(f"random llama, 8 decode steps: max|logit diff| {err:.2e} (logit scale {mx.abs(reference).max().item():.1f})")
     assert err < 5e-2

@@ -18,7 +18,7 @@ from mlx_lm_optiq.kv import apply, cli, pipeline, plan_file, sensitivity
 from mlx_lm_optiq.kv.caches import MixedQuantizedKVCache
 from mlx_lm_optiq.kv.candidates import KVCandidate, parse_kv_candidates
 from mlx_lm_optiq.kv.geometry import average_bits, cache_geometry
-from tests.helpers import QUANTIZED_KV_NOISE, assert_greedy_matches_solo, replay_solo_logprobs
+from tests.helpers import QUANTIZED_KV_NOISE, assert_greedy_matches_solo, optiq, replay_solo_logprobs
 from tests.tiny_models import tiny_hybrid, tiny_sliding
 
 PREFIX, SCORED = 128, 32
@@ -587,8 +587,6 @@ def test_generate_console_script_uses_folder_plan_and_flags(model_dir, optiq_env
 def test_disable_restores_generate_symbols():
     import mlx_lm
 
-    import mlx_lm_optiq
-
     gen = sys.modules["mlx_lm.generate"]
     utils = sys.modules["mlx_lm.utils"]
     originals = (
@@ -600,12 +598,9 @@ def test_disable_restores_generate_symbols():
         gen.load,
         gen.setup_arg_parser,
     )
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         assert gen.generate_step is not originals[0] and mlx_lm.load is not originals[4]
         assert mlx_lm.load is utils.load and gen.load is utils.load
-    finally:
-        mlx_lm_optiq.disable()
     now = (
         gen.generate_step,
         gen.maybe_quantize_kv_cache,

@@ -266,8 +266,6 @@ def test_by_bits_without_sidecar_fails_clearly(tiny_float_path, tmp_path):
     import mlx_lm.lora
     from mlx_lm.utils import load
 
-    import mlx_lm_optiq
-
     model, _ = load(str(tiny_float_path))
     args = types.SimpleNamespace(
         **{
@@ -279,8 +277,7 @@ def test_by_bits_without_sidecar_fails_clearly(tiny_float_path, tmp_path):
             "optiq_metadata": None,
         }
     )
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         with pytest.raises(
             OptiqFileError,
             match=rf"{tiny_float_path}/optiq_metadata.json: file not found"
@@ -298,8 +295,6 @@ def test_by_bits_without_sidecar_fails_clearly(tiny_float_path, tmp_path):
         args.optiq_max_rank, args.optiq_metadata = None, "side.json"
         with pytest.raises(ValueError, match="--optiq-metadata / optiq_metadata: is read by --optiq-rank-scaling, "):
             mlx_lm.lora.run(args)
-    finally:
-        mlx_lm_optiq.disable()
     assert not (tmp_path / "ad" / "adapters.safetensors").exists()
     with pytest.raises(ConfigError, match="max_rank: 4 is below the base rank 8"):
         allocate_ranks({"a": (4, 4)}, {"a": 1.0}, 8, max_rank=4)
@@ -343,11 +338,8 @@ def test_stock_reload_matches_compact_reload(by_bits_adapter, tiny_float_path):
     mlx_lm_optiq.disable()
     stock_model, _ = load(str(tiny_float_path), adapter_path=str(by_bits_adapter))
     base_model, _ = load(str(tiny_float_path))
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         compact_model, _ = load(str(tiny_float_path), adapter_path=str(by_bits_adapter))
-    finally:
-        mlx_lm_optiq.disable()
     record = adapter_files.read_record(by_bits_adapter)
     compact_layers = adapter_files.lora_modules(compact_model)
     assert {p: adapter_files.module_rank(m) for p, m in compact_layers.items()} == adapter_files.record_ranks(record)
@@ -384,11 +376,8 @@ def test_stock_generate_cli_same_text_as_compact_load(by_bits_adapter, tiny_floa
     capsys.readouterr()
     main_of("generate", args)
     stock = capsys.readouterr().out.split("==========")[1].strip()
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         model, tokenizer = load(str(tiny_float_path), adapter_path=str(by_bits_adapter))
-    finally:
-        mlx_lm_optiq.disable()
     ours = generate(model, tokenizer, prompt, max_tokens=8).strip()
     assert stock and stock == ours
 
@@ -465,12 +454,9 @@ def test_resume_refuses_flags_that_contradict_the_record(by_bits_adapter, tiny_f
     import mlx_lm.lora
     from mlx_lm.utils import load
 
-    import mlx_lm_optiq
-
     model, _ = load(str(tiny_float_path))
     resume = str(by_bits_adapter / "adapters.safetensors")
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         args = _lora_args(tiny_float_path, tmp_path / "ad", resume_adapter_file=resume, optiq_rank_scaling="by_kl")
         with pytest.raises(
             ValueError,
@@ -481,8 +467,6 @@ def test_resume_refuses_flags_that_contradict_the_record(by_bits_adapter, tiny_f
         args = _lora_args(tiny_float_path, tmp_path / "ad", resume_adapter_file=resume, fine_tune_type="dora")
         with pytest.raises(ValueError, match="--fine-tune-type: is dora, but the adapter being resumed is lora"):
             mlx_lm.lora.train_model(args, model, [], [])
-    finally:
-        mlx_lm_optiq.disable()
     assert not (tmp_path / "ad").exists()
 
 
@@ -490,11 +474,8 @@ def test_command_line_errors_are_one_line(tiny_float_path, tmp_path, monkeypatch
     """Issue 16 item 8: `mlx_lm.lora` with a bad optiq flag prints one `mlx_lm.lora: error:` line
     (exit 1, no traceback) before it loads anything."""
 
-    import mlx_lm_optiq
-
     base = ["mlx_lm.lora", "--model", str(tiny_float_path), "--train", "--adapter-path", str(tmp_path / "ad")]
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         for extra, message in (
             (["--optiq-max-rank", "4"], "--optiq-max-rank / optiq_max_rank: only applies with --optiq-rank-scaling"),
             (["--rank", "0"], "--rank / rank: expected a positive integer, got 0"),
@@ -504,8 +485,6 @@ def test_command_line_errors_are_one_line(tiny_float_path, tmp_path, monkeypatch
             ),
         ):
             assert_lora_cli_error(monkeypatch, capsys, [*base, *extra], message)
-    finally:
-        mlx_lm_optiq.disable()
 
 
 def test_every_save_of_a_rank_scaled_run_is_stock_loadable_as_it_appears(tiny_float_path, sidecar, data_dir, tmp_path):
@@ -517,8 +496,6 @@ def test_every_save_of_a_rank_scaled_run_is_stock_loadable_as_it_appears(tiny_fl
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.datasets import load_dataset
     from mlx_lm.utils import load
-
-    import mlx_lm_optiq
 
     adapter_dir = tmp_path / "ad"
     args = _lora_args(
@@ -557,13 +534,10 @@ def test_every_save_of_a_rank_scaled_run_is_stock_loadable_as_it_appears(tiny_fl
             assert mx.abs(logits(fresh) - logits(compact)).max().item() < 1e-4
             checked.append(True)
 
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         model, tokenizer = load(str(tiny_float_path))
         train_set, valid_set, _ = load_dataset(args, tokenizer)
         mlx_lm.lora.train_model(args, model, train_set, valid_set, AfterFirstSave())
-    finally:
-        mlx_lm_optiq.disable()
     assert checked == [True]
     assert not (adapter_dir / ".optiq-compact-saves").exists()
     adapter_files.check_adapter_dir(adapter_dir)
@@ -630,11 +604,8 @@ def test_yaml_config_by_kl_dora(tiny_float_path, sidecar, data_dir, tmp_path):
 
     mlx_lm_optiq.disable()
     stock_model, _ = load(str(tiny_float_path), adapter_path=str(out))
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         compact_model, _ = load(str(tiny_float_path), adapter_path=str(out))
-    finally:
-        mlx_lm_optiq.disable()
     assert type(compact_model.model.layers[3].mlp.down_proj).__name__ == "DoRALinear"
     assert mx.abs(logits(stock_model) - logits(compact_model)).max().item() < 1e-4
 
@@ -659,8 +630,6 @@ def test_disable_restores_lora_symbols():
     import mlx_lm.tuner.utils
     from mlx_lm.tuner.dora import DoRALinear
 
-    import mlx_lm_optiq
-
     dora_from_base = vars(DoRALinear)["from_base"]
     originals = (
         mlx_lm.lora.train_model,
@@ -672,14 +641,11 @@ def test_disable_restores_lora_symbols():
         mlx_lm.lora.main,
         mlx_lm.lora.train,
     )
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         assert mlx_lm.lora.train_model is not originals[0]
         assert mlx_lm.tuner.utils.load_adapters is not originals[4]
         assert mlx_lm.lora.load_adapters is mlx_lm.tuner.utils.load_adapters
         assert vars(DoRALinear)["from_base"] is not dora_from_base
-    finally:
-        mlx_lm_optiq.disable()
     assert vars(DoRALinear)["from_base"] is dora_from_base
     assert (
         mlx_lm.lora.train_model,

@@ -190,7 +190,6 @@ def test_qat_with_rank_scaling_and_eval_mode_is_exactly_the_fused_forward(tiny_f
 
 
 def test_flag_errors(tiny_float_path, tiny_q4_path, sidecar, tmp_path, monkeypatch, capsys):
-    import mlx_lm_optiq
 
     with pytest.raises(ConfigError, match="qat: trains on the float model .* drop `load_in_4bits`"):
         LoraTrainingConfig(qat=True, load_in_4bits=True)
@@ -201,8 +200,7 @@ def test_flag_errors(tiny_float_path, tiny_q4_path, sidecar, tmp_path, monkeypat
     assert LoraTrainingConfig(qat=True, metadata=sidecar).metadata == sidecar  # the sidecar is read by qat
 
     base = ["mlx_lm.lora", "--train", "--adapter-path", str(tmp_path / "ad"), "--optiq-qat"]
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         for extra, message in (
             (
                 ["--model", str(tiny_q4_path), "--optiq-metadata", str(sidecar)],
@@ -224,8 +222,6 @@ def test_flag_errors(tiny_float_path, tiny_q4_path, sidecar, tmp_path, monkeypat
             ),
         ):
             assert_lora_cli_error(monkeypatch, capsys, [*base, *extra], message)
-    finally:
-        mlx_lm_optiq.disable()
 
     # a plan that does not fit the model is refused naming the field, before training
     bad = json.loads(sidecar.read_text())

@@ -119,8 +119,6 @@ def _choose_one_through_the_hook(float_path):
 
     import mlx_lm.lora
 
-    import mlx_lm_optiq
-
     args = types.SimpleNamespace(
         **{
             **mlx_lm.lora.CONFIG_DEFAULTS,
@@ -129,12 +127,9 @@ def _choose_one_through_the_hook(float_path):
             "optiq_load_mixed": True,
         }
     )
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         with pytest.raises(ValueError, match="--optiq-load-in-4bits/--optiq-load-mixed: choose one load-time"):
             mlx_lm.lora.run(args)
-    finally:
-        mlx_lm_optiq.disable()
 
 
 def _peak(float_path, kind):

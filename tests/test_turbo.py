@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mlx_lm_optiq.kv import turbo
+from tests.helpers import optiq
 
 MSE_BOUND = math.sqrt(3) * math.pi / 2  # paper, Thm 1: D_mse <= (sqrt(3) pi / 2) 4^-b for unit vectors
 # D_mse for b = 1..4 in the large-d (Gaussian) limit: Max (1960)'s Lloyd-Max errors, which the paper
@@ -329,8 +330,7 @@ def test_patch_is_undone_exactly_and_cache_refuses_unpatched_attention():
     assert llama.scaled_dot_product_attention is original and base.scaled_dot_product_attention is original
     assert not turbo.attention_patched()
     # the package switch installs the same dispatch and disable() removes it
-    mlx_lm_optiq.enable()
-    try:
+    with optiq():
         assert ("mlx_lm.models.base", "scaled_dot_product_attention") in mlx_lm_optiq.enabled_patches()
         assert llama.scaled_dot_product_attention is not original and turbo.attention_patched()
         if "mlx_lm.models.qwen3" in sys.modules:
@@ -338,8 +338,6 @@ def test_patch_is_undone_exactly_and_cache_refuses_unpatched_attention():
         import mlx_lm.models.qwen3 as qwen3  # imported while enabled: binds the wrapper
 
         assert qwen3.scaled_dot_product_attention is base.scaled_dot_product_attention
-    finally:
-        mlx_lm_optiq.disable()
     assert llama.scaled_dot_product_attention is original and base.scaled_dot_product_attention is original
     assert qwen3.scaled_dot_product_attention is original
     assert not turbo.attention_patched()
