@@ -358,7 +358,6 @@ def write_ours(ctx, options, target, dst):
     gs, bits, mode = top_level_quantization(options)
     model, config = _rtn_model(ctx, gs, bits, mode, plan.quant_predicate(pl["layers"], clipper))
     plan.check_quantized(model, pl["layers"])
-    written = {} if ctx.args.writer == "gptq" else {"writer": ctx.args.writer}
     if ctx.args.writer == "gptq":
         mods = dict(model.named_modules())
         dtypes = {p: mods[p].scales.dtype for p, c in pl["layers"].items() if "group_size" in c}
@@ -371,6 +370,8 @@ def write_ours(ctx, options, target, dst):
             "gptq_rtn_modules": len(summary["round_to_nearest"]),
             "gptq_output_error_vs_rtn_median": summary["output_error_vs_rtn_median"],
         }
+    else:
+        written = {"writer": ctx.args.writer}
     _save(ctx, dst, model, config)
     bpw = plan.verify_converted(dst, pl["layers"], target, pl["predicted_bits"])
     mix = collections.Counter(candidate_key(**c) if "group_size" in c else "float" for c in pl["layers"].values())

@@ -70,12 +70,17 @@ LOW_BIT_BELOW_BPW = 3.7
 LOW_BIT_CANDIDATES = "2:32,2:64"
 
 
+def added_low_bit_candidates(target_bpw: float) -> str | None:
+    """LOW_BIT_CANDIDATES when a measuring convert at `target_bpw` adds them to its defaults, else None
+    (the one place that holds the rule: the defaults, the measurement line and a re-plan's hint ask it)."""
+    return LOW_BIT_CANDIDATES if target_bpw < LOW_BIT_BELOW_BPW else None
+
+
 def default_candidates(defaults: MeasurementDefaults, target_bpw: float) -> str:
     """The candidate set a measuring convert uses when none is given: the backend's, plus the
     2-bit candidates for a target below LOW_BIT_BELOW_BPW."""
-    if target_bpw < LOW_BIT_BELOW_BPW:
-        return f"{defaults.candidates},{LOW_BIT_CANDIDATES}"
-    return defaults.candidates
+    added = added_low_bit_candidates(target_bpw)
+    return f"{defaults.candidates},{added}" if added else defaults.candidates
 
 
 def per_backend_help(name: str) -> str:

@@ -30,9 +30,8 @@ from mlx_lm_optiq.weights import clipping, gptq, metadata, plan, sweep, text_onl
 from mlx_lm_optiq.weights.config import (
     GPTQ_NEEDS_FLOAT,
     LOW_BIT_BELOW_BPW,
-    LOW_BIT_CANDIDATES,
     WeightsConfig,
-    default_candidates,
+    added_low_bit_candidates,
     measurement_defaults,
 )
 
@@ -204,8 +203,9 @@ def measurement_line(
     if c.defaulted:
         line += f"; {backend} defaults for {', '.join(spell(n) for n in c.defaulted)}"
         gpu, own = measurement_defaults("gpu"), measurement_defaults(backend)
-        if "candidates" in c.defaulted and default_candidates(own, c.target_bpw) != own.candidates:
-            line += f" (with {LOW_BIT_CANDIDATES}: the target is below {LOW_BIT_BELOW_BPW} BPW)"
+        added = added_low_bit_candidates(c.target_bpw)
+        if "candidates" in c.defaulted and added:
+            line += f" (with {added}: the target is below {LOW_BIT_BELOW_BPW} BPW)"
         chosen = {n: getattr(own, n) if n == "candidates" else getattr(c, n) for n in c.defaulted}
         other = [f"{spell(n)} {getattr(gpu, n)}" for n in c.defaulted if getattr(gpu, n) != chosen[n]]
         if backend == "cpu" and other:
@@ -311,13 +311,14 @@ def low_bit_hint(
     table measured without a target, or at a higher one, has the 16): a measuring convert at this
     target would have added LOW_BIT_CANDIDATES, which the quality curve shows pay there. The plan
     still uses the table's candidates (re-planning never measures); the line says how to get them."""
-    if target_bpw >= LOW_BIT_BELOW_BPW or any(c["bits"] == 2 for c in candidates):
+    added = added_low_bit_candidates(target_bpw)
+    if not added or any(c["bits"] == 2 for c in candidates):
         return None
     keys = ",".join(candidate_key(**c) for c in candidates)
     return (
         f"{source} has no 2-bit candidates; below {LOW_BIT_BELOW_BPW} BPW a measuring convert adds "
-        f"{LOW_BIT_CANDIDATES}, which lower the KL there (docs/weights.md, quality vs bits per weight): "
-        f"measure the table again with {spell('candidates')} {keys},{LOW_BIT_CANDIDATES} to plan with them"
+        f"{added}, which lower the KL there (docs/weights.md, quality vs bits per weight): "
+        f"measure the table again with {spell('candidates')} {keys},{added} to plan with them"
     )
 
 
