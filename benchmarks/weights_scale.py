@@ -19,6 +19,7 @@ and written to --out as JSON. A built source is reused from --workdir.
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,30 @@ print(json.dumps({"convert_s": time.perf_counter() - t0, "peak_gib": mx.get_peak
 """
 
 
+def run_logged(cmd: list[str], log_path: Path, t0: float) -> list[tuple[float, str]]:
+    """Run `cmd` (stdout and stderr together) and write every line or progress-bar update to
+    log_path as it comes, prefixed with the seconds since t0; return the (seconds, line) list.
+    Progress bars redraw with a carriage return, so those count as line ends too."""
+    lines: list[tuple[float, str]] = []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        pending = b""
+        while chunk := proc.stdout.read1(65536):
+            *done, pending = re.split(rb"[\r\n]", pending + chunk)
+            for raw in done:
+                if raw.strip():
+                    t, line = time.perf_counter() - t0, raw.decode(errors="replace").rstrip()
+                    lines.append((t, line))
+                    log.write(f"[+{t:7.1f}s] {line}\n")
+            log.flush()
+        if pending.strip():
+            lines.append((time.perf_counter() - t0, pending.decode(errors="replace").rstrip()))
+        proc.wait()
+    if proc.returncode != 0:
+        lines.append((time.perf_counter() - t0, f"exit {proc.returncode}"))
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="8b")
@@ -115,6 +140,13 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=str(SHARED / "models" / "smollm2-135m-instruct-q4-exact"))
     p.add_argument("--workdir", default="/tmp/optiq-weights-scale")
     p.add_argument("--out", default=None, help="Write the result as JSON here.")
+    p.add_argument("--build-only", action="store_true", help="Build the source in --workdir and stop.")
+    p.add_argument(
+        "--log",
+        default=None,
+        help="The convert's whole output (progress bars included), each line prefixed with the seconds since "
+        "it started, written as it comes: a run stopped early still shows its rates (default: beside the output).",
+    )
     args = p.parse_args(argv)
     try:
         extra = json.loads(args.convert)
@@ -126,18 +158,21 @@ def main(argv=None):
         raise SystemExit("--convert: expected a JSON object of convert keywords")
     work = Path(args.workdir)
     src = build_source(args.shape, args.source, work / f"src-{args.shape}-{args.source}", Path(args.tokenizer))
+    if args.build_only:
+        return None
     out = work / f"out-{args.shape}-{args.source}-{args.bpw:g}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-c", CONVERT, str(src), str(out), str(args.bpw), json.dumps(extra)]
+    cmd = [sys.executable, "-u", "-c", CONVERT, str(src), str(out), str(args.bpw), json.dumps(extra)]
+    log_path = Path(args.log) if args.log else out.with_name(out.name + ".log")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    lines = run_logged(cmd, log_path, t0)
     wall = time.perf_counter() - t0
-    info = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(("[INFO]", "[optiq]"))]
+    info = [f"[+{t:.0f}s] {line}" for t, line in lines if line.startswith(("[INFO]", "[optiq]"))]
     print("\n".join(info))
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"[scale] convert failed (exit {proc.returncode})")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not lines or not lines[-1][1].startswith("{"):
+        print("\n".join(line for _, line in lines[-40:]), file=sys.stderr)
+        raise SystemExit(f"[scale] convert failed (its whole output, timed: {log_path})")
+    result = json.loads(lines[-1][1])
     result.update(shape=args.shape, source=args.source, bpw=args.bpw, convert=extra, wall_s=wall, log=info)
     print(
         f"[scale] {args.shape} ({args.source} source) -> {args.bpw:g} BPW: convert {result['convert_s']:.0f} s "

@@ -30,11 +30,14 @@ i=1
 for f in "$work"/allpart_*; do mv "$f" ".c$i/"; i=$((i + 1)); done
 for d in .c1 .c2 .c3; do grep -qx "/$d/" .git/info/exclude || echo "/$d/" >> .git/info/exclude; done
 cat <<'EOF'
-device calls, back to back:
-  1) carry [".c1"]:  mkdir -p /root/p && cp .c1/* /root/p/
-  2) carry [".c2"]:  cp .c2/* /root/p/ 2>/dev/null; true
-  3) carry [".c3"]:  R=$PWD; cat /root/p/allpart_* .c3/allpart_* > /root/all.tar && mkdir -p /root/w && tar -C /root/w -xf /root/all.tar && cd /root/w && cat part_aa part_ab > $(cat CUDA_WHEEL_NAME) && rm part_aa part_ab /root/all.tar && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site *.whl && mkdir -p /root/shared && xz -dc shared.tar.xz | tar -C /root/shared -xf - && rm -rf /root/repo && cp -r $R /root/repo && cd /root/repo && rm -rf .c3 && export PYTHONPATH=/tmp/site:/root/repo OPTIQ_SHARED=/root/shared && python3 -c "import mlx.core as mx; print(mx.default_device())"  && ...your command
-  later calls:       cd /root/repo && export PYTHONPATH=/tmp/site:/root/repo OPTIQ_SHARED=/root/shared && ...
-  (copy changed files into /root/repo first; start long jobs with setsid nohup ... & and poll.
-   To stop them, never pkill -f a pattern that appears in your own command line: it kills the call.)
+device calls, back to back (each one is safe to repeat alone: a refused start or a lost machine
+leaves /root empty, so every call makes its folder and call 3 counts the parts before it starts):
+  1) carry [".c1"]:  mkdir -p /root/p && cp .c1/* /root/p/ && ls /root/p
+  2) carry [".c2"]:  mkdir -p /root/p && cp .c2/* /root/p/ && ls /root/p
+  3) carry [".c3"]:  R=$PWD; [ "$(ls /root/p/allpart_* 2>/dev/null | wc -l)" = 2 ] || { ls /root/p; echo "parts missing: redo calls 1 and 2"; exit 9; }; cat /root/p/allpart_* .c3/allpart_* > /root/all.tar && mkdir -p /root/w && tar -C /root/w -xf /root/all.tar && cd /root/w && cat part_aa part_ab > $(cat CUDA_WHEEL_NAME) && rm part_aa part_ab /root/all.tar && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site *.whl && mkdir -p /root/shared && xz -dc shared.tar.xz | tar -C /root/shared -xf - && rm -rf /root/repo && cp -r $R /root/repo && cd /root/repo && rm -rf .c3 && export PYTHONPATH=/tmp/site:/root/repo OPTIQ_SHARED=/root/shared && python3 -c "import mlx.core as mx; print(mx.default_device())" && touch /root/launched && ...your command
+  later calls:       [ -f /root/launched ] || exit 9; cd /root/repo && export PYTHONPATH=/tmp/site:/root/repo OPTIQ_SHARED=/root/shared && ...
+  (a poll loop starts with that check too: a call after a failed launch then ends at once instead of
+   spending its whole limit. Copy changed files into /root/repo first; start long jobs with
+   setsid nohup ... & and poll. To stop them, never pkill -f a pattern that appears in your own
+   command line: it kills the call.)
 EOF

@@ -13,6 +13,7 @@ from mlx_lm_optiq.weights import pipeline
 from mlx_lm_optiq.weights.config import (
     CPU_DEFAULTS,
     DEFAULT_CANDIDATES,
+    EXACT_DEFAULT_MAX_S,
     GPU_DEFAULTS,
     LOW_BIT_BELOW_BPW,
     WeightsConfig,
@@ -72,7 +73,7 @@ def test_the_line_on_a_gpu_and_on_a_cpu(monkeypatch):
     monkeypatch.setattr(backend, "compute_backend", lambda: "cuda")
     gpu = pipeline.measurement_line(WeightsConfig(target_bpw=4.5), SIXTEEN, 134_515_008, _flag)
     assert gpu.startswith("weights sensitivity on cuda: method exact, 16 candidates (")
-    assert "calibration 16x512 tokens of the bundled set, writer gptq: ~62 s (rough: " in gpu
+    assert "calibration 16x512 tokens of the bundled set, writer gptq: ~56 s (rough: " in gpu
     assert gpu.endswith(
         "cuda defaults for --optiq-candidates, --optiq-sensitivity-method, --optiq-num-samples, --optiq-sequence-length"
     )
@@ -154,18 +155,52 @@ def test_a_defaulted_fisher_yields_to_exact_when_the_float_model_does_not_fit(mo
     monkeypatch.setattr(backend, "compute_backend", lambda: "cpu")
     monkeypatch.setattr(sweep, "_memory_budget", lambda: 1000)
     c = WeightsConfig(target_bpw=4.5)
-    pipeline._fall_back_to_exact(c, 10_000)
+    pipeline.fit_method_to_model(c, 10_000, SIXTEEN)
     assert c.sensitivity_method == "exact" and "does not fit" in pipeline.measurement_line(c, SIXTEEN, 10_000)
     given = WeightsConfig(target_bpw=4.5, sensitivity_method="fisher")
-    pipeline._fall_back_to_exact(given, 10_000)
+    pipeline.fit_method_to_model(given, 10_000, SIXTEEN)
     assert given.sensitivity_method == "fisher"
     fits = WeightsConfig(target_bpw=4.5)
-    pipeline._fall_back_to_exact(fits, 10)
+    pipeline.fit_method_to_model(fits, 10, SIXTEEN)
     assert fits.sensitivity_method == "fisher" and fits.method_note is None
 
 
+def test_a_defaulted_exact_yields_to_fisher_where_it_would_take_too_long(monkeypatch):
+    """On a GPU the default is the exact sweep while its rough time stays within
+    EXACT_DEFAULT_MAX_S (the bundled model: seconds); an 8B model measures with fisher and the line
+    says why and how to ask for exact. A given method, a checkpoint, the low-bit reference or a
+    float model that does not fit keep exact."""
+    from mlx_lm_optiq.weights import sweep
+
+    monkeypatch.setattr(backend, "compute_backend", lambda: "cuda")
+    monkeypatch.setattr(sweep, "_memory_budget", lambda: 140 * 2**30)
+    small, big = 134_515_008, 8_030_261_248
+    assert pipeline.typical_seconds("cuda", "exact", small, 16 * 512, SIXTEEN) < EXACT_DEFAULT_MAX_S
+    c = WeightsConfig(target_bpw=4.5)
+    pipeline.fit_method_to_model(c, small, SIXTEEN)
+    assert c.sensitivity_method == "exact" and c.method_note is None
+    c = WeightsConfig(target_bpw=4.5)
+    pipeline.fit_method_to_model(c, big, SIXTEEN)
+    assert c.sensitivity_method == "fisher" and c.sweep_settings().method == "fisher"
+    line = pipeline.measurement_line(c, SIXTEEN, big, _flag)
+    assert "on cuda: method fisher" in line and "method fisher: the exact sweep would take ~" in line
+    assert "give --optiq-sensitivity-method exact to run it" in line
+    kept = [
+        WeightsConfig(target_bpw=4.5, sensitivity_method="exact"),
+        WeightsConfig(target_bpw=4.5, checkpoint="sweep.json"),
+        WeightsConfig(target_bpw=4.5, reference="low-bit", writer="rtn"),
+    ]
+    for c in kept:
+        pipeline.fit_method_to_model(c, big, SIXTEEN)
+        assert c.sensitivity_method == "exact"
+    monkeypatch.setattr(sweep, "_memory_budget", lambda: 2**30)  # auto will measure with the low-bit reference
+    c = WeightsConfig(target_bpw=4.5)
+    pipeline.fit_method_to_model(c, big, SIXTEEN)
+    assert c.sensitivity_method == "exact"
+
+
 @pytest.mark.parametrize(("name", "method", "length"), [("cpu", "fisher", 256), ("cuda", "exact", 512)])
-def test_the_table_command_takes_the_same_defaults(monkeypatch, tiny_q4_path, tmp_path, name, method, length):
+def test_the_table_command_takes_the_same_defaults(monkeypatch, tiny_q4_path, tmp_path, capsys, name, method, length):
     """`python -m mlx_lm_optiq.weights` without flags measures what the convert would (same table of
     per-backend defaults); a checkpoint makes a defaulted method exact (fisher cannot resume)."""
     from mlx_lm_optiq.weights import cli
@@ -183,6 +218,14 @@ def test_the_table_command_takes_the_same_defaults(monkeypatch, tiny_q4_path, tm
             cli.main(["--model", str(tiny_q4_path), "--output", str(tmp_path / "t.json"), *extra])
         candidates, got, shape = seen.pop()
         assert candidates == SIXTEEN and got == want and tuple(shape) == (16, length)
+    # the method is fitted to the model's size as the convert's is: exact too long here -> fisher
+    monkeypatch.setattr(pipeline, "EXACT_DEFAULT_MAX_S", 0.0)
+    for extra, want in (([], "fisher"), (["--method", "exact"], "exact")):
+        with pytest.raises(SystemExit):
+            cli.main(["--model", str(tiny_q4_path), "--output", str(tmp_path / "t.json"), *extra])
+        assert seen.pop()[1] == want
+    line = "method fisher: the exact sweep would take ~"
+    assert (line in capsys.readouterr().out) == (name == "cuda")
 
 
 def test_the_table_command_keeps_a_zero_the_user_gave(tiny_q4_path, tmp_path, capsys):

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 
 from mlx_lm_optiq.core import backend as _backend
 from mlx_lm_optiq.core.calibration import load_calibration
 from mlx_lm_optiq.core.errors import user_errors
 from mlx_lm_optiq.core.formats import check_with_mlx, parse_candidates
-from mlx_lm_optiq.core.model_tree import read_model_config, resolve_model_path
+from mlx_lm_optiq.core.model_tree import load_float_model, read_model_config, resolve_model_path
 from mlx_lm_optiq.weights import clipping
 from mlx_lm_optiq.weights.config import measurement_defaults, per_backend_help
+from mlx_lm_optiq.weights.pipeline import method_for_model
 from mlx_lm_optiq.weights.probes import log_line
 from mlx_lm_optiq.weights.sweep import REFERENCE_MODES, SweepSettings, measure_sensitivity
 from mlx_lm_optiq.weights.table import METHODS, write_table
@@ -65,12 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     `python -m mlx_lm_optiq.weights: error: ...` line and exit status 1, reported before the
     model is loaded wherever they can be; anything else keeps its traceback."""
     import mlx.core as mx
+    from mlx.utils import tree_flatten
     from mlx_lm.utils import load_tokenizer
 
     parser = build_parser()
     args = parser.parse_args(argv)
     # what the user left unset: the same per-backend defaults as mlx_lm.convert --optiq-target-bpw
-    defaults = measurement_defaults(_backend.compute_backend())
+    backend = _backend.compute_backend()
+    defaults = measurement_defaults(backend)
     # `is None`, not `or`: a value given (even an empty or zero one) is the user's, checked below
     for name, default in (
         ("candidates", defaults.candidates),
@@ -79,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         if getattr(args, name) is None:
             setattr(args, name, default)
+    method_defaulted = args.method is None
     if args.method is None:  # fisher cannot resume from a checkpoint or use the low-bit reference
         fisher_blocked = args.checkpoint is not None or args.reference == "low-bit"
         args.method = "exact" if fisher_blocked else defaults.sensitivity_method
@@ -99,6 +104,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         candidates = check_with_mlx(parse_candidates(args.candidates))
         model_path = resolve_model_path(args.model)
         read_model_config(model_path)
+        if method_defaulted:  # fitted to the model's size, as the convert does (shapes only: lazy)
+            lazy, _ = load_float_model(model_path)
+            params = sum(v.size for _, v in tree_flatten(lazy.parameters()))
+            del lazy
+            fitted, why = method_for_model(
+                args.method,
+                backend=backend,
+                params=params,
+                tokens=args.num_samples * args.sequence_length,
+                candidates=candidates,
+                checkpoint=args.checkpoint,
+                reference=args.reference,
+            )
+            if why:
+                log_line(f"method {why.replace('`sensitivity_method`', '--method')}")
+                settings = replace(settings, method=fitted)
         tokenizer = load_tokenizer(model_path)
         tokens = load_calibration(tokenizer, args.calibration, args.num_samples, args.sequence_length, args.seed)
         table = measure_sensitivity(model_path, tokens, candidates, settings, progress=not args.quiet, group=group)

@@ -49,8 +49,11 @@ class MeasurementDefaults:
 
 # The config fields that take a backend default (the names of MeasurementDefaults' fields).
 MEASUREMENT_DEFAULT_FIELDS = tuple(f.name for f in fields(MeasurementDefaults))
-# A GPU (CUDA, Metal): the exact sweep; the 135M bundled model takes 15.6 s on an H200.
+# A GPU (CUDA, Metal): the exact sweep; the 135M bundled model takes 56 s on an H200 (16x512 tokens)
 GPU_DEFAULTS = MeasurementDefaults(DEFAULT_CANDIDATES, "exact", num_samples=16, sequence_length=512)
+# ... while the exact sweep's rough time on the model stays within this; above it (an 8B model) a
+# defaulted exact measures with fisher instead (weights.pipeline.fit_method_to_model).
+EXACT_DEFAULT_MAX_S = 300.0
 # A CPU: the Fisher estimate on half the tokens, ~9 minutes for the bundled model on 2 cores
 # (the exact sweep: hours), planning as well as the exact sweep did on the GPU benchmark.
 CPU_DEFAULTS = MeasurementDefaults(DEFAULT_CANDIDATES, "fisher", num_samples=16, sequence_length=256)

@@ -28,6 +28,7 @@ from mlx_lm_optiq.core.durations import format_duration
 from mlx_lm_optiq.core.formats import Candidate, FormatError, candidate_key, parse_candidates, top_level_quantization
 from mlx_lm_optiq.weights import clipping, gptq, metadata, plan, sweep, text_only
 from mlx_lm_optiq.weights.config import (
+    EXACT_DEFAULT_MAX_S,
     GPTQ_NEEDS_FLOAT,
     LOW_BIT_BELOW_BPW,
     WeightsConfig,
@@ -116,7 +117,7 @@ def plan_weights(
         float_source = model_tree.write_float_source(model_path, Path(staging_dir) / FLOAT_SOURCE_DIR)
     if table is None:
         params = _parameter_count(float_model)
-        _fall_back_to_exact(config, params)
+        fit_method_to_model(config, params, candidates)
         _info(measurement_line(config, candidates, params, spell))
         table = measure(model_path, config, tokens)
         plan.check_table_matches(table, float_model, source)
@@ -159,13 +160,18 @@ _BUNDLED_PARAMS = 134.5e6
 
 
 def typical_seconds(backend: str, method: str, params: int, tokens: int, candidates: list[Candidate]) -> float:
-    """Rough seconds of a sweep (plus the gptq writer on a CPU), scaled linearly in parameters,
-    calibration tokens and candidates from what the bundled model measured.
+    """Rough seconds of a sweep (plus the gptq writer on a CPU), scaled from what was measured.
 
-    CPU (2 cores, OpenBLAS): fisher 528 s on 16x256 tokens with 15 affine candidates, ~240 s of
-    it the clipping search (per affine candidate, not per token); the gptq writer ~95 s; the
-    exact sweep 27.6 s for 21 of 211 modules x 2 candidates x 128 tokens. H200: exact 15.6 s,
-    fisher 8.3 s on 8x256 tokens with 16 candidates. Metal was not measured (H200's numbers)."""
+    CPU (2 cores, OpenBLAS), the bundled model, scaled linearly in parameters, calibration tokens
+    and candidates: fisher 528 s on 16x256 tokens with 15 affine candidates, ~240 s of it the
+    clipping search (per affine candidate, not per token); the gptq writer ~95 s; the exact sweep
+    27.6 s for 21 of 211 modules x 2 candidates x 128 tokens. GPU (H200; Metal was not measured):
+    the exact sweep 56 s for the bundled model x 16 candidates and 135 s for an 8B-shaped llama x 2
+    candidates, both on 16x512 tokens (issue 13): per candidate and token it grows as parameters
+    to the power 0.725 (a bigger model keeps the GPU busier), linear in candidates and tokens.
+    Fisher 8.3 s for the bundled model on 8x256 tokens and 19 s for the 8B shape on 16x512 (2
+    candidates, before the clipping search existed): mostly fixed costs at these sizes, so only
+    parameters to the power 0.2 and linear in tokens, which errs long for big models."""
     size = params / _BUNDLED_PARAMS
     affine = sum(1 for c in candidates if c["mode"] == "affine")
     if backend == "cpu":
@@ -173,8 +179,9 @@ def typical_seconds(backend: str, method: str, params: int, tokens: int, candida
         if method == "fisher":
             return size * (288.0 * tokens / 4096 + clip + 95.0)
         return size * (27.6 * (211 / 21) * (len(candidates) / 2) * (tokens / 128) + clip + 95.0)
-    per = 15.6 if method == "exact" else 8.3
-    return size * per * (tokens / 2048) * (len(candidates) / 16 if method == "exact" else 1.0)
+    if method == "exact":
+        return 56.0 * size**0.725 * (tokens / 8192) * (len(candidates) / 16)
+    return 8.3 * size**0.2 * (tokens / 2048)
 
 
 def measurement_line(
@@ -196,7 +203,7 @@ def measurement_line(
         f"weights sensitivity on {backend}: method {c.sensitivity_method}, {len(candidates)} candidates "
         f"({keys}), calibration {samples}x{length} tokens of {c.calibration or 'the bundled set'}, writer "
         f"{writer}: ~{format_duration(typical_seconds(backend, c.sensitivity_method, params, tokens, candidates))} "
-        f"(rough: the bundled 135M model's measured time on {where}, scaled to {params / 1e6:.0f}M parameters)"
+        f"(rough: measured times on {where}, scaled to {params / 1e6:.0f}M parameters)"
     )
     if c.method_note:
         line += "; method " + re.sub(r"`(\w+)`", lambda m: spell(m.group(1)), c.method_note)
@@ -222,19 +229,62 @@ def _parameter_count(model: Any) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-def _fall_back_to_exact(config: WeightsConfig, params: int) -> None:
-    """A defaulted fisher method needs the float reference; when `reference` auto will pick the
-    low-bit one (the float model does not fit: sweep's own rule), measure exact instead and say so."""
-    if "sensitivity_method" not in config.defaulted or config.sensitivity_method != "fisher":
-        return
-    if config.reference not in (None, "auto"):
-        return
+def _float_fits(params: int) -> bool:
+    """Whether the float model fits where `reference` auto measures with it (sweep's own rule)."""
     import mlx.core as mx
 
     size = 4 if mx.default_device() == mx.cpu else 2  # the sweep's compute dtype: fp32 on a CPU
-    if params * size > sweep._FLOAT_SHARE * sweep._memory_budget():
-        config.sensitivity_method = "exact"
-        config.method_note = "exact: the float model does not fit in memory, and fisher needs it"
+    return params * size <= sweep._FLOAT_SHARE * sweep._memory_budget()
+
+
+def fit_method_to_model(config: WeightsConfig, params: int, candidates: list[Candidate]) -> None:
+    """Adjust a defaulted `sensitivity_method` to the model's size (`method_for_model`), saying
+    why in `method_note`. A method the user gave, or one already adjusted, is left alone."""
+    if "sensitivity_method" not in config.defaulted or config.method_note is not None:
+        return
+    config.sensitivity_method, config.method_note = method_for_model(
+        config.sensitivity_method,
+        backend=config.backend or "cpu",
+        params=params,
+        tokens=config.num_samples * config.sequence_length,
+        candidates=candidates,
+        checkpoint=config.checkpoint,
+        reference=config.reference,
+    )
+
+
+def method_for_model(
+    method: str,
+    *,
+    backend: str,
+    params: int,
+    tokens: int,
+    candidates: list[Candidate],
+    checkpoint: str | None,
+    reference: str | None,
+) -> tuple[str, str | None]:
+    """The backend's default `method` fitted to a model of `params` parameters: (method, why it
+    changed or None). The convert (`fit_method_to_model`) and the table command ask this.
+
+    A fisher default needs the float reference: when `reference` auto will pick the low-bit one
+    (the float model does not fit), exact instead. An exact default (a GPU) costs one forward of
+    the blocks after each module per module and candidate: when its rough time
+    (`typical_seconds`) is over EXACT_DEFAULT_MAX_S and fisher can run (the float model fits, no
+    checkpoint to resume, not the low-bit reference), fisher, which planned within 3% KL of
+    exact on the GPU benchmark and took 19 s where exact x 2 candidates took 135 s (8B shape)."""
+    if method == "fisher":
+        if reference in (None, "auto") and not _float_fits(params):
+            return "exact", "exact: the float model does not fit in memory, and fisher needs it"
+        return method, None
+    if checkpoint is not None or reference == "low-bit" or not _float_fits(params):
+        return method, None
+    exact = typical_seconds(backend, "exact", params, tokens, candidates)
+    if exact <= EXACT_DEFAULT_MAX_S:
+        return method, None
+    return "fisher", (
+        f"fisher: the exact sweep would take ~{format_duration(exact)} on this model "
+        f"(over {format_duration(EXACT_DEFAULT_MAX_S)}; give `sensitivity_method` exact to run it)"
+    )
 
 
 def resolve_writer(config: WeightsConfig, table: dict[str, Any]) -> str:
