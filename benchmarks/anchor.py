@@ -3,6 +3,7 @@
     python benchmarks/anchor.py gptq --model FLOAT_DIR --mlx-path OUT [--bits 4 --group-size 64]
     python benchmarks/anchor.py awq  --model FLOAT_DIR --mlx-path OUT
     python benchmarks/anchor.py dwq  --model FLOAT_DIR --mlx-path OUT
+    python benchmarks/anchor.py dwq  --model FLOAT_DIR --mlx-path OUT --student OURS_DIR   # DWQ on top of ours
 
 Why this script: the quickstart compares our mixed-precision model with the strongest of
 mlx-lm 0.32's learned quantizers that runs on a CPU in a few minutes (issue 13 item 4).
@@ -55,7 +56,16 @@ def main() -> None:
     p.add_argument("--dwq-valid", type=int, default=4, help="dwq: calibration windows held out for validation")
     p.add_argument("--dwq-learning-rate", type=float, default=1e-6, help="dwq: Adam learning rate (its CLI default)")
     p.add_argument("--dwq-batch-size", type=int, default=4, help="dwq: batch size (its CLI default)")
+    p.add_argument(
+        "--student",
+        default=None,
+        help="dwq: an already quantized model to distil instead of uniform --bits/--group-size (mlx_lm.dwq's "
+        "--quantized-model), e.g. our mixed-precision convert: its formats and codes stay, DWQ trains its "
+        "scales and biases against --model",
+    )
     args = p.parse_args()
+    if args.student is not None and args.method != "dwq":
+        p.error("--student: only dwq distils an existing quantized model")
 
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -93,8 +103,14 @@ def main() -> None:
 
         mx.eval(model.parameters())
         teacher = model
-        model = copy.deepcopy(teacher)
-        _, config = quantize_model(model, config, group_size=args.group_size, bits=args.bits)
+        if args.student is None:
+            model = copy.deepcopy(teacher)
+            _, config = quantize_model(model, config, group_size=args.group_size, bits=args.bits)
+        else:  # as mlx_lm.dwq --quantized-model: trained in float32 like the uniform student, stored back
+            model, _, config = load(args.student, return_config=True)
+            if "quantization" not in config:
+                raise SystemExit(f"--student {args.student}: not a quantized model (no 'quantization' in config.json)")
+            model.set_dtype(mx.float32)
         rows = [(t, 0) for t in tokens.tolist()]  # (tokens, prompt offset) as its dataset gives them
         train, valid = rows[: len(rows) - args.dwq_valid], rows[len(rows) - args.dwq_valid :]
         dwq_quantize(
@@ -131,8 +147,9 @@ def main() -> None:
     bpw = compute_bits_per_weight(model)
     save(args.mlx_path, args.model, model, tokenizer, config)
     seconds = time.perf_counter() - start
+    what = f"{args.bits}-bit g{args.group_size}" if args.student is None else f"student {args.student}"
     print(
-        f"mlx-lm {args.method} {args.bits}-bit g{args.group_size}: {bpw:.4f} bits per weight, "
+        f"mlx-lm {args.method} {what}: {bpw:.4f} bits per weight, "
         f"calibrated on {args.num_samples}x{args.sequence_length} tokens of "
         f"{args.calibration or 'the bundled set'}, {seconds:.0f} s -> {Path(args.mlx_path)}"
     )

@@ -25,6 +25,8 @@ the same way, against the same float reference (the checkpoint's dequantization)
   at `--gptq-bits` g64, mlx-lm's `dynamic_quant` (its sensitivities and threshold search, 4:64
   low / 5:64 high, at ours' targets between those two sizes); awq/dwq via `benchmarks/anchor.py`
   only when named in `--anchors` (far too slow on a 2-core CPU).
+- "ours + mlx-lm DWQ" at the `--dwq-on-ours` targets: ours (the convert's default candidate rule)
+  then distilled by mlx_lm.dwq (`benchmarks/anchor.py dwq --student`), same size as ours.
 
 Evaluation is the repo's own (`mlx_lm_optiq.quality`: each written model reloaded with
 stock mlx-lm, dequantized into fp32 = simulated quantization; KL vs the float reference
@@ -44,6 +46,7 @@ import copy
 import json
 import math
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +61,7 @@ from weights import _calibration_jsonl, _ints  # noqa: E402  (benchmarks/weights
 
 OURS = "ours"
 OURS_2BIT = "ours + 2-bit"
+OURS_DWQ = "ours + mlx-lm DWQ"
 ANCHOR_KINDS = ("uniform", "fp4", "mixed_4_6", "gptq", "dynamic_quant", "awq", "dwq")
 DEFAULT_ANCHORS = "uniform,fp4,mixed_4_6,gptq,dynamic_quant"
 FP4_FORMATS = ("nvfp4:16", "mxfp4:32")
@@ -129,6 +133,13 @@ def parse_args(argv=None):
         help="the dwq anchor's training windows (of the sweep's sequence length, from the same calibration text): "
         "default all the text holds, at most mlx_lm.dwq's 2048 — distillation improves with data, and the anchor "
         "should be the strongest a user can run on this text (the sweep's 16 windows give dwq 3 steps)",
+    )
+    p.add_argument(
+        "--dwq-on-ours",
+        default="",
+        help="targets (a list) where ours, planned as the convert's defaults would (with the 2-bit candidates "
+        "below 3.7 BPW), is then distilled by mlx_lm.dwq (anchor.py dwq --student, same windows as the dwq "
+        f"anchor): the series '{OURS_DWQ}', same size as ours",
     )
     p.add_argument("--workdir", default="/tmp/optiq-curve", help="cache of everything (re-runs skip what is done)")
     p.add_argument("--output", default=str(REPO / "docs" / "results" / "weights-curve-cpu.json"))
@@ -384,8 +395,25 @@ def write_rtn(ctx, dst, group_size, bits, mode="affine", predicate=None):
     return {}
 
 
-def write_mlx_anchor(ctx, dst, method, bits, group_size=64):
-    """benchmarks/anchor.py (mlx-lm's gptq/awq/dwq through their Python functions) on our calibration tokens."""
+def write_ours_dwq(ctx, options, target, dst):
+    """Ours at `target` (write_ours, into a sibling folder kept for a resume), then mlx_lm.dwq
+    distilling its scales and biases against the float model (anchor.py dwq --student): what a
+    user gets by running stock `mlx_lm.dwq --quantized-model` on our convert."""
+    student = dst.with_name(dst.name + "-student")
+    marker = student / "student-written"
+    if marker.is_file():
+        info = json.loads(marker.read_text())
+    else:
+        shutil.rmtree(student, ignore_errors=True)
+        info = write_ours(ctx, options, target, student)
+        marker.write_text(json.dumps(info))
+    write_mlx_anchor(ctx, dst, "dwq", None, student=student)
+    return {**info, "dwq_student": str(student)}
+
+
+def write_mlx_anchor(ctx, dst, method, bits, group_size=64, student=None):
+    """benchmarks/anchor.py (mlx-lm's gptq/awq/dwq through their Python functions) on our calibration
+    tokens; with `student` (dwq only), that quantized model is distilled instead of uniform bits."""
     cfg = ctx.weights_config()  # the sweep's calibration sizes
     cmd = [
         sys.executable,
@@ -395,10 +423,7 @@ def write_mlx_anchor(ctx, dst, method, bits, group_size=64):
         str(ctx.float_dir),
         "--mlx-path",
         str(dst),
-        "--bits",
-        str(bits),
-        "--group-size",
-        str(group_size),
+        *(["--bits", str(bits), "--group-size", str(group_size)] if student is None else ["--student", str(student)]),
         "--calibration",
         str(ctx.calib_jsonl),
         "--num-samples",
@@ -543,6 +568,7 @@ def jobs(ctx):
 
     from mlx_lm_optiq.core.formats import parse_candidates
     from mlx_lm_optiq.weights import plan
+    from mlx_lm_optiq.weights.config import added_low_bit_candidates
 
     a = ctx.args
     grid = _grid(a.grid)
@@ -611,6 +637,13 @@ def jobs(ctx):
                 {"series": f"mlx-lm {method.upper()} g64", "label": "4-bit g64", "target": None, "kind": "anchor"},
                 lambda dst, method=method: write_mlx_anchor(ctx, dst, method, 4),
             )
+    for t in _grid(a.dwq_on_ours) if a.dwq_on_ours else []:
+        options = everything if added_low_bit_candidates(t) else default
+        add(
+            6,
+            {"series": OURS_DWQ, "label": f"@{t:.4f}", "target": t, "kind": "ours"},
+            lambda dst, t=t, options=options: write_ours_dwq(ctx, options, t, dst),
+        )
     if "dynamic_quant" in a.anchor_kinds:
         for t in [t for t in targets if u["4:64"] < t < (u["5:64"] or 5.5)]:
             add(
@@ -703,9 +736,18 @@ def markdown(data):
                 )
             elif floor is not None and r["target"] < floor:
                 lines.append(f"| {r['target']:.4f} | infeasible (cheapest plan {floor:.4f} BPW) | {r['kl']:.5f} | |")
+    dwq = _series_points(points, OURS_DWQ)
+    if dwq:
+        lines += ["", f"| target | student: ours KL (series) | {OURS_DWQ} KL | with / without |", "|---|---|---|---|"]
+        for r in dwq:
+            base = OURS_2BIT if ours_at(points, r["target"], OURS_2BIT)[1] else OURS
+            kl, exact = ours_at(points, r["target"], base)
+            before = f"{'' if exact else '~'}{kl:.5f} ({base})" if kl is not None else "not measured"
+            ratio = f"{r['kl'] / kl:.3f}x" if kl is not None else ""
+            lines.append(f"| {r['target']:.4f} | {before} | {r['kl']:.5f} | {ratio} |")
     ref = reference_point(points)
     if ref is not None:
-        for series in (OURS, OURS_2BIT):
+        for series in (OURS, OURS_2BIT, OURS_DWQ):
             x = crossing(points, ref["kl"], series)
             if x is not None:
                 lines.append(

@@ -37,7 +37,9 @@ leaves /root empty, so every call makes its folder and call 3 counts the parts b
   3) carry [".c3"]:  R=$PWD; [ "$(ls /root/p/allpart_* 2>/dev/null | wc -l)" = 2 ] || { ls /root/p; echo "parts missing: redo calls 1 and 2"; exit 9; }; cat /root/p/allpart_* .c3/allpart_* > /root/all.tar && mkdir -p /root/w && tar -C /root/w -xf /root/all.tar && cd /root/w && cat part_aa part_ab > $(cat CUDA_WHEEL_NAME) && rm part_aa part_ab /root/all.tar && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site *.whl && mkdir -p /root/shared && xz -dc shared.tar.xz | tar -C /root/shared -xf - && rm -rf /root/repo && cp -r $R /root/repo && cd /root/repo && rm -rf .c3 && export PYTHONPATH=/tmp/site:/root/repo OPTIQ_SHARED=/root/shared && python3 -c "import mlx.core as mx; print(mx.default_device())" && touch /root/launched && ...your command
   later calls:       [ -f /root/launched ] || exit 9; cd /root/repo && export PYTHONPATH=/tmp/site:/root/repo OPTIQ_SHARED=/root/shared && ...
   (a poll loop starts with that check too: a call after a failed launch then ends at once instead of
-   spending its whole limit. Copy changed files into /root/repo first; start long jobs with
+   spending its whole limit; what it copies into $OUT must be small: e.g.
+   `find /root/res /root/curve -name '*.json' -o -name '*.log' | tar -cf /root/r.tmp -T -`, never a
+   cache of arrays: a file over the return limit comes back as nothing. Copy changed files into /root/repo first; start long jobs with
    setsid nohup ... & and poll. To stop them, never pkill -f a pattern that appears in your own
    command line: it kills the call.)
 EOF
