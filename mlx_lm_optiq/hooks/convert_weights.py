@@ -48,7 +48,7 @@ def add_arguments(group: Any) -> None:
     group.add_argument("--optiq-target-bpw", type=float, default=None, help=helps["target_bpw"])
     for name in ("candidate_bits", "group_sizes", "candidates", "calibration"):
         group.add_argument(_flag(name), default=None, help=helps[name])
-    for name in ("num_samples", "sequence_length"):
+    for name in ("num_samples", "sequence_length", "distill_steps"):
         group.add_argument(_flag(name), type=int, default=None, help=helps[name])
     group.add_argument("--optiq-sensitivity", default=None, help=helps["sensitivity"])
     for name in ("sensitivity_method", "reference", "clipping", "writer"):

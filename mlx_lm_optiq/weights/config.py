@@ -112,6 +112,7 @@ PLANNING_FIELDS = (
     "sensitivity",
     "protect",
     "writer",
+    "distill_steps",
     *MEASURING_FIELDS,
 )
 # Stock convert arguments the weights feature reads (not its own flags).
@@ -229,6 +230,15 @@ class WeightsConfig:
             f"{gptq.DEFAULT_WRITER} with a float-reference sensitivity table, rtn with a low-bit one."
         ),
     )
+    distill_steps: int | None = field(
+        default=None,
+        metadata=_help(
+            "After writing, distil the affine modules' scales and biases against the float model for this "
+            "many steps of 4 calibration windows (mlx-lm's DWQ; formats and size unchanged; kept only if "
+            "the KL on 4 held-out calibration windows goes down). Off by default: on the bundled model at "
+            "3.5 BPW, 22 steps lowered the held-out KL 0.946 -> 0.721 and took 14 min on 2 CPU cores."
+        ),
+    )
     text_only: bool = field(
         default=False,
         metadata=_help("Write only the text model of a multi-modal checkpoint (drop vision/audio weights and config)."),
@@ -277,9 +287,13 @@ class WeightsConfig:
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ConfigError(name, f"expected one of {', '.join(allowed)}, got {value!r}")
-        for name in ("num_samples", "sequence_length"):
+        for name in ("num_samples", "sequence_length", "distill_steps"):
             if getattr(self, name) is not None:
                 setattr(self, name, _positive(getattr(self, name), name, int))
+        if self.distill_steps is not None and self.reference == "low-bit":
+            raise ConfigError(
+                "distill_steps", "distils against the float model, which the low-bit `reference` is there to avoid"
+            )
         if self.checkpoint is not None and self.sensitivity_method == "fisher":
             # Silently ignoring the file would let the user believe a resume is possible.
             raise ConfigError(

@@ -26,7 +26,7 @@ from mlx_lm_optiq.core import calibration, model_tree
 from mlx_lm_optiq.core.config import ConfigError
 from mlx_lm_optiq.core.durations import format_duration
 from mlx_lm_optiq.core.formats import Candidate, FormatError, candidate_key, parse_candidates, top_level_quantization
-from mlx_lm_optiq.weights import clipping, gptq, metadata, plan, sweep, text_only
+from mlx_lm_optiq.weights import clipping, distill, gptq, metadata, plan, sweep, text_only
 from mlx_lm_optiq.weights.config import (
     EXACT_DEFAULT_MAX_S,
     GPTQ_NEEDS_FLOAT,
@@ -354,6 +354,22 @@ def _write_compensated(result: WeightsPlanResult, out_dir: Path) -> dict[str, An
     return summary
 
 
+def _distill(result: WeightsPlanResult, out_dir: Path, config: WeightsConfig) -> dict[str, Any]:
+    """Distil the written model's scales and biases (weights.distill) on windows of the text the
+    plan was calibrated on (the table's, when re-planning), at its sequence length."""
+    calib = result.table.get("calibration") or {}
+    source = config.calibration if config.sensitivity is None else calib.get("source")
+    text = None if source in (None, "bundled") else source
+    length = int(calib.get("sequence_length") or 256)
+    _info(
+        f"distilling scales and biases against the float model: {config.distill_steps} steps of "
+        f"{distill.BATCH_SIZE}x{length} tokens of {text or 'the bundled set'} (mlx-lm's DWQ)"
+    )
+    return distill.distill(
+        out_dir, result.float_source or result.model_path, text, length, config.distill_steps, log=_info
+    )
+
+
 def low_bit_hint(
     candidates: list[Candidate], target_bpw: float, source: str, spell: Callable[[str], str] = str
 ) -> str | None:
@@ -419,9 +435,11 @@ def finish_weights(result: WeightsPlanResult | None, out_dir: str | Path, config
              "metadata": path of optiq_metadata.json or None}.
     """
     out_dir = Path(out_dir)
-    writer = None
+    writer = distilled = None
     if result is not None:
         writer = _write_compensated(result, out_dir) if result.writer == "gptq" else {"method": "rtn"}
+    if result is not None and config.distill_steps:
+        distilled = _distill(result, out_dir, config)
     if result is not None and result.float_source is not None:
         shutil.rmtree(result.float_source, ignore_errors=True)
     bpw = None
@@ -444,7 +462,11 @@ def finish_weights(result: WeightsPlanResult | None, out_dir: str | Path, config
             target_bpw=config.target_bpw,
             achieved_bpw=bpw,
             candidates=result.candidates,
-            extra={"writer": writer, **({"text_only": summary} if summary else {})},
+            extra={
+                "writer": writer,
+                **({"distill": distilled} if distilled else {}),
+                **({"text_only": summary} if summary else {}),
+            },
             rename=rename,
         )
     return {"achieved_bpw": bpw, "text_only": summary, "metadata": sidecar}
