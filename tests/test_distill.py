@@ -95,3 +95,31 @@ def test_a_convert_distils_and_writes_what_it_measured(tiny_q4_path, tmp_path, h
     else:
         assert measured == pytest.approx(d["valid_kl_before"], rel=2e-2)
         assert "distillation not kept" in printed
+
+
+def test_a_replan_whose_table_does_not_record_its_calibration_refuses_to_distill(full_q4_path, tmp_path, hooks_enabled):
+    """Distillation trains on the text the table was measured on: a sidecar without it is an error
+    naming the flag and the missing fields, before any dequantizing or writing (never the bundled
+    set by default)."""
+    from pathlib import Path
+
+    from mlx_lm.convert import convert
+
+    from mlx_lm_optiq.weights.plan import PlanError
+
+    sidecar = json.loads(
+        (Path(__file__).parents[1] / "docs/results/quickstart-clipping-optiq_metadata.json").read_text()
+    )
+    del sidecar["sensitivity"]["calibration"]["source"]
+    table = tmp_path / "optiq_metadata.json"
+    table.write_text(json.dumps(sidecar))
+    with pytest.raises(PlanError, match=r"--optiq-distill-steps: distils on .*'calibration.source'"):
+        convert(
+            hf_path=str(full_q4_path),
+            mlx_path=str(tmp_path / "out"),
+            quantize=True,
+            optiq_sensitivity=str(table),
+            optiq_target_bpw=4.5,
+            optiq_distill_steps=2,
+        )
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from mlx_lm_optiq.core.formats import check_with_mlx, parse_candidates
 from mlx_lm_optiq.core.model_tree import load_float_model, read_model_config, resolve_model_path
 from mlx_lm_optiq.weights import clipping
 from mlx_lm_optiq.weights.config import measurement_defaults, per_backend_help
-from mlx_lm_optiq.weights.pipeline import method_for_model
+from mlx_lm_optiq.weights.pipeline import method_for_model, parameter_count
 from mlx_lm_optiq.weights.probes import log_line
 from mlx_lm_optiq.weights.sweep import REFERENCE_MODES, SweepSettings, measure_sensitivity
 from mlx_lm_optiq.weights.table import METHODS, write_table
@@ -67,7 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     `python -m mlx_lm_optiq.weights: error: ...` line and exit status 1, reported before the
     model is loaded wherever they can be; anything else keeps its traceback."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
     from mlx_lm.utils import load_tokenizer
 
     parser = build_parser()
@@ -105,9 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_path = resolve_model_path(args.model)
         read_model_config(model_path)
         if method_defaulted:  # fitted to the model's size, as the convert does (shapes only: lazy)
-            lazy, _ = load_float_model(model_path)
-            params = sum(v.size for _, v in tree_flatten(lazy.parameters()))
-            del lazy
+            params = parameter_count(load_float_model(model_path)[0])
             fitted, why = method_for_model(
                 args.method,
                 backend=backend,

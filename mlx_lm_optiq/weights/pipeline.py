@@ -100,6 +100,8 @@ def plan_weights(
         hint = low_bit_hint(candidates, config.target_bpw, source, spell) if config.candidates is None else None
         if hint:
             _info(hint)
+        if config.distill_steps:
+            distill_calibration(config, table, source)
     model_path = model_tree.resolve_model_path(model, revision)
     quantized = model_tree.is_quantized_checkpoint(model_tree.read_model_config(model_path))
     tokens = calibration_tokens(model_path, config) if table is None else None
@@ -116,7 +118,7 @@ def plan_weights(
         _info("dequantizing the quantized source to plan and re-quantize it")
         float_source = model_tree.write_float_source(model_path, Path(staging_dir) / FLOAT_SOURCE_DIR)
     if table is None:
-        params = _parameter_count(float_model)
+        params = parameter_count(float_model)
         fit_method_to_model(config, params, candidates)
         _info(measurement_line(config, candidates, params, spell))
         table = measure(model_path, config, tokens)
@@ -223,7 +225,8 @@ def measurement_line(
     return line
 
 
-def _parameter_count(model: Any) -> int:
+def parameter_count(model: Any) -> int:
+    """Values in `model`'s parameters (shapes only: a lazily loaded model stays unloaded)."""
     from mlx.utils import tree_flatten
 
     return sum(v.size for _, v in tree_flatten(model.parameters()))
@@ -354,13 +357,26 @@ def _write_compensated(result: WeightsPlanResult, out_dir: Path) -> dict[str, An
     return summary
 
 
+def distill_calibration(config: WeightsConfig, table: dict[str, Any], source: str) -> tuple[str | None, int]:
+    """(text, sequence length) the distillation trains on: the calibration the table was measured
+    on (`config.calibration` when this convert measured it; None: the bundled set). A table that
+    does not record them is a ConfigError on `distill_steps` (checked before any long work)."""
+    calib = table.get("calibration") or {}
+    text = config.calibration if config.sensitivity is None else calib.get("source")
+    length = calib.get("sequence_length")
+    if config.sensitivity is not None and (not isinstance(text, str) or not isinstance(length, int)):
+        raise ConfigError(
+            "distill_steps",
+            f"distils on the calibration text the table was measured on, and {source} does not record it "
+            "(fields 'calibration.source' and 'calibration.sequence_length'): measure again, or drop it",
+        )
+    return (None if text in (None, "bundled") else text), int(length)
+
+
 def _distill(result: WeightsPlanResult, out_dir: Path, config: WeightsConfig) -> dict[str, Any]:
     """Distil the written model's scales and biases (weights.distill) on windows of the text the
     plan was calibrated on (the table's, when re-planning), at its sequence length."""
-    calib = result.table.get("calibration") or {}
-    source = config.calibration if config.sensitivity is None else calib.get("source")
-    text = None if source in (None, "bundled") else source
-    length = int(calib.get("sequence_length") or 256)
+    text, length = distill_calibration(config, result.table, str(config.sensitivity))
     _info(
         f"distilling scales and biases against the float model: {config.distill_steps} steps of "
         f"{distill.BATCH_SIZE}x{length} tokens of {text or 'the bundled set'} (mlx-lm's DWQ)"
