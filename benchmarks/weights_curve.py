@@ -245,7 +245,7 @@ class Context:
         cfg = self.weights_config()
         from mlx_lm_optiq.core.model_tree import load_float_model
 
-        params = pipeline._parameter_count(load_float_model(self.args.model)[0])
+        params = pipeline.parameter_count(load_float_model(self.args.model)[0])
         _log("one sweep, planned at every target: " + pipeline.measurement_line(cfg, cfg.candidates, params))
         t0, c0 = time.perf_counter(), time.process_time()
         table = pipeline.measure(self.args.model, cfg, self.tokens)
