@@ -578,7 +578,8 @@ def jobs(ctx):
         raise SystemExit("--anchors must include uniform at 3 and 4 bits g64: the 3.5-BPW question, the reference line")
     in_range = [b for k, b in bpw.items() if min(grid) - a.snap <= b <= max(grid) + a.snap]
     targets = snap(grid, in_range, a.snap)
-    two_bit_targets = snap(_grid(a.two_bit_grid), in_range, a.snap) if a.two_bit else []
+    two_bit_grid = _grid(a.two_bit_grid) if a.two_bit_grid.strip() else []  # '' : no 'ours + 2-bit' points
+    two_bit_targets = snap(two_bit_grid, in_range, a.snap) if a.two_bit and two_bit_grid else []
     default = parse_candidates(ours_candidates(a))
     everything = parse_candidates(ctx.table["candidates"]) if a.two_bit else default
     # The cheapest plan of each candidate set (the 16 default candidates cannot go below ~3.46

@@ -44,8 +44,9 @@ def test_simulated_modules_compute_and_differentiate_as_the_stock_ones(bits):
 
 def test_distill_steps_is_checked_with_the_other_settings():
     assert WeightsConfig(target_bpw=4.5, distill_steps=3).distill_steps == 3
+    assert WeightsConfig(target_bpw=4.5, distill_steps=0).distill_steps is None  # off (a GPU defaults it on)
     with pytest.raises(ConfigError, match="distill_steps"):
-        WeightsConfig(target_bpw=4.5, distill_steps=0)
+        WeightsConfig(target_bpw=4.5, distill_steps=-2)
     with pytest.raises(ConfigError, match="distill_steps.*low-bit"):
         WeightsConfig(target_bpw=4.5, distill_steps=2, reference="low-bit", writer="rtn")
     with pytest.raises(ConfigError, match="need `target_bpw`"):
@@ -82,6 +83,7 @@ def test_a_convert_distils_and_writes_what_it_measured(tiny_q4_path, tmp_path, h
     assert d["valid_kl_before"] > 0 and d["valid_kl_after"] > 0
     printed = "".join(capsys.readouterr())
     assert "distilling scales and biases against the float model: 3 steps of 4x32 tokens" in printed
+    assert "[INFO] optiq: distillation: 3 steps after writing, ~" in printed and "(asked)" in printed
     assert meta["achieved_bpw"] <= 4.0
 
     teacher, _ = load_float_model(tiny_q4_path, "float32", lazy=False)
@@ -123,3 +125,27 @@ def test_a_replan_whose_table_does_not_record_its_calibration_refuses_to_distill
             optiq_distill_steps=2,
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_backend_failure_while_training_keeps_the_written_model(tiny_q4_path, tmp_path, monkeypatch):
+    """MLX failing inside the training (seen once on the H200: `cuGraphAddKernelNode ... invalid
+    argument`) ends the distillation only: the model written before it is untouched, the summary
+    says why, and the convert can finish."""
+    import shutil
+
+    import mlx_lm.quant.dwq as dwq
+
+    out = tmp_path / "written"
+    shutil.copytree(tiny_q4_path, out)
+    before = {f.name: f.read_bytes() for f in out.glob("*.safetensors")}
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("cuGraphAddKernelNode(&node, graph_, NULL, 0, &params) failed: invalid argument")
+
+    monkeypatch.setattr(dwq, "dwq_quantize", fails)
+    lines = []
+    d = distill.distill(out, tiny_q4_path, None, 32, 2, log=lines.append)
+    assert d["kept"] is False and d["reason"].startswith("training failed: RuntimeError: cuGraphAddKernelNode")
+    assert d["valid_kl_before"] >= 0
+    assert lines and "distillation not kept (training failed" in lines[-1]
+    assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == before

@@ -213,6 +213,16 @@ def test_non_finite_values_are_refused_naming_the_module(float_model, tokens):
     h = mx.eye(64).at[2, 2].add(float("nan"))
     with pytest.raises(gptq.WriterError, match=rf"{path}: the calibration inputs are not finite"):
         gptq.inverse_hessian_factor(h, label=path)
+    # the factor: U upper with U^T U = (H + damp * mean(diag H) * I)^-1; a never-seen channel
+    # (zero diagonal) gets a unit diagonal
+    x = mx.random.normal((256, 48), key=mx.random.key(0))
+    h = (x.T @ x / 256).at[7, :].multiply(0.0).at[:, 7].multiply(0.0)
+    u, damp = gptq.inverse_hessian_factor(h, label=path)
+    assert u.dtype == mx.float32 and damp == gptq.DAMP
+    assert mx.allclose(u, mx.triu(u)).item()
+    fixed = h.at[7, 7].add(1.0)
+    damped = fixed + damp * mx.mean(mx.diagonal(fixed)) * mx.eye(48)
+    assert mx.allclose((u.T @ u) @ damped, mx.eye(48), atol=1e-4).item()
     # an indefinite H (eigenvalue -2): damping is raised tenfold until it factorises, or refused
     _, damp = gptq.inverse_hessian_factor(mx.array([[1.0, 3.0], [3.0, 1.0]]), label=path)
     assert damp == pytest.approx(10.0)

@@ -182,6 +182,17 @@ def test_fisher_estimate_ranks_like_exact(exact, tiny_float_path, tokens):
     assert rho_all > 0.8 and rho_4bit > 0.6
 
 
+def test_fisher_accumulates_in_chunks_to_the_same_table(tiny_float_path, tokens, monkeypatch):
+    """The Fisher accumulators are updated a few modules per eval (an 8B model updated all at
+    once ran out of memory on an H200): one module per eval gives the same table, bit for bit."""
+    from mlx_lm_optiq.weights import sweep
+
+    kw = dict(method="fisher", reference="float", progress=False)
+    whole = measure_sensitivity(tiny_float_path, tokens[:2], "4:64", **kw)
+    monkeypatch.setattr(sweep, "_FISHER_CHUNK_BYTES", 1)
+    assert measure_sensitivity(tiny_float_path, tokens[:2], "4:64", **kw)["modules"] == whole["modules"]
+
+
 def test_two_rank_sharded_sweep_equals_single_process(exact, tiny_float_path, tmp_path):
     out = tmp_path / "sharded.json"
     mods = SOME[:2]

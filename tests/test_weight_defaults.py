@@ -7,14 +7,16 @@ import json
 import pytest
 
 from mlx_lm_optiq.core import backend
-from mlx_lm_optiq.core.config import field_help
+from mlx_lm_optiq.core.config import ConfigError, field_help
 from mlx_lm_optiq.core.formats import candidate_key, parse_candidates
 from mlx_lm_optiq.weights import pipeline
 from mlx_lm_optiq.weights.config import (
     CPU_DEFAULTS,
     DEFAULT_CANDIDATES,
+    DISTILL_DEFAULT_MAX_S,
     EXACT_DEFAULT_MAX_S,
     GPU_DEFAULTS,
+    GPU_DISTILL_STEPS,
     LOW_BIT_BELOW_BPW,
     WeightsConfig,
     measurement_defaults,
@@ -55,10 +57,11 @@ def test_user_values_win_and_replans_take_no_defaults(monkeypatch):
     c = WeightsConfig(target_bpw=4.5, checkpoint="sweep.json")
     assert c.sensitivity_method == "exact" and c.sweep_settings().checkpoint_path == "sweep.json"
     assert WeightsConfig(target_bpw=4.5, reference="low-bit", writer="rtn").sensitivity_method == "exact"
-    # re-planning measures nothing: no backend, nothing defaulted, the table's candidates
-    monkeypatch.setattr(backend, "compute_backend", lambda: pytest.fail("a re-plan asked the backend"))
+    # re-planning measures nothing: no measuring backend, nothing defaulted, the table's candidates
+    # (the backend is asked only for the distillation default: off on a CPU)
     c = WeightsConfig(target_bpw=4.5, sensitivity="t.json")
     assert (c.backend, c.defaulted, c.candidates, c.sensitivity_method) == (None, (), None, None)
+    assert c.distill_steps is None
 
 
 def test_help_texts_state_the_per_backend_defaults():
@@ -236,3 +239,51 @@ def test_the_table_command_keeps_a_zero_the_user_gave(tiny_q4_path, tmp_path, ca
     with pytest.raises(SystemExit) as e:
         cli.main(["--model", str(tiny_q4_path), "--output", str(tmp_path / "t.json"), "--num-samples", "0"])
     assert e.value.code == 1 and "num_samples must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_distillation_is_a_gpu_default_fitted_to_the_model(monkeypatch):
+    """Distillation after writing is on by default on a GPU (GPU_DISTILL_STEPS: seconds for the
+    bundled model on an H200, the best held-out KL measured there) and off on a CPU (minutes a
+    step); a defaulted one is dropped, with the line saying why and how to ask, where it would
+    take over DISTILL_DEFAULT_MAX_S (an 8B model), where the float teacher does not fit, or where
+    a re-planned table does not record its calibration text. Asked for, it stays; 0 turns it off."""
+    from mlx_lm_optiq.weights import sweep
+
+    monkeypatch.setattr(sweep, "_memory_budget", lambda: 140 * 2**30)
+    small, big = 134_515_008, 8_030_261_248
+    monkeypatch.setattr(backend, "compute_backend", lambda: "cpu")
+    c = WeightsConfig(target_bpw=3.5)
+    assert (c.distill_steps, c.distill_defaulted) == (None, False)
+    assert pipeline.distill_line(c, small, 256) is None
+    monkeypatch.setattr(backend, "compute_backend", lambda: "cuda")
+    assert pipeline.distill_seconds("cuda", small, GPU_DISTILL_STEPS, 512) < DISTILL_DEFAULT_MAX_S
+    assert pipeline.distill_seconds("cuda", big, GPU_DISTILL_STEPS, 512) > DISTILL_DEFAULT_MAX_S
+    c = WeightsConfig(target_bpw=3.5)
+    assert (c.distill_steps, c.distill_defaulted) == (GPU_DISTILL_STEPS, True)
+    pipeline.fit_distill_to_model(c, small, 512)
+    assert c.distill_steps == GPU_DISTILL_STEPS
+    line = pipeline.distill_line(c, small, 512, _flag)
+    assert line.startswith(f"distillation: {GPU_DISTILL_STEPS} steps after writing, ~")
+    assert line.endswith("(the cuda default; --optiq-distill-steps 0 turns it off)")
+    c = WeightsConfig(target_bpw=3.5)
+    pipeline.fit_distill_to_model(c, big, 512)
+    assert c.distill_steps is None
+    line = pipeline.distill_line(c, big, 512, _flag)
+    assert line.startswith(f"distillation off: {GPU_DISTILL_STEPS} steps would take ~")
+    assert f"give --optiq-distill-steps {GPU_DISTILL_STEPS} to run them" in line
+    asked = WeightsConfig(target_bpw=3.5, distill_steps=GPU_DISTILL_STEPS)
+    pipeline.fit_distill_to_model(asked, big, 512)
+    assert asked.distill_steps == GPU_DISTILL_STEPS and pipeline.distill_line(asked, big, 512).endswith("(asked)")
+    assert WeightsConfig(target_bpw=3.5, distill_steps=0).distill_steps is None
+    assert WeightsConfig(target_bpw=3.5, reference="low-bit", writer="rtn").distill_steps is None
+    with pytest.raises(ConfigError, match="distill_steps: expected a whole number >= 0"):
+        WeightsConfig(target_bpw=3.5, distill_steps=-1)
+    replan = WeightsConfig(target_bpw=3.5, sensitivity="t.json")
+    assert replan.distill_steps == GPU_DISTILL_STEPS
+    assert pipeline.distill_calibration(replan, {}, "t.json") == (None, 0)
+    assert replan.distill_steps is None
+    assert "t.json does not record the calibration text" in pipeline.distill_line(replan, small, 0)
+    monkeypatch.setattr(sweep, "_memory_budget", lambda: 2**30)
+    c = WeightsConfig(target_bpw=3.5)
+    pipeline.fit_distill_to_model(c, big, 512)
+    assert c.distill_steps is None and "does not fit in memory" in c.distill_note

@@ -59,6 +59,16 @@ EXACT_DEFAULT_MAX_S = 300.0
 CPU_DEFAULTS = MeasurementDefaults(DEFAULT_CANDIDATES, "fisher", num_samples=16, sequence_length=256)
 
 
+# Distillation of scales and biases after writing (weights.distill), on by default on a GPU: on the
+# H200 (bundled model, 3.5 BPW with the 2-bit candidates, GPTQ-written, held-out Emma KL) 22 / 44 /
+# 88 steps gave 0.595 -> 0.444 / 0.408 / 0.391 (below uniform 4-bit g64's 0.417 at 4.5 BPW) in
+# 15-35 s, and 88 steps at 4.5 BPW 0.128 -> 0.110 in 48 s (docs/weights.md). Off on a CPU, where
+# 22 steps alone take ~14 min. A defaulted distillation is dropped where its rough time on the
+# model is over DISTILL_DEFAULT_MAX_S (weights.pipeline.fit_distill_to_model).
+GPU_DISTILL_STEPS = 88
+DISTILL_DEFAULT_MAX_S = 300.0
+
+
 def measurement_defaults(backend: str) -> MeasurementDefaults:
     """The default measuring settings on `backend` (core.backend.compute_backend)."""
     return CPU_DEFAULTS if backend == "cpu" else GPU_DEFAULTS
@@ -235,8 +245,9 @@ class WeightsConfig:
         metadata=_help(
             "After writing, distil the affine modules' scales and biases against the float model for this "
             "many steps of 4 calibration windows (mlx-lm's DWQ; formats and size unchanged; kept only if "
-            "the KL on 4 held-out calibration windows goes down). Off by default: on the bundled model at "
-            "3.5 BPW, 22 steps lowered the held-out KL 0.946 -> 0.597 and took ~14 min on 2 CPU cores."
+            f"the KL on 4 held-out calibration windows goes down). Default {GPU_DISTILL_STEPS} on a GPU where it "
+            f"takes under ~{DISTILL_DEFAULT_MAX_S / 60:.0f} min (the bundled model: 35-48 s on an H200; 3.5 BPW "
+            "held-out KL 0.595 -> 0.391), off on a CPU (22 steps: ~14 min on 2 cores); 0 turns it off."
         ),
     )
     text_only: bool = field(
@@ -254,6 +265,10 @@ class WeightsConfig:
     backend: str | None = field(default=None, init=False)
     defaulted: tuple[str, ...] = field(default=(), init=False)
     method_note: str | None = field(default=None, init=False)
+    # Whether distill_steps came from the GPU default (then dropped, with distill_note saying why,
+    # where it cannot or should not run: weights.pipeline.fit_distill_to_model).
+    distill_defaulted: bool = field(default=False, init=False)
+    distill_note: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.text_only = bool(self.text_only)
@@ -287,9 +302,13 @@ class WeightsConfig:
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ConfigError(name, f"expected one of {', '.join(allowed)}, got {value!r}")
-        for name in ("num_samples", "sequence_length", "distill_steps"):
+        for name in ("num_samples", "sequence_length"):
             if getattr(self, name) is not None:
                 setattr(self, name, _positive(getattr(self, name), name, int))
+        if self.distill_steps is not None:
+            self.distill_steps = _non_negative_int(self.distill_steps, "distill_steps") or None  # 0: off
+        elif self.reference != "low-bit" and (self.backend or _backend.compute_backend()) != "cpu":
+            self.distill_steps, self.distill_defaulted = GPU_DISTILL_STEPS, True
         if self.distill_steps is not None and self.reference == "low-bit":
             raise ConfigError(
                 "distill_steps", "distils against the float model, which the low-bit `reference` is there to avoid"
@@ -405,6 +424,18 @@ def _names(value: Any) -> list[str]:
         return []
     items = value.split(",") if isinstance(value, str) else list(value)
     return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _non_negative_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(name, f"expected a whole number >= 0, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(name, f"expected a whole number >= 0, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(name, f"expected a whole number >= 0, got {value!r}")
+    return number
 
 
 def _positive(value: Any, name: str, kind: type) -> Any:

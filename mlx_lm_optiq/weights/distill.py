@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lm_optiq.core import calibration, model_tree
+from mlx_lm_optiq.core.backend import compute_backend
 
 BATCH_SIZE = 4  # windows per step (mlx_lm.dwq's CLI default)
 VALID_WINDOWS = 4  # calibration windows held out to check the distillation helped
@@ -160,11 +161,16 @@ def distill(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     train, valid = windows(load_tokenizer(out_dir), text, sequence_length, steps)
-    cpu = mx.default_device() == mx.cpu
+    backend = compute_backend()
+    cpu = backend == "cpu"
+    # Simulated on a CPU (its quantized matmul is unusably slow) and on CUDA (MLX-CUDA 0.32's
+    # quantized matmul fails inside its graph on our mixed-format models: `cuGraphAddKernelNode
+    # ... invalid argument`, measured on the H200); stock quantized modules on Metal.
+    simulate = backend in ("cpu", "cuda")
     dtype = mx.float32 if cpu else None
     teacher, _ = model_tree.load_float_model(float_source, dtype, lazy=False)
     student, _ = load_model(out_dir)
-    if cpu:
+    if simulate:
         student = simulated(student)
     student.freeze()  # DWQ unfreezes the scales and biases; norms and float layers stay as written
     mx.eval(student.parameters())
@@ -177,28 +183,36 @@ def distill(
         "learning_rate": learning_rate,
         "temperature": TEMPERATURE,
         "modules": len(paths),
-        "compute": "simulated fp32" if cpu else "quantized",
+        "compute": "simulated fp32" if simulate else "quantized",
     }
     if not paths:
         return {**summary, "kept": False, "reason": "no affine module below 8 bits to train"}
     before = kl_on(teacher, student, valid)
     modules = dict(student.named_modules())
-    train_dtype = mx.float32 if cpu else modules[paths[0]]["scales"].dtype  # DWQ casts its fp32 copy to this
+    train_dtype = mx.float32 if simulate else modules[paths[0]]["scales"].dtype  # DWQ casts its fp32 copy to this
     mx.random.seed(seed)
-    dwq_quantize(
-        student,
-        lambda batch, idx, split: teacher(batch),
-        optimizers.Adam(learning_rate=learning_rate, bias_correction=True),
-        train,
-        valid,
-        batch_size=BATCH_SIZE,
-        max_seq_length=sequence_length,
-        seed=seed,
-        dtype=train_dtype,
-        temperature=TEMPERATURE,
-    )
-    student.eval()
-    after = kl_on(teacher, student, valid)
+    try:
+        dwq_quantize(
+            student,
+            lambda batch, idx, split: teacher(batch),
+            optimizers.Adam(learning_rate=learning_rate, bias_correction=True),
+            train,
+            valid,
+            batch_size=BATCH_SIZE,
+            max_seq_length=sequence_length,
+            seed=seed,
+            dtype=train_dtype,
+            temperature=TEMPERATURE,
+        )
+        student.eval()
+        after = kl_on(teacher, student, valid)
+    except RuntimeError as e:
+        # MLX's backend failing mid-training (once on the H200: `cuGraphAddKernelNode ... invalid
+        # argument`, where the same run then passed): the model written before it is complete and
+        # stays; the convert goes on, says so and records it, rather than losing the whole run.
+        reason = f"training failed: {type(e).__name__}: {e}"
+        log(f"distillation not kept ({reason}); the written model is unchanged")
+        return {**summary, "valid_kl_before": before, "kept": False, "reason": reason}
     written = gptq.scales_dtypes(out_dir, paths)
     tensors = {
         p: {"scales": modules[p]["scales"].astype(written[p]), "biases": modules[p]["biases"].astype(written[p])}

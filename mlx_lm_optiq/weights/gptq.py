@@ -207,37 +207,41 @@ def round_to_grid(w: mx.array, scales: mx.array, biases: mx.array, n_bins: mx.ar
 def inverse_hessian_factor(hessian: mx.array, damp: float = DAMP, label: str = "") -> tuple[mx.array, float]:
     """(U, damping used): the upper Cholesky factor of (H + damping I)^-1 (float32), GPTQ's Hinv.
 
-    Computed in float64 on the CPU stream (LAPACK). Channels with a zero diagonal (never seen)
-    get a unit diagonal (their columns are then rounded to nearest). The damping starts at
-    `damp` times the mean diagonal and is raised tenfold while a factorisation fails or is not
-    finite. A non-finite H (inputs that overflowed) is a WriterError naming `label`.
+    Computed in float64 with numpy/SciPy's LAPACK, not MLX's CPU stream: MLX's Linux wheels
+    (the CUDA build included) run their CPU linear algebra on a reference LAPACK, where one
+    14336-wide Hessian (an 8B model's down_proj) took minutes and the GPTQ writing of an 8B
+    model did not finish in 14 min on the H200 (docs/weights.md, scale); numpy's bundled
+    OpenBLAS factors it in seconds, on every platform. Channels with a zero diagonal (never
+    seen) get a unit diagonal (their columns are then rounded to nearest). The damping starts
+    at `damp` times the mean diagonal and is raised tenfold while a factorisation fails or is
+    not finite. A non-finite H (inputs that overflowed) is a WriterError naming `label`.
     """
     import mlx.core as mx
+    from scipy.linalg import lapack
 
-    with mx.stream(mx.cpu):
-        h = hessian.astype(mx.float64)
-        if not mx.isfinite(h).all().item():
-            raise WriterError(
-                f"{label}: the calibration inputs are not finite (the float model overflows on the "
-                "calibration text); refusing to write"
-            )
-        n = h.shape[0]
-        eye = mx.eye(n, dtype=mx.float64)
-        dead = mx.diagonal(h) <= 0
-        h = mx.where(dead[:, None] | dead[None, :], 0.0, h) + eye * dead
-        mean = mx.mean(mx.diagonal(h)).item()
-        for attempt in range(_DAMP_RETRIES + 1):
-            lam = damp * (10**attempt) * mean
-            try:
-                # (H + lam I) = R R^T with R upper (the Cholesky factor of the reversed matrix,
-                # reversed back); then H^-1 = R^-T R^-1, so U = R^-1: two LAPACK calls, not three.
-                reversed_lower = mx.linalg.cholesky((h + lam * eye)[::-1, ::-1])
-                upper = mx.linalg.tri_inv(reversed_lower[::-1, ::-1], upper=True)
-                mx.eval(upper)
-            except (ValueError, RuntimeError):
-                continue
-            if mx.isfinite(upper).all().item() and (mx.diagonal(upper) > 0).all().item():
-                return upper.astype(mx.float32), damp * 10**attempt
+    h = np.array(hessian.astype(mx.float32), dtype=np.float64)
+    if not np.isfinite(h).all():
+        raise WriterError(
+            f"{label}: the calibration inputs are not finite (the float model overflows on the "
+            "calibration text); refusing to write"
+        )
+    dead = np.diagonal(h) <= 0
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    mean = float(np.mean(np.diagonal(h)))
+    for attempt in range(_DAMP_RETRIES + 1):
+        lam = damp * (10**attempt) * mean
+        a = h + lam * np.eye(h.shape[0])
+        # (H + lam I) = R R^T with R upper (the Cholesky factor of the reversed matrix, reversed
+        # back); then H^-1 = R^-T R^-1, so U = R^-1: two LAPACK calls, not three.
+        try:
+            upper_r = np.linalg.cholesky(a[::-1, ::-1])[::-1, ::-1]
+        except np.linalg.LinAlgError:
+            continue
+        upper, info = lapack.dtrtri(np.ascontiguousarray(upper_r), lower=0)
+        if info == 0 and np.isfinite(upper).all() and (np.diagonal(upper) > 0).all():
+            return mx.array(upper.astype(np.float32)), damp * 10**attempt
     raise WriterError(f"{label}: the input Hessian cannot be factorised even with damping {damp * 10**_DAMP_RETRIES:g}")
 
 

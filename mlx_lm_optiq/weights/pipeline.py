@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_lm_optiq.core import backend as _backend
 from mlx_lm_optiq.core import calibration, model_tree
 from mlx_lm_optiq.core.config import ConfigError
 from mlx_lm_optiq.core.durations import format_duration
 from mlx_lm_optiq.core.formats import Candidate, FormatError, candidate_key, parse_candidates, top_level_quantization
 from mlx_lm_optiq.weights import clipping, distill, gptq, metadata, plan, sweep, text_only
 from mlx_lm_optiq.weights.config import (
+    DISTILL_DEFAULT_MAX_S,
     EXACT_DEFAULT_MAX_S,
     GPTQ_NEEDS_FLOAT,
     LOW_BIT_BELOW_BPW,
@@ -101,7 +103,7 @@ def plan_weights(
         if hint:
             _info(hint)
         if config.distill_steps:
-            distill_calibration(config, table, source)
+            distill_calibration(config, table, source)  # a ConfigError before any work, or drops a default
     model_path = model_tree.resolve_model_path(model, revision)
     quantized = model_tree.is_quantized_checkpoint(model_tree.read_model_config(model_path))
     tokens = calibration_tokens(model_path, config) if table is None else None
@@ -117,8 +119,10 @@ def plan_weights(
     if quantized:
         _info("dequantizing the quantized source to plan and re-quantize it")
         float_source = model_tree.write_float_source(model_path, Path(staging_dir) / FLOAT_SOURCE_DIR)
+    params = parameter_count(float_model)
+    distill_length = distill_calibration(config, table or {}, source)[1] if config.distill_steps else 0
+    fit_distill_to_model(config, params, distill_length)
     if table is None:
-        params = parameter_count(float_model)
         fit_method_to_model(config, params, candidates)
         _info(measurement_line(config, candidates, params, spell))
         table = measure(model_path, config, tokens)
@@ -140,6 +144,9 @@ def plan_weights(
         f"(target {config.target_bpw}, cheapest possible {result['min_bpw']:.4f})"
     )
     _info(f"writer: {writer} ({writer_reason(config, table)})")
+    line = distill_line(config, params, distill_length, spell)
+    if line:
+        _info(line)
     clipper = clipping.from_table(table)  # one Clipper: the alphas stock's writing finds, gptq reuses
     return WeightsPlanResult(
         table=table,
@@ -359,18 +366,78 @@ def _write_compensated(result: WeightsPlanResult, out_dir: Path) -> dict[str, An
 
 def distill_calibration(config: WeightsConfig, table: dict[str, Any], source: str) -> tuple[str | None, int]:
     """(text, sequence length) the distillation trains on: the calibration the table was measured
-    on (`config.calibration` when this convert measured it; None: the bundled set). A table that
-    does not record them is a ConfigError on `distill_steps` (checked before any long work)."""
+    on (this convert's `calibration` and `sequence_length` when it measures; None: the bundled
+    set). A re-planned table that does not record them is a ConfigError on `distill_steps`
+    (checked before any long work) when distillation was asked for; a defaulted one (a GPU) is
+    dropped instead, `distill_note` saying why."""
+    if config.sensitivity is None:
+        return (None if config.calibration in (None, "bundled") else config.calibration), int(config.sequence_length)
     calib = table.get("calibration") or {}
-    text = config.calibration if config.sensitivity is None else calib.get("source")
-    length = calib.get("sequence_length")
-    if config.sensitivity is not None and (not isinstance(text, str) or not isinstance(length, int)):
+    text, length = calib.get("source"), calib.get("sequence_length")
+    if not isinstance(text, str) or not isinstance(length, int):
+        missing = (
+            f"{source} does not record the calibration text it was measured on (fields "
+            "'calibration.source' and 'calibration.sequence_length')"
+        )
+        if config.distill_defaulted:
+            config.distill_steps, config.distill_note = None, f"off: {missing}"
+            return None, 0
         raise ConfigError(
             "distill_steps",
-            f"distils on the calibration text the table was measured on, and {source} does not record it "
-            "(fields 'calibration.source' and 'calibration.sequence_length'): measure again, or drop it",
+            f"distils on the calibration text the table was measured on, and {missing}: measure again, or drop it",
         )
-    return (None if text in (None, "bundled") else text), int(length)
+    return (None if text == "bundled" else text), length
+
+
+# Measured distillation times (weights.distill, 4 windows a step), from which `distill_seconds`
+# scales: the bundled model on an H200, 88 steps of 4x512 tokens in 35-48 s (sharing the device
+# with other jobs); on 2 CPU cores ~36 s a step of 4x256 tokens.
+_DISTILL_GPU_S, _DISTILL_GPU_STEPS, _DISTILL_CPU_STEP_S = 45.0, 88, 36.0
+
+
+def distill_seconds(backend: str, params: int, steps: int, sequence_length: int) -> float:
+    """Rough seconds of `steps` distillation steps on a model of `params` parameters: linear in
+    parameters, steps and tokens on a CPU; on a GPU parameters to the power 0.725 like the exact
+    sweep (`typical_seconds`: small models leave the GPU idle), which errs long for big ones."""
+    size = params / _BUNDLED_PARAMS
+    if backend == "cpu":
+        return _DISTILL_CPU_STEP_S * size * steps * sequence_length / 256
+    return _DISTILL_GPU_S * size**0.725 * (steps / _DISTILL_GPU_STEPS) * (sequence_length / 512)
+
+
+def fit_distill_to_model(config: WeightsConfig, params: int, sequence_length: int) -> None:
+    """Drop a defaulted distillation (a GPU's) where it should not run by default on this model:
+    the float teacher does not fit in memory, or its rough time (`distill_seconds`) is over
+    DISTILL_DEFAULT_MAX_S (then the user can ask for it). `distill_note` says why. One the user
+    asked for is left alone."""
+    if not config.distill_defaulted or not config.distill_steps:
+        return
+    backend = config.backend or _backend.compute_backend()
+    if not _float_fits(params):
+        config.distill_steps, config.distill_note = None, "off: the float model it distils from does not fit in memory"
+        return
+    seconds = distill_seconds(backend, params, config.distill_steps, sequence_length)
+    if seconds > DISTILL_DEFAULT_MAX_S:
+        config.distill_note = (
+            f"off: {config.distill_steps} steps would take ~{format_duration(seconds)} on this model (over "
+            f"{format_duration(DISTILL_DEFAULT_MAX_S)}; give `distill_steps` {config.distill_steps} to run them)"
+        )
+        config.distill_steps = None
+
+
+def distill_line(
+    config: WeightsConfig, params: int, sequence_length: int, spell: Callable[[str], str] = str
+) -> str | None:
+    """The line saying whether the written model will be distilled, for about how long, and why:
+    None when distillation was neither asked for nor defaulted."""
+    if config.distill_note is not None:
+        return "distillation " + re.sub(r"`(\w+)`", lambda m: spell(m.group(1)), config.distill_note)
+    if not config.distill_steps:
+        return None
+    backend = config.backend or _backend.compute_backend()
+    rough = format_duration(distill_seconds(backend, params, config.distill_steps, sequence_length))
+    why = f"the {backend} default; {spell('distill_steps')} 0 turns it off" if config.distill_defaulted else "asked"
+    return f"distillation: {config.distill_steps} steps after writing, ~{rough} ({why})"
 
 
 def _distill(result: WeightsPlanResult, out_dir: Path, config: WeightsConfig) -> dict[str, Any]:

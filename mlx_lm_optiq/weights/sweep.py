@@ -498,6 +498,9 @@ def _all_sum_table(sums, paths, keys, fits, group):
 # ---------------------------------------------------------------- fisher
 
 
+_FISHER_CHUNK_BYTES = 1 << 30  # accumulator bytes updated per eval (see _fisher_sweep)
+
+
 def _fisher_sweep(model, modules, fits, tokens, quant_dtype, rank, size, group, progress, seed, clipper=None):
     """Diagonal Fisher from one backward per sample (model already at its compute dtype);
     returns {path: {key: predicted KL sum}}."""
@@ -522,9 +525,21 @@ def _fisher_sweep(model, modules, fits, tokens, quant_dtype, rank, size, group, 
     for i in tqdm(mine, desc="Sensitivity (fisher)", unit="sample", disable=not progress or rank != 0):
         _, grads = grad_fn(model, tokens[i : i + 1], mx.random.key(seed * 1_000_003 + i))
         grads = dict(tree_flatten(grads))
+        mx.eval(grads)
+        # Accumulate a few modules at a time: one update of every module at once holds an fp32
+        # copy and a square of every gradient beside both accumulators (an 8B model: ~150 GB,
+        # out of memory on an H200); in chunks the peak is the model, its gradients, the
+        # accumulators and one chunk's temporaries.
+        chunk, chunk_bytes = [], 0
         for p in modules:
-            fisher[p] = fisher[p] + grads[f"{p}.weight"].astype(mx.float32) ** 2
-        mx.eval(list(fisher.values()))
+            fisher[p] = fisher[p] + grads.pop(f"{p}.weight").astype(mx.float32) ** 2
+            chunk.append(fisher[p])
+            chunk_bytes += fisher[p].nbytes
+            if chunk_bytes >= _FISHER_CHUNK_BYTES:
+                mx.eval(chunk)
+                chunk, chunk_bytes = [], 0
+        mx.eval(chunk)
+        del grads
     model.unfreeze()
     if size > 1:
         for p in modules:
