@@ -62,6 +62,7 @@ from weights import _calibration_jsonl, _ints  # noqa: E402  (benchmarks/weights
 OURS = "ours"
 OURS_2BIT = "ours + 2-bit"
 OURS_DWQ = "ours + mlx-lm DWQ"
+OURS_DISTILLED = "ours + distillation"
 ANCHOR_KINDS = ("uniform", "fp4", "mixed_4_6", "gptq", "dynamic_quant", "awq", "dwq")
 DEFAULT_ANCHORS = "uniform,fp4,mixed_4_6,gptq,dynamic_quant"
 FP4_FORMATS = ("nvfp4:16", "mxfp4:32")
@@ -140,6 +141,19 @@ def parse_args(argv=None):
         help="targets (a list) where ours, planned as the convert's defaults would (with the 2-bit candidates "
         "below 3.7 BPW), is then distilled by mlx_lm.dwq (anchor.py dwq --student, same windows as the dwq "
         f"anchor): the series '{OURS_DWQ}', same size as ours",
+    )
+    p.add_argument(
+        "--distill-on-ours",
+        default="",
+        help="targets (a list) where ours, planned as --dwq-on-ours plans it, is then distilled by our own "
+        "`--optiq-distill-steps` path (weights.distill: scales and biases against the float model on the "
+        f"calibration text at the sweep's sequence length; a GPU convert's default): the series '{OURS_DISTILLED}'",
+    )
+    p.add_argument(
+        "--distill-steps",
+        type=int,
+        default=None,
+        help="steps of --distill-on-ours (default: the GPU default, weights.config.GPU_DISTILL_STEPS)",
     )
     p.add_argument("--workdir", default="/tmp/optiq-curve", help="cache of everything (re-runs skip what is done)")
     p.add_argument("--output", default=str(REPO / "docs" / "results" / "weights-curve-cpu.json"))
@@ -411,6 +425,21 @@ def write_ours_dwq(ctx, options, target, dst):
     return {**info, "dwq_student": str(student)}
 
 
+def write_ours_distilled(ctx, options, target, dst):
+    """Ours at `target` (write_ours), then our distillation of its scales and biases (the convert's
+    `--optiq-distill-steps` function, weights.distill.distill) on the calibration records at the
+    sweep's sequence length: what a GPU convert writes by default."""
+    from mlx_lm_optiq.weights import distill
+    from mlx_lm_optiq.weights.config import GPU_DISTILL_STEPS
+
+    info = write_ours(ctx, options, target, dst)
+    steps = ctx.args.distill_steps or GPU_DISTILL_STEPS
+    record = distill.distill(
+        dst, ctx.float_dir, str(ctx.calib_jsonl), ctx.weights_config().sequence_length, steps, log=_log
+    )
+    return {**info, "distill": record}
+
+
 def write_mlx_anchor(ctx, dst, method, bits, group_size=64, student=None):
     """benchmarks/anchor.py (mlx-lm's gptq/awq/dwq through their Python functions) on our calibration
     tokens; with `student` (dwq only), that quantized model is distilled instead of uniform bits."""
@@ -645,6 +674,13 @@ def jobs(ctx):
             {"series": OURS_DWQ, "label": f"@{t:.4f}", "target": t, "kind": "ours"},
             lambda dst, t=t, options=options: write_ours_dwq(ctx, options, t, dst),
         )
+    for t in _grid(a.distill_on_ours) if a.distill_on_ours else []:
+        options = everything if added_low_bit_candidates(t) else default
+        add(
+            2,
+            {"series": OURS_DISTILLED, "label": f"@{t:.4f}", "target": t, "kind": "ours"},
+            lambda dst, t=t, options=options: write_ours_distilled(ctx, options, t, dst),
+        )
     if "dynamic_quant" in a.anchor_kinds:
         for t in [t for t in targets if u["4:64"] < t < (u["5:64"] or 5.5)]:
             add(
@@ -737,10 +773,12 @@ def markdown(data):
                 )
             elif floor is not None and r["target"] < floor:
                 lines.append(f"| {r['target']:.4f} | infeasible (cheapest plan {floor:.4f} BPW) | {r['kl']:.5f} | |")
-    dwq = _series_points(points, OURS_DWQ)
-    if dwq:
-        lines += ["", f"| target | student: ours KL (series) | {OURS_DWQ} KL | with / without |", "|---|---|---|---|"]
-        for r in dwq:
+    for after in (OURS_DWQ, OURS_DISTILLED):
+        rows = _series_points(points, after)
+        if not rows:
+            continue
+        lines += ["", f"| target | student: ours KL (series) | {after} KL | with / without |", "|---|---|---|---|"]
+        for r in rows:
             base = OURS_2BIT if ours_at(points, r["target"], OURS_2BIT)[1] else OURS
             kl, exact = ours_at(points, r["target"], base)
             before = f"{'' if exact else '~'}{kl:.5f} ({base})" if kl is not None else "not measured"
@@ -748,7 +786,7 @@ def markdown(data):
             lines.append(f"| {r['target']:.4f} | {before} | {r['kl']:.5f} | {ratio} |")
     ref = reference_point(points)
     if ref is not None:
-        for series in (OURS, OURS_2BIT, OURS_DWQ):
+        for series in (OURS, OURS_2BIT, OURS_DWQ, OURS_DISTILLED):
             x = crossing(points, ref["kl"], series)
             if x is not None:
                 lines.append(

@@ -89,12 +89,21 @@ def test_curve_tiny_run_json_svg_and_resume(tiny_q4_path, austen, tmp_path, curv
         # test_gptq's subject; this one checks the curve's points, outputs and resume
         "--writer",
         "rtn",
+        # the convert's distillation (a GPU's default) on ours: one step, the path end to end
+        "--distill-on-ours",
+        "4.6",
+        "--distill-steps",
+        "1",
     ]
     printed = curve(args)
     data = json.loads(output.read_text())
     points = data["points"]
     series = {p["series"] for p in points}
-    assert series == {"ours", "ours + 2-bit", "uniform RTN g64"}
+    assert not data.get("failed"), [f["error"] for f in data["failed"]]
+    assert series == {"ours", "ours + 2-bit", "uniform RTN g64", "ours + distillation"}
+    (distilled,) = [p for p in points if p["series"] == "ours + distillation"]
+    assert distilled["distill"]["steps"] == 1 and distilled["distill"]["sequence_length"] == 32
+    assert distilled["distill"]["valid_kl_before"] > 0 and isinstance(distilled["distill"]["kept"], bool)
     for p in points:
         assert all(math.isfinite(p[k]) for k in ("bpw", "kl", "top1", "ppl", "seconds")), p
         assert p["kl"] >= 0 and p["num_tokens"] == 64
@@ -107,6 +116,7 @@ def test_curve_tiny_run_json_svg_and_resume(tiny_q4_path, austen, tmp_path, curv
     assert [p["target"] for p in points if p["series"] == "ours"] == pytest.approx([uniform["4-bit g64"]], abs=1e-4)
     assert [p["target"] for p in points if p["series"] == "ours + 2-bit"] == [3.5]
     assert "| anchor | BPW | anchor KL |" in printed and "| target | ours KL | ours + 2-bit KL |" in printed
+    assert "| target | student: ours KL (series) | ours + distillation KL |" in printed
 
     assert data["setup"]["writer"] == "rtn"
 
