@@ -207,14 +207,14 @@ def round_to_grid(w: mx.array, scales: mx.array, biases: mx.array, n_bins: mx.ar
 def inverse_hessian_factor(hessian: mx.array, damp: float = DAMP, label: str = "") -> tuple[mx.array, float]:
     """(U, damping used): the upper Cholesky factor of (H + damping I)^-1 (float32), GPTQ's Hinv.
 
-    Computed in float64 with numpy/SciPy's LAPACK, not MLX's CPU stream: MLX's Linux wheels
-    (the CUDA build included) run their CPU linear algebra on a reference LAPACK, where one
-    14336-wide Hessian (an 8B model's down_proj) took minutes and the GPTQ writing of an 8B
-    model did not finish in 14 min on the H200 (docs/weights.md, scale); numpy's bundled
-    OpenBLAS factors it in seconds, on every platform. Channels with a zero diagonal (never
-    seen) get a unit diagonal (their columns are then rounded to nearest). The damping starts
-    at `damp` times the mean diagonal and is raised tenfold while a factorisation fails or is
-    not finite. A non-finite H (inputs that overflowed) is a WriterError naming `label`.
+    Computed in float64 with numpy/SciPy's LAPACK, not MLX's CPU stream: on the H200 the GPTQ
+    writing of an 8B model did not finish in 11.5 min with one CPU core busy, and the likely cause
+    (from the code, not a profile) is this factorisation of 32 14336-wide down_proj Hessians on
+    the slow LAPACK behind MLX's Linux CPU stream (docs/weights.md, "Scale"); numpy/SciPy bring
+    their own optimised LAPACK everywhere (not yet re-measured on the device). Channels with a
+    zero diagonal (never seen) get a unit diagonal (their columns are then rounded to nearest).
+    The damping starts at `damp` times the mean diagonal and is raised tenfold while a
+    factorisation fails or is not finite. A non-finite H (inputs that overflowed) is a WriterError naming `label`.
     """
     import mlx.core as mx
     from scipy.linalg import lapack
