@@ -81,6 +81,7 @@ def test_a_convert_distils_and_writes_what_it_measured(tiny_q4_path, tmp_path, h
     assert d["steps"] == 3 and d["batch_size"] == 4 and d["sequence_length"] == 32
     assert d["modules"] > 0 and d["compute"] == "simulated fp32"
     assert d["valid_kl_before"] > 0 and d["valid_kl_after"] > 0
+    assert d["learning_rate"] == distill.learning_rate_for(d["valid_kl_before"])
     printed = "".join(capsys.readouterr())
     assert "distilling scales and biases against the float model: 3 steps of 4x32 tokens" in printed
     assert "[INFO] optiq: distillation: 3 steps after writing, ~" in printed and "(asked)" in printed
@@ -149,3 +150,11 @@ def test_a_backend_failure_while_training_keeps_the_written_model(tiny_q4_path, 
     assert d["valid_kl_before"] >= 0
     assert lines and "distillation not kept (training failed" in lines[-1]
     assert {f.name: f.read_bytes() for f in out.glob("*.safetensors")} == before
+
+
+def test_the_learning_rate_follows_how_far_the_written_model_is():
+    """3e-5 where the written model is far from the float one (3.5/4.5 BPW: it beat 1e-5), 1e-5 near
+    it (5.0 BPW: 3e-5 raised the KL there, 1e-5 lowered it 0.79x)."""
+    assert distill.learning_rate_for(0.65) == distill.learning_rate_for(0.131) == distill.LEARNING_RATE == 3e-5
+    assert distill.learning_rate_for(0.0715) == distill.NEAR_LEARNING_RATE == 1e-5
+    assert distill.learning_rate_for(distill.NEAR_KL) == 3e-5

@@ -34,7 +34,21 @@ from mlx_lm_optiq.core.backend import compute_backend
 
 BATCH_SIZE = 4  # windows per step (mlx_lm.dwq's CLI default)
 VALID_WINDOWS = 4  # calibration windows held out to check the distillation helped
-LEARNING_RATE = 3e-5  # Adam with bias correction (as mlx_lm.dwq runs it; its CLI default is 1e-6): 3e-5 beat 1e-5
+# Adam (with bias correction, as mlx_lm.dwq runs it; its CLI default is 1e-6) at a rate chosen by how
+# far the written model is from the float one (its KL on the held-out calibration windows): far
+# (3.5 BPW, 0.65-0.97) 3e-5 beat 1e-5 (held-out Emma KL 0.597 vs 0.721) and 3e-5 helped at 4.5 BPW
+# (0.131 -> 0.096 on the H200); near (5.0 BPW, 0.0715) 3e-5 made it worse (-> 0.0876, not kept)
+# where 1e-5 lowered it (-> 0.0549; held-out Emma 0.0681 -> 0.0541). docs/weights.md, "Distillation".
+LEARNING_RATE = 3e-5
+NEAR_LEARNING_RATE = 1e-5
+NEAR_KL = 0.1  # below this starting KL, NEAR_LEARNING_RATE
+
+
+def learning_rate_for(kl_before: float) -> float:
+    """The Adam rate for a written model whose held-out calibration KL is `kl_before`."""
+    return NEAR_LEARNING_RATE if kl_before < NEAR_KL else LEARNING_RATE
+
+
 # The KL's softmax temperature: 1, the KL the plan minimises and the evaluation measures. DWQ's
 # default 2 lowered the bundled model's 3.5-BPW held-out KL 0.82x in 22 steps at lr 1e-5, the plain KL 0.76x
 # (docs/weights.md, "Distillation").
@@ -144,7 +158,7 @@ def distill(
     sequence_length: int,
     steps: int,
     *,
-    learning_rate: float = LEARNING_RATE,
+    learning_rate: float | None = None,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -180,7 +194,7 @@ def distill(
         "steps": steps,
         "batch_size": BATCH_SIZE,
         "sequence_length": sequence_length,
-        "learning_rate": learning_rate,
+        "learning_rate": learning_rate,  # None until chosen (learning_rate_for)
         "temperature": TEMPERATURE,
         "modules": len(paths),
         "compute": "simulated fp32" if simulate else "quantized",
@@ -188,6 +202,9 @@ def distill(
     if not paths:
         return {**summary, "kept": False, "reason": "no affine module below 8 bits to train"}
     before = kl_on(teacher, student, valid)
+    if learning_rate is None:  # by how far the written model is from the float one
+        learning_rate = learning_rate_for(before)
+    summary["learning_rate"] = learning_rate
     modules = dict(student.named_modules())
     train_dtype = mx.float32 if simulate else modules[paths[0]]["scales"].dtype  # DWQ casts its fp32 copy to this
     mx.random.seed(seed)
