@@ -35,9 +35,15 @@ class ConfigError(OptiqError):
         spelled too, by `field_spell` (default `spell`), which may return the word unchanged
         for backticked text that is not a field.
         """
-        inner = field_spell or spell
-        detail = re.sub(r"`(\w+)`", lambda m: inner(m.group(1)), self.detail)
+        detail = spell_fields(self.detail, field_spell or spell)
         return f"{'/'.join(spell(f) for f in self.field.split('/'))}: {detail}"
+
+
+def spell_fields(text: str, spell: Callable[[str], str]) -> str:
+    """`text` with each backticked field (`target_bpw`) spelled as the user typed it (e.g. as a flag):
+    messages and notes name config fields once, and each front end (convert flags, Python keywords)
+    shows its own spelling."""
+    return re.sub(r"`(\w+)`", lambda m: spell(m.group(1)), text)
 
 
 def field_help(config_cls: type) -> dict[str, str]:

@@ -14,7 +14,6 @@ Data flows one way: this module calls the weights modules and core, never back.
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from typing import Any
 
 from mlx_lm_optiq.core import backend as _backend
 from mlx_lm_optiq.core import calibration, model_tree
-from mlx_lm_optiq.core.config import ConfigError
+from mlx_lm_optiq.core.config import ConfigError, spell_fields
 from mlx_lm_optiq.core.durations import format_duration
 from mlx_lm_optiq.core.formats import Candidate, FormatError, candidate_key, parse_candidates, top_level_quantization
 from mlx_lm_optiq.weights import clipping, distill, gptq, metadata, plan, sweep, text_only
@@ -215,7 +214,7 @@ def measurement_line(
         f"(rough: measured times on {where}, scaled to {params / 1e6:.0f}M parameters)"
     )
     if c.method_note:
-        line += "; method " + re.sub(r"`(\w+)`", lambda m: spell(m.group(1)), c.method_note)
+        line += "; method " + spell_fields(c.method_note, spell)
     if c.defaulted:
         line += f"; {backend} defaults for {', '.join(spell(n) for n in c.defaulted)}"
         gpu, own = measurement_defaults("gpu"), measurement_defaults(backend)
@@ -431,7 +430,7 @@ def distill_line(
     """The line saying whether the written model will be distilled, for about how long, and why:
     None when distillation was neither asked for nor defaulted."""
     if config.distill_note is not None:
-        return "distillation " + re.sub(r"`(\w+)`", lambda m: spell(m.group(1)), config.distill_note)
+        return "distillation " + spell_fields(config.distill_note, spell)
     if not config.distill_steps:
         return None
     backend = config.backend or _backend.compute_backend()
