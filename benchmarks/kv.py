@@ -198,8 +198,10 @@ def _time(fn, iters=100):
     return (time.perf_counter() - tic) / iters * 1e6
 
 
-def attention(contexts, head_dim=64, batches=(1,)):
-    """One decode step's attention at long context (µs per call), side by side."""
+def attention(contexts, head_dim=64, batches=(1,), layers=8):
+    """One decode step's attention at long context, side by side: µs per layer call, timed
+    over `layers` calls on distinct caches per eval (as a decode step runs them; one call
+    per eval would mostly time MLX's per-eval overhead, ~70 µs on the H200)."""
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
     from mlx_lm_optiq.kv import cuda_attention
@@ -207,29 +209,53 @@ def attention(contexts, head_dim=64, batches=(1,)):
 
     H, KV, D = 32, 8, head_dim
     fused = mx.cuda.is_available()
-    print(f"\nattention: one decode step, 32 query / 8 KV heads, head_dim {D}, fp16 (µs per call)")
     print(
-        "| batch | context | fp16 SDPA | ours fused K4/V4 | ratio vs fp16 | ours fused K8/V4 | ours K4/V4 dequant+SDPA | "
-        "stock 4-bit quantized SDPA | stock, unaligned length (L-249) |\n|---|---|---|---|---|---|---|---|---|"
+        f"\nattention: one decode step, 32 query / 8 KV heads, head_dim {D}, fp16, group {GROUP}; "
+        f"µs per layer call ({layers} layers' calls per eval, distinct caches)"
     )
+    print(
+        "| batch | context | fp16 SDPA | ours K4/V4 tensor cores | ratio vs fp16 | ours K4/V4 fp32 FMAs | ratio | "
+        "ours K8/V4 tensor cores | ours K4/V4 dequant+SDPA | stock 4-bit quantized SDPA | "
+        "stock, unaligned length (L-249) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+
+    def per_call(fn, n, iters=20):
+        return _time(lambda: [fn(i) for i in range(n)], iters=iters) / n
+
     for B in batches:
         for L in contexts:
             mx.random.seed(1)
             q = mx.random.normal((B, H, 1, D)).astype(mx.float16)
-            k = mx.random.normal((B, KV, L, D)).astype(mx.float16)
-            v = mx.random.normal((B, KV, L, D)).astype(mx.float16)
-            mx.eval(q, k, v)
+            kf = [mx.random.normal((B, KV, L, D)).astype(mx.float16) for _ in range(layers)]
+            vf = [mx.random.normal((B, KV, L, D)).astype(mx.float16) for _ in range(layers)]
+            mx.eval(q, kf, vf)
             scale = D**-0.5
-            fp = _time(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
-            ours, deq = {}, {}
+            fp = per_call(lambda i: mx.fast.scaled_dot_product_attention(q, kf[i], vf[i], scale=scale), layers)
+            packed = {}
             for kb, vb in ((4, 4), (8, 4)):
                 pk, pv = Packing(kb, GROUP, D, mx.float16), Packing(vb, GROUP, D, mx.float16)
-                kk, vv = PackedKV(pk.pack(k), pk), PackedKV(pv.pack(v), pv)
-                mx.eval(kk.data, vv.data)
-                deq[kb, vb] = _time(
-                    lambda: mx.fast.scaled_dot_product_attention(q, kk.dequantize(), vv.dequantize(), scale=scale)
-                )
-                ours[kb, vb] = _time(lambda: cuda_attention.attention(q, kk, vv, scale)) if fused else float("nan")
+                packed[kb, vb] = [(PackedKV(pk.pack(k), pk), PackedKV(pv.pack(v), pv)) for k, v in zip(kf, vf)]
+                mx.eval([(a.data, b.data) for a, b in packed[kb, vb]])
+            c44, c84 = packed[4, 4], packed[8, 4]
+            deq = per_call(
+                lambda i: mx.fast.scaled_dot_product_attention(
+                    q, c44[i][0].dequantize(), c44[i][1].dequantize(), scale=scale
+                ),
+                layers,
+            )
+            nan = float("nan")
+            mma = (
+                per_call(lambda i: cuda_attention.attention(q, *c44[i], scale, kernel="mma"), layers) if fused else nan
+            )
+            simt = (
+                per_call(lambda i: cuda_attention.attention(q, *c44[i], scale, kernel="simt"), layers) if fused else nan
+            )
+            mma84 = (
+                per_call(lambda i: cuda_attention.attention(q, *c84[i], scale, kernel="mma"), layers) if fused else nan
+            )
+            kf = vf = packed = c44 = c84 = None  # free the float and packed caches before the stock rows
+            k = mx.random.normal((B, KV, L, D)).astype(mx.float16)
+            v = mx.random.normal((B, KV, L, D)).astype(mx.float16)
             qk, qv = mx.quantize(k, group_size=GROUP, bits=4), mx.quantize(v, group_size=GROUP, bits=4)
 
             def stock(queries, keys, values):
@@ -245,8 +271,8 @@ def attention(contexts, head_dim=64, batches=(1,)):
                 except Exception as e:  # the crash is the measurement: report it
                     cells.append(f"fails: {str(e).splitlines()[0][:70]}")
             print(
-                f"| {B} | {L} | {fp:.0f} | {ours[4, 4]:.0f} | {ours[4, 4] / fp:.2f}x | {ours[8, 4]:.0f} | "
-                f"{deq[4, 4]:.0f} | {' | '.join(cells)} |",
+                f"| {B} | {L} | {fp:.0f} | {mma:.0f} | {mma / fp:.2f}x | {simt:.0f} | {simt / fp:.2f}x | "
+                f"{mma84:.0f} | {deq:.0f} | {' | '.join(cells)} |",
                 flush=True,
             )
 
@@ -477,10 +503,11 @@ def budget(
     (`--prompt-cache-size 0`): every prompt is unique, and a cached KV would eat the budget."""
     # OPTIQ_BENCH_DEVICE_BYTES: the device size to assume (a CPU smoke run of this part)
     total = int(os.environ.get("OPTIQ_BENCH_DEVICE_BYTES", 0)) or _device_memory_bytes()
-    if total is None:
+    if total is None and budget_gib:
         raise SystemExit("budget: cannot read the device memory (nvidia-smi)")
-    reserve = total - int(budget_gib * 2**30)
-    if reserve <= 0:
+    # budget 0: the whole device, no reserve (a workload sized to overflow stock's KV on it)
+    reserve = total - int(budget_gib * 2**30) if budget_gib else 0
+    if reserve < 0:
         raise SystemExit(f"budget: {budget_gib} GiB is more than the device's {total / 2**30:.0f} GiB")
     prompts = _prompts(model_dir, clients + 2, prompt_tokens)
     warmup, prompts = prompts[:2], prompts[2:]
@@ -497,7 +524,8 @@ def budget(
         (f"ours --optiq-kv-config, all {clients} batched", common + ["--optiq-kv-config", str(plan_path)], True),
     ]
     print(
-        f"\nbudget: the device cut to {budget_gib} GiB (of {total / 2**30:.0f}), {clients} clients at once, "
+        f"\nbudget: {f'the device cut to {budget_gib} GiB (of {total / 2**30:.0f})' if budget_gib else 'the whole device'}, "
+        f"{clients} clients at once, "
         f"~{prompt_tokens}-token prompts, {max_tokens} new tokens each, temperature 0, --prefill-step-size "
         f"{prefill_step} (after 2 warm-up requests)"
     )
@@ -539,7 +567,9 @@ def gpu(args):
         model_dir = build_random_model(Path(args.work) / f"llama-{name}-random", args.tokenizer, shape)
         plan_path = model_dir / "optiq_kv_plan.json"
     if "attention" in args.parts:
-        attention(args.attention_contexts, 128 if args.shape == "8b" else 64, args.attention_batches)
+        attention(
+            args.attention_contexts, 128 if args.shape == "8b" else 64, args.attention_batches, args.attention_layers
+        )
     if "micro" in args.parts:
         micro(args.attention_contexts)
     if "memory" in args.parts:
@@ -586,6 +616,9 @@ def main():
     g.add_argument("--prompt-tokens", type=int, nargs="+", default=[1024])
     g.add_argument("--shape", choices=["1b", "8b"], default="1b", help="random llama shape (8b: head_dim 128)")
     g.add_argument("--attention-batches", type=int, nargs="+", default=[1])
+    g.add_argument(
+        "--attention-layers", type=int, default=8, help="distinct caches (layers) timed per eval in the attention part"
+    )
     g.add_argument("--no-stock-kv-bits", action="store_true", help="skip the stock --kv-bits rows and crash probe")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument(
@@ -594,7 +627,12 @@ def main():
         default=["attention", "memory", "server"],
         choices=["attention", "micro", "memory", "server", "budget"],
     )
-    g.add_argument("--budget-gib", type=float, default=40.0, help="budget: device memory left to each server")
+    g.add_argument(
+        "--budget-gib",
+        type=float,
+        default=40.0,
+        help="budget: device memory left to each server (0: the whole device, no reserve)",
+    )
     g.add_argument("--stock-concurrency", type=int, default=8, help="budget: stock's serialized decode concurrency")
     g.add_argument("--timeout", type=float, default=600.0, help="budget: seconds a client waits for its answer")
     g.add_argument(

@@ -20,7 +20,8 @@ part=$(( 64 * 1024 * 1024 - tree_bytes - 1024 * 1024 ))  # what one call has lef
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp .whl-a/* .whl-b/* "$work/"
-(cd "$SHARED" && tar -cf - models/smollm2-135m-instruct-q4-exact data/gsm_symbolic data/text) | xz -T0 -6 > "$work/shared.tar.xz"
+# OPTIQ_DEVICE_SHARED: which ../shared paths travel (default: the model, the GSM data, the texts)
+(cd "$SHARED" && tar -cf - ${OPTIQ_DEVICE_SHARED:-models/smollm2-135m-instruct-q4-exact data/gsm_symbolic data/text}) | xz -T0 -6 > "$work/shared.tar.xz"
 (cd "$work" && tar -cf all.tar --exclude all.tar ./*)
 rm -rf .c1 .c2 .c3 && mkdir .c1 .c2 .c3
 split -b "$part" -d "$work/all.tar" "$work/allpart_"

@@ -92,7 +92,7 @@ def test_pack_codes_is_the_layout_of_mx_quantize(bits):
     for g in (32, 64, 128):
         packed, scales, biases = mx.quantize(w, g, bits)
         codes = mx.dequantize(packed, mx.ones_like(scales), mx.zeros_like(biases), g, bits)
-        assert np.array_equal(gptq.pack_codes(np.array(codes).astype(np.uint32), bits), np.array(packed))
+        assert np.array_equal(np.array(gptq.pack_codes(codes, bits)), np.array(packed))
 
 
 def test_written_model_reloads_in_stock_load_with_the_tensors_computed(
@@ -233,6 +233,20 @@ def test_non_finite_values_are_refused_naming_the_module(float_model, tokens):
     scales = mx.full((2, 1), 6e4, dtype=mx.float16)
     with pytest.raises(gptq.WriterError, match=rf"{path}: its 4:64 weights would dequantize to non-finite"):
         gptq.packed_module(path, codes, scales, mx.zeros_like(scales), cand)
+
+
+def test_a_factorisation_failing_on_the_worker_thread_stops_the_writer_naming_the_module(float_model, tokens, hessians):
+    """compensate factorises the next Hessian on a worker thread while the current one's columns
+    are rounded: a failure there surfaces as the same WriterError, naming the module."""
+    hs, group_of = hessians
+    o_proj, down = f"{BLOCK}.self_attn.o_proj", DOWN
+    n = hs[group_of[down]].shape[0]
+    # positive diagonal, strongly indefinite (eigenvalue 1 - 1e3): no damping rescues it
+    bad = 1e3 * mx.ones((n, n)) - (1e3 - 1.0) * mx.eye(n)
+    given = ({**hs, group_of[down]: bad}, group_of)
+    plan = {o_proj: _cand("4:64"), down: _cand("4:64")}  # o_proj first: down's H is the "next" one
+    with pytest.raises(gptq.WriterError, match=rf"{down}: the input Hessian cannot be factorised"):
+        gptq.compensate(float_model, plan, tokens[:1], {o_proj: mx.float16, down: mx.float16}, hessians=given)
 
 
 def test_writer_option_is_validated_once_and_spelled_as_the_flag(tiny_q4_path, tmp_path, hooks_enabled):

@@ -10,7 +10,7 @@ from mlx_lm import load
 
 from mlx_lm_optiq.kv import attention
 from mlx_lm_optiq.kv.caches import MixedQuantizedKVCache
-from mlx_lm_optiq.kv.cuda_attention import why_unsupported
+from mlx_lm_optiq.kv.cuda_attention import why_not_mma, why_unsupported
 from tests.helpers import optiq
 from tests.kv_attention_cases import masks, packed_case
 
@@ -55,6 +55,20 @@ def test_the_fused_kernel_says_which_calls_it_does_not_cover():
     assert "prefill takes the reference" in why_unsupported(q, k, v, "causal")
     q, k, v = packed_case(1, 4, 4, 1, 64, 96, 4, 4, 32)
     assert "head dims" in why_unsupported(q, k, v, None)
+
+
+def test_which_decode_calls_the_tensor_core_kernel_takes():
+    """The CUDA kernel choice is plain Python (the kernels themselves run in the device tests)."""
+    q, k, v = packed_case(1, 32, 8, 1, 64, 128, 4, 2, 64, dtype=mx.float16)
+    assert why_not_mma(q, k, v) is None  # an 8B-shaped fp16 decode step
+    q, k, v = packed_case(1, 32, 8, 1, 64, 128, 4, 4, 64)  # float32 queries
+    assert "float32" in why_not_mma(q, k, v)
+    q, k, v = packed_case(1, 32, 8, 1, 64, 128, 6, 4, 64, dtype=mx.bfloat16)
+    assert "K6/V4" in why_not_mma(q, k, v)
+    q, k, v = packed_case(1, 32, 2, 1, 64, 128, 4, 4, 64, dtype=mx.float16)  # 16 query heads per KV head
+    assert "16 query rows" in why_not_mma(q, k, v)
+    q, k, v = packed_case(1, 4, 2, 1, 64, 64, 4, 2, 32, dtype=mx.float16)
+    assert "head dim 64 with 2-bit values" in why_not_mma(q, k, v)
 
 
 def test_model_decodes_through_packed_attention_only_after_the_hook_saw_its_cache(tiny_float_path, monkeypatch):

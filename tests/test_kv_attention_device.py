@@ -40,12 +40,16 @@ def _check(case, mask_kind, dtype, pad=5):
     if mask is not None and not isinstance(mask, str) and mask.dtype != mx.bool_:
         mask = mask.astype(dtype)
     assert cuda_attention.why_unsupported(q, k, v, mask) is None
-    out = cuda_attention.attention(q, k, v, D**-0.5, mask)
     ref = _reference(q, k, v, D**-0.5, mask)
-    err = mx.abs(out.astype(mx.float32) - ref).max().item()
-    print(f"{case} {mask_kind:8s} {str(dtype):14s} max|err| {err:.2e}")
-    assert out.dtype == dtype and out.shape == (B, n_q, L, D)
-    assert err < TOL[dtype], f"{case} {mask_kind} {dtype}: {err}"
+    # every split kernel that takes the call: float32 FMAs always, tensor cores where allowed
+    kernels = ["simt"] + (["mma"] if cuda_attention.why_not_mma(q, k, v) is None else [])
+    for kernel in kernels:
+        out = cuda_attention.attention(q, k, v, D**-0.5, mask, kernel=kernel)
+        err = mx.abs(out.astype(mx.float32) - ref).max().item()
+        print(f"{case} {mask_kind:8s} {str(dtype):14s} {kernel:4s} max|err| {err:.2e}")
+        assert out.dtype == dtype and out.shape == (B, n_q, L, D)
+        assert err < TOL[dtype], f"{case} {mask_kind} {dtype} {kernel}: {err}"
+    return kernels
 
 
 BITS = [(2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (8, 8), (8, 4), (4, 2)]
@@ -74,6 +78,25 @@ def test_masks_query_rows_and_dtypes(mask_kind, L, dtype):
 @pytest.mark.parametrize("D", [64, 256])
 def test_head_dims(D):
     _check((2, 4, 2, 1, 520, D, 8, 4, 32), "bool", mx.float16)
+
+
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (8, 8), (8, 4), (4, 2), (2, 8)], ids=lambda b: f"K{b[0]}V{b[1]}")
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
+def test_tensor_core_kernel_bits_head_dims_dtypes(bits, D, dtype):
+    """The mma kernel's code layouts per width and head dim (bf16 8-bit codes take float32)."""
+    if D * bits[1] < 256:
+        pytest.skip("outside the tensor-core kernel (head dim x value bits < 256)")
+    assert "mma" in _check((2, 8, 2, 1, 301, D, *bits, 32 if D == 64 else 64), "bool", dtype)
+
+
+def test_auto_picks_tensor_cores_where_they_apply():
+    q, k, v = packed_case(1, 32, 8, 1, 100, 128, 4, 4, 64, dtype=mx.float16)
+    assert cuda_attention.why_not_mma(q, k, v) is None
+    q3, k3, v3 = packed_case(1, 32, 8, 1, 100, 128, 3, 3, 64, dtype=mx.float16)
+    assert "bits" in cuda_attention.why_not_mma(q3, k3, v3)
+    with pytest.raises(ValueError, match="tensor-core"):
+        cuda_attention.attention(q3, k3, v3, 0.1, None, kernel="mma")
 
 
 def test_selected_by_default_on_cuda_and_used_by_the_hooked_path(monkeypatch):

@@ -43,6 +43,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -207,17 +208,18 @@ def round_to_grid(w: mx.array, scales: mx.array, biases: mx.array, n_bins: mx.ar
 def inverse_hessian_factor(hessian: mx.array, damp: float = DAMP, label: str = "") -> tuple[mx.array, float]:
     """(U, damping used): the upper Cholesky factor of (H + damping I)^-1 (float32), GPTQ's Hinv.
 
-    Computed in float64 with numpy/SciPy's LAPACK, not MLX's CPU stream: on the H200 the GPTQ
-    writing of an 8B model did not finish in 11.5 min with one CPU core busy, and the likely cause
-    (from the code, not a profile) is this factorisation of 32 14336-wide down_proj Hessians on
-    the slow LAPACK behind MLX's Linux CPU stream (docs/weights.md, "Scale"); numpy/SciPy bring
-    their own optimised LAPACK everywhere (not yet re-measured on the device). Channels with a
-    zero diagonal (never seen) get a unit diagonal (their columns are then rounded to nearest).
-    The damping starts at `damp` times the mean diagonal and is raised tenfold while a
-    factorisation fails or is not finite. A non-finite H (inputs that overflowed) is a WriterError naming `label`.
-    """
+    `hessian_to_numpy` then `factor_numpy` (see there); `compensate` runs the second on a
+    worker thread, overlapped with the previous Hessian's rounding."""
     import mlx.core as mx
-    from scipy.linalg import lapack
+
+    upper, used = factor_numpy(hessian_to_numpy(hessian, label), damp, label)
+    return mx.array(upper), used
+
+
+def hessian_to_numpy(hessian: mx.array, label: str = "") -> np.ndarray:
+    """H as float64 numpy, checked finite (a non-finite H, inputs that overflowed, is a
+    WriterError naming `label`). MLX work: call it on the thread that runs MLX."""
+    import mlx.core as mx
 
     h = np.array(hessian.astype(mx.float32), dtype=np.float64)
     if not np.isfinite(h).all():
@@ -225,6 +227,22 @@ def inverse_hessian_factor(hessian: mx.array, damp: float = DAMP, label: str = "
             f"{label}: the calibration inputs are not finite (the float model overflows on the "
             "calibration text); refusing to write"
         )
+    return h
+
+
+def factor_numpy(h: np.ndarray, damp: float = DAMP, label: str = "") -> tuple[np.ndarray, float]:
+    """(U float32, damping used) of a float64 H (modified in place): the upper Cholesky factor
+    of (H + damping I)^-1.
+
+    Float64 with numpy/SciPy's LAPACK, not MLX's CPU stream (whose Linux LAPACK is a slow
+    reference one) and no MLX at all, so it can run on a worker thread (LAPACK releases the
+    GIL) while the GPU rounds the previous Hessian's columns: on the H200 an 8B model's 32
+    14336-wide down_proj factorisations take minutes of CPU (docs/weights.md, "Scale").
+    Channels with a zero diagonal (never seen) get a unit diagonal (their columns are then
+    rounded to nearest). The damping starts at `damp` times the mean diagonal and is raised
+    tenfold while a factorisation fails or is not finite."""
+    from scipy.linalg import lapack
+
     dead = np.diagonal(h) <= 0
     h[dead, :] = 0.0
     h[:, dead] = 0.0
@@ -241,7 +259,7 @@ def inverse_hessian_factor(hessian: mx.array, damp: float = DAMP, label: str = "
             continue
         upper, info = lapack.dtrtri(np.ascontiguousarray(upper_r), lower=0)
         if info == 0 and np.isfinite(upper).all() and (np.diagonal(upper) > 0).all():
-            return mx.array(upper.astype(np.float32)), damp * 10**attempt
+            return upper.astype(np.float32), damp * 10**attempt
     raise WriterError(f"{label}: the input Hessian cannot be factorised even with damping {damp * 10**_DAMP_RETRIES:g}")
 
 
@@ -301,20 +319,36 @@ def gptq_codes(
 # ---------------------------------------------------------------- packing and checks
 
 
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+def pack_codes(codes: mx.array, bits: int) -> mx.array:
     """mlx's packed affine weight (uint32, rows x cols * bits / 32) of integer `codes` (rows x cols).
 
     Every row is one little-endian bit stream, code j in bits [j * bits, (j + 1) * bits):
     the layout `mx.quantize` writes for every bit width (2/4/8 and the byte-packed 3/5/6
-    alike; tested against it).
+    alike; tested against it). Computed with MLX integer ops where the codes are (the GPU on
+    CUDA): every 32 codes fill `bits` words in the same pattern, so each word is an OR of a
+    few shifted code columns (at most 64 whole-array ops). The numpy bit-by-bit version this
+    replaces took ~3 s per 4096 x 14336 module on one core, minutes for an 8B model.
     """
+    import mlx.core as mx
+
     rows, cols = codes.shape
     if (cols * bits) % 32:
         raise ValueError(f"{cols} columns of {bits} bits do not fill whole uint32 words")
-    c = codes.astype(np.uint32)
-    stream = ((c[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    packed = np.packbits(stream.reshape(rows, cols * bits), axis=-1, bitorder="little")
-    return np.ascontiguousarray(packed).view("<u4").reshape(rows, cols * bits // 32)
+    blocks = cols // 32 if cols % 32 == 0 else None
+    if blocks is None:  # fewer than 32 codes per row stream: whole words still (cols * bits % 32 == 0)
+        c = mx.pad(codes.astype(mx.uint32), [(0, 0), (0, 32 - cols % 32)]).reshape(rows, -1, 32)
+    else:
+        c = codes.astype(mx.uint32).reshape(rows, blocks, 32)
+    words = [mx.zeros(c.shape[:2], mx.uint32) for _ in range(bits)]
+    for j in range(32):
+        bit = j * bits
+        w, sh = divmod(bit, 32)
+        col = c[:, :, j]
+        words[w] = words[w] | (col << sh)
+        if sh + bits > 32:  # the code's high bits start the next word
+            words[w + 1] = words[w + 1] | (col >> (32 - sh))
+    packed = mx.stack(words, axis=-1).reshape(rows, -1)
+    return packed[:, : cols * bits // 32]
 
 
 def packed_module(path: str, codes: mx.array, scales: mx.array, biases: mx.array, cand: Candidate) -> dict[str, Any]:
@@ -332,7 +366,7 @@ def packed_module(path: str, codes: mx.array, scales: mx.array, biases: mx.array
             f"{path}: error-compensated rounding produced non-finite codes (non-finite weights or "
             "calibration inputs); refusing to write"
         )
-    packed = mx.array(pack_codes(np.array(codes.astype(mx.uint32)), bits))
+    packed = pack_codes(codes, bits)
     written = mx.dequantize(packed, scales, biases, g, bits)
     if not mx.isfinite(written).all().item():
         raise WriterError(
@@ -361,6 +395,7 @@ def compensate(
     batch_size: int | None = None,
     log: Callable[[str], None] | None = None,
     hessians: tuple[dict[str, mx.array], dict[str, str]] | None = None,
+    progress: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """GPTQ-written weights of the planned affine Linear modules of the float `model`.
 
@@ -377,6 +412,7 @@ def compensate(
     says which modules were compensated and which were left at round-to-nearest and why.
     """
     import mlx.core as mx
+    from tqdm import tqdm
 
     settings = settings or GPTQSettings()
     log = log or (lambda msg: None)
@@ -400,54 +436,80 @@ def compensate(
             vocab = getattr(getattr(model, "args", None), "vocab_size", None) or 1
             batch_size = max(1, min(tokens.shape[0], _LOGITS_BYTES // (16 * int(vocab) * tokens.shape[1])))
     out, ratios, raised, n_hessians = {}, [], {}, 0
-    for chunk, given in chunks:
-        hs, group_of = given or input_hessians(model, chunk, tokens, batch_size)
-        for path in [p for p in chunk if p not in group_of]:
-            left[path] = "never called on float inputs (round to nearest)"
-            del jobs[path]
-        by_group: dict[tuple[str, Any], list[str]] = {}  # (input group, stored dtype): one matrix
-        for path in chunk:
-            if path in jobs:
-                by_group.setdefault((group_of[path], write_dtypes[path]), []).append(path)
-        last_use = {key: i for i, (key, _) in enumerate(by_group)}
-        n_hessians += len(last_use)
-        for i, ((key, _), paths) in enumerate(by_group.items()):
-            # (a copy of the caller's dict: each H is freed after its last use)
-            h = hs.pop(key) if last_use[key] == i else hs[key]
-            rows = []
-            for p in paths:
-                cand = jobs[p]
-                w = modules[p].weight.astype(write_dtypes[p])
-                if clip is not None:
-                    w = clip(p, w, cand)  # the clipped range: the grid the RTN writer and the sweep use
-                scales, biases = affine_grid(w, cand)
-                rows.append((p, cand, w, scales, biases))
-            g_of = [c["group_size"] for _, c, *_ in rows]
-            W = mx.concatenate([modules[p].weight.astype(write_dtypes[p]).astype(mx.float32) for p, *_ in rows])
-            S = mx.concatenate([mx.repeat(s, g, axis=1) for (_, _, _, s, _), g in zip(rows, g_of)])
-            B = mx.concatenate([mx.repeat(b, g, axis=1) for (_, _, _, _, b), g in zip(rows, g_of)])
-            n_bins = mx.concatenate(
-                [mx.full((w.shape[0], 1), 2 ** c["bits"] - 1, dtype=mx.float32) for _, c, w, *_ in rows]
-            )
-            order = mx.argsort(-mx.diag(h)) if settings.act_order else None
-            h_ordered = h[order][:, order] if order is not None else h
-            label = ", ".join(paths)
-            hinv, damp = inverse_hessian_factor(h_ordered, settings.damp, label)
-            if damp > settings.damp:
-                raised[label] = damp
-            codes = gptq_codes(W, S, B, n_bins, hinv, settings.block_size, order)
-            start = 0
-            for p, cand, w, scales, biases in rows:
-                n = w.shape[0]
-                c = codes[start : start + n]
-                start += n
-                out[p] = packed_module(p, c, scales, biases, cand)
-                written = mx.dequantize(out[p]["weight"], scales, biases, cand["group_size"], cand["bits"])
-                ref = modules[p].weight.astype(write_dtypes[p])
-                rtn = mx.dequantize(*mx.quantize(w, cand["group_size"], cand["bits"]), cand["group_size"], cand["bits"])
-                ratios.append(output_error(ref, written, h) / max(output_error(ref, rtn, h), 1e-30))
-            del h, W, S, B, codes
-            mx.clear_cache()
+    # one worker: the next Hessian's LAPACK factorisation overlaps this one's rounding
+    pool = ThreadPoolExecutor(max_workers=1)
+    bar = tqdm(total=len(jobs), desc="GPTQ writing", unit="module", disable=not progress)
+    try:
+        for chunk, given in chunks:
+            hs, group_of = given or input_hessians(model, chunk, tokens, batch_size)
+            for path in [p for p in chunk if p not in group_of]:
+                left[path] = "never called on float inputs (round to nearest)"
+                del jobs[path]
+            by_group: dict[tuple[str, Any], list[str]] = {}  # (input group, stored dtype): one matrix
+            for path in chunk:
+                if path in jobs:
+                    by_group.setdefault((group_of[path], write_dtypes[path]), []).append(path)
+            last_use = {key: i for i, (key, _) in enumerate(by_group)}
+            n_hessians += len(last_use)
+            items = list(by_group.items())
+
+            def factor_next(i):
+                """Start item i's factorisation on the worker thread (H to numpy here: MLX work)."""
+                (key, _), paths = items[i]
+                # (a copy of the caller's dict: each H is freed after its last use)
+                h = hs.pop(key) if last_use[key] == i else hs[key]
+                order = mx.argsort(-mx.diag(h)) if settings.act_order else None
+                h_ordered = h[order][:, order] if order is not None else h
+                label = ", ".join(paths)
+                return (
+                    h,
+                    order,
+                    label,
+                    pool.submit(factor_numpy, hessian_to_numpy(h_ordered, label), settings.damp, label),
+                )
+
+            upcoming = factor_next(0) if items else None
+            for i, (_, paths) in enumerate(items):
+                h, order, label, factor = upcoming
+                upcoming = factor_next(i + 1) if i + 1 < len(items) else None
+                rows = []
+                for p in paths:
+                    cand = jobs[p]
+                    w = modules[p].weight.astype(write_dtypes[p])
+                    if clip is not None:
+                        w = clip(p, w, cand)  # the clipped range: the grid the RTN writer and the sweep use
+                    scales, biases = affine_grid(w, cand)
+                    rows.append((p, cand, w, scales, biases))
+                g_of = [c["group_size"] for _, c, *_ in rows]
+                W = mx.concatenate([modules[p].weight.astype(write_dtypes[p]).astype(mx.float32) for p, *_ in rows])
+                S = mx.concatenate([mx.repeat(s, g, axis=1) for (_, _, _, s, _), g in zip(rows, g_of)])
+                B = mx.concatenate([mx.repeat(b, g, axis=1) for (_, _, _, _, b), g in zip(rows, g_of)])
+                n_bins = mx.concatenate(
+                    [mx.full((w.shape[0], 1), 2 ** c["bits"] - 1, dtype=mx.float32) for _, c, w, *_ in rows]
+                )
+                upper, damp = factor.result()
+                hinv = mx.array(upper)
+                if damp > settings.damp:
+                    raised[label] = damp
+                codes = gptq_codes(W, S, B, n_bins, hinv, settings.block_size, order)
+                start = 0
+                for p, cand, w, scales, biases in rows:
+                    n = w.shape[0]
+                    c = codes[start : start + n]
+                    start += n
+                    out[p] = packed_module(p, c, scales, biases, cand)
+                    written = mx.dequantize(out[p]["weight"], scales, biases, cand["group_size"], cand["bits"])
+                    ref = modules[p].weight.astype(write_dtypes[p])
+                    rtn = mx.dequantize(
+                        *mx.quantize(w, cand["group_size"], cand["bits"]), cand["group_size"], cand["bits"]
+                    )
+                    ratios.append(output_error(ref, written, h) / max(output_error(ref, rtn, h), 1e-30))
+                del h, W, S, B, codes
+                mx.clear_cache()
+                bar.update(len(paths))
+    finally:
+        pool.shutdown(cancel_futures=True)
+        bar.close()
     seconds = time.perf_counter() - started
     summary = {
         "method": "gptq",
