@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm import load
 
-from mlx_lm_optiq.kv import attention
+from mlx_lm_optiq.kv import attention, cuda_attention
 from mlx_lm_optiq.kv.caches import MixedQuantizedKVCache
 from mlx_lm_optiq.kv.cuda_attention import why_not_mma, why_unsupported
 from tests.helpers import optiq
@@ -57,10 +57,15 @@ def test_the_fused_kernel_says_which_calls_it_does_not_cover():
     assert "head dims" in why_unsupported(q, k, v, None)
 
 
-def test_which_decode_calls_the_tensor_core_kernel_takes():
+def test_which_decode_calls_the_tensor_core_kernel_takes(monkeypatch):
     """The CUDA kernel choice is plain Python (the kernels themselves run in the device tests)."""
     q, k, v = packed_case(1, 32, 8, 1, 64, 128, 4, 2, 64, dtype=mx.float16)
-    assert why_not_mma(q, k, v) is None  # an 8B-shaped fp16 decode step
+    # below Ampere (or not known: this CPU) the float32-FMA kernel takes every call
+    assert "compute capability unknown" in why_not_mma(q, k, v)
+    monkeypatch.setattr(cuda_attention, "compute_capability", lambda: (7, 5))
+    assert "compute capability 7.5 (tensor-core kernel: >= 8.0)" in why_not_mma(q, k, v)
+    monkeypatch.setattr(cuda_attention, "compute_capability", lambda: (9, 0))
+    assert why_not_mma(q, k, v) is None  # an 8B-shaped fp16 decode step on an H100/H200
     q, k, v = packed_case(1, 32, 8, 1, 64, 128, 4, 4, 64)  # float32 queries
     assert "float32" in why_not_mma(q, k, v)
     q, k, v = packed_case(1, 32, 8, 1, 64, 128, 6, 4, 64, dtype=mx.bfloat16)

@@ -686,6 +686,23 @@ MMA_MAX_ROWS = 8
 KERNELS = ("auto", "mma", "simt")
 
 
+MMA_MIN_CAPABILITY = (8, 0)  # mma.sync.m16n8k16 with bf16 inputs: Ampere and later
+
+
+@cache
+def compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the GPU MLX computes on, from `mx.device_info()` (MLX's CUDA build
+    reports it; None elsewhere or when it cannot be read)."""
+    import re
+
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    major, minor = info.get("compute_capability_major"), info.get("compute_capability_minor")
+    if major is not None:
+        return int(major), int(minor or 0)
+    m = re.fullmatch(r"sm_(\d+)(\d)", str(info.get("architecture", "")))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def why_not_mma(queries: mx.array, keys: Any, values: Any) -> str | None:
     """None when the tensor-core split kernel covers a call the fused path covers, else why
     (the other split kernel, plain float32 FMAs, takes it)."""
@@ -700,6 +717,11 @@ def why_not_mma(queries: mx.array, keys: Any, values: Any) -> str | None:
         return f"K{kp.bits}/V{vp.bits} (tensor-core kernel: bits in {MMA_BITS})"
     if D * vp.bits < 256:
         return f"head dim {D} with {vp.bits}-bit values (tensor-core kernel: head dim x value bits >= 256)"
+    cc = compute_capability()
+    if cc is None or cc < MMA_MIN_CAPABILITY:
+        got = "unknown" if cc is None else f"{cc[0]}.{cc[1]}"
+        need = ".".join(map(str, MMA_MIN_CAPABILITY))
+        return f"GPU compute capability {got} (tensor-core kernel: >= {need})"
     return None
 
 
