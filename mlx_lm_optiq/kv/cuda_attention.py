@@ -128,6 +128,24 @@ __device__ __forceinline__ void mma16816(float& d0, float& d1, float& d2, float&
   }
 }
 
+// The calling warp's job: (batch row b, KV head kvh, split) and the split plan (NS splits of
+// `chunk` positions, a multiple of 32), computed exactly as cuda_attention._split_plan does on
+// the host. Blocks hold `warps` warps, one split each, the splits of one (b, kvh) side by side.
+__device__ __forceinline__ void split_job(const int S, const int HKV, const int batch, const int target_warps,
+                                          const int min_chunk, const int warps, int& NS, int& chunk, int& b,
+                                          int& kvh, int& split) {
+  const int BH = batch * HKV;
+  const int want = (target_warps + BH - 1) / BH;
+  const int splits = max(1, min((S + min_chunk - 1) / min_chunk, want));
+  chunk = ((S + splits - 1) / splits + 31) / 32 * 32;
+  NS = (S + chunk - 1) / chunk;
+  const int groups_of_splits = (NS + warps - 1) / warps;
+  const int bh = blockIdx.x / groups_of_splits;
+  kvh = bh % HKV;
+  b = bh / HKV;
+  split = (blockIdx.x % groups_of_splits) * warps + (threadIdx.x >> 5);
+}
+
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
@@ -159,24 +177,13 @@ _SPLIT_SOURCE = """
   float* qs = (float*)qs4;
   float* ps = (float*)ps4;
 
-  // The split plan, computed exactly as cuda_attention._split_plan does on the host.
   const int S = kp_shape[2];
   const int HKV = kp_shape[1];
-  const int BH = kp_shape[0] * HKV;
-  const int want = (TARGET_WARPS + BH - 1) / BH;
-  const int splits = max(1, min((S + MIN_CHUNK - 1) / MIN_CHUNK, want));
-  const int chunk = ((S + splits - 1) / splits + 31) / 32 * 32;
-  const int NS = (S + chunk - 1) / chunk;
+  int NS, chunk, b, kvh, split;
+  split_job(S, HKV, kp_shape[0], TARGET_WARPS, MIN_CHUNK, WARPS, NS, chunk, b, kvh, split);
   const int HQ = HKV * NREP;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int groups_of_splits = (NS + WARPS - 1) / WARPS;
-  const int blk = blockIdx.x;
-  const int sg = blk % groups_of_splits;
-  const int bh = blk / groups_of_splits;
-  const int kvh = bh % HKV;
-  const int b = bh / HKV;
-  const int split = sg * WARPS + warp;
   const float sm_scale = __int_as_float(SCALE_BITS);
 
   for (int i = threadIdx.x; i < D * RP; i += blockDim.x) {
@@ -368,26 +375,14 @@ _MMA_SPLIT_SOURCE = """
   constexpr unsigned int FULL = 0xffffffffu;
   const float NEG_INF = OPTIQ_NEG_INF;
 
-  // The split plan, computed exactly as cuda_attention._split_plan does on the host.
   const int S = kp_shape[2];
   const int HKV = kp_shape[1];
-  const int BH = kp_shape[0] * HKV;
-  const int want = (TARGET_WARPS + BH - 1) / BH;
-  const int splits = max(1, min((S + MIN_CHUNK - 1) / MIN_CHUNK, want));
-  const int chunk = ((S + splits - 1) / splits + 31) / 32 * 32;
-  const int NS = (S + chunk - 1) / chunk;
+  int NS, chunk, b, kvh, split;
+  split_job(S, HKV, kp_shape[0], TARGET_WARPS, MIN_CHUNK, WARPS, NS, chunk, b, kvh, split);
   const int HQ = HKV * NREP;
   const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
   const int grp = lane >> 2;   // mma "group": a query row, a key position of an n-tile
   const int t = lane & 3;
-  const int groups_of_splits = (NS + WARPS - 1) / WARPS;
-  const int blk = blockIdx.x;
-  const int sg = blk % groups_of_splits;
-  const int bh = blk / groups_of_splits;
-  const int kvh = bh % HKV;
-  const int b = bh / HKV;
-  const int split = sg * WARPS + warp;
   if (split >= NS) return;  // no shared memory, no barrier: a warp may leave alone
   const float sm_scale = __int_as_float(SCALE_BITS);
 
