@@ -243,16 +243,13 @@ def attention(contexts, head_dim=64, batches=(1,), layers=8):
                 ),
                 layers,
             )
-            nan = float("nan")
-            mma = (
-                per_call(lambda i: cuda_attention.attention(q, *c44[i], scale, kernel="mma"), layers) if fused else nan
-            )
-            simt = (
-                per_call(lambda i: cuda_attention.attention(q, *c44[i], scale, kernel="simt"), layers) if fused else nan
-            )
-            mma84 = (
-                per_call(lambda i: cuda_attention.attention(q, *c84[i], scale, kernel="mma"), layers) if fused else nan
-            )
+
+            def ours(kernel, caches):
+                if not fused:
+                    return float("nan")
+                return per_call(lambda i: cuda_attention.attention(q, *caches[i], scale, kernel=kernel), layers)
+
+            mma, simt, mma84 = ours("mma", c44), ours("simt", c44), ours("mma", c84)
             # stock: mx.quantize's three arrays per layer, the same calls per eval as the rows above
             stock_kv = [
                 (mx.quantize(k, group_size=GROUP, bits=4), mx.quantize(v, group_size=GROUP, bits=4))

@@ -95,6 +95,13 @@ def test_pack_codes_is_the_layout_of_mx_quantize(bits):
         assert np.array_equal(np.array(gptq.pack_codes(codes, bits)), np.array(packed))
 
 
+def test_pack_codes_of_a_row_shorter_than_32_codes():
+    """16 codes of 2 bits fill one word: the zero padding to a block of 32 is cut off again."""
+    codes = mx.array([[(j * 3 + r) % 4 for j in range(16)] for r in range(3)], dtype=mx.float32)
+    want = [[sum(((j * 3 + r) % 4) << (2 * j) for j in range(16))] for r in range(3)]
+    assert np.array(gptq.pack_codes(codes, 2)).tolist() == want
+
+
 def test_written_model_reloads_in_stock_load_with_the_tensors_computed(
     tiny_float_path, float_model, tokens, hessians, tmp_path
 ):

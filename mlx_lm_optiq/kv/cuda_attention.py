@@ -679,8 +679,6 @@ def why_unsupported(queries: mx.array, keys: Any, values: Any, mask: Any) -> str
 MMA_BITS = (2, 4, 8)
 MMA_MAX_ROWS = 8
 KERNELS = ("auto", "mma", "simt")
-
-
 MMA_MIN_CAPABILITY = (8, 0)  # mma.sync.m16n8k16 with bf16 inputs: Ampere and later
 
 
@@ -733,14 +731,10 @@ MMA_TARGET_WARPS = 4096  # the tensor-core kernel's (it does less work per posit
 MMA_MIN_CHUNK = 256  # with 4096 warps: the best of 2048-16384 x 64/256 in a sweep (docs/kv.md), by a little
 
 
-def _split_plan(
-    batch_heads: int, S: int, target_warps: int | None = None, min_chunk: int | None = None
-) -> tuple[int, int]:
-    """(chunk, n_splits): about one wave of warps over the GPU, at least 64 positions each
-    (more splits hide latency; fewer mean fewer partial results to write and merge).
-    The split kernel computes the same plan from the cache's shape."""
-    target_warps = TARGET_WARPS if target_warps is None else target_warps
-    min_chunk = MIN_CHUNK if min_chunk is None else min_chunk
+def _split_plan(batch_heads: int, S: int, target_warps: int, min_chunk: int) -> tuple[int, int]:
+    """(chunk, n_splits): about `target_warps` warps over the GPU, at least `min_chunk` positions
+    each (more splits hide latency; fewer mean fewer partial results to write and merge).
+    The split kernels compute the same plan from the cache's shape (`split_job`)."""
     want = _ceil_div(target_warps, max(batch_heads, 1))
     splits = max(1, min(_ceil_div(S, min_chunk), want))
     chunk = _ceil_div(_ceil_div(S, splits), 32) * 32

@@ -334,11 +334,10 @@ def pack_codes(codes: mx.array, bits: int) -> mx.array:
     rows, cols = codes.shape
     if (cols * bits) % 32:
         raise ValueError(f"{cols} columns of {bits} bits do not fill whole uint32 words")
-    blocks = cols // 32 if cols % 32 == 0 else None
-    if blocks is None:  # fewer than 32 codes per row stream: whole words still (cols * bits % 32 == 0)
-        c = mx.pad(codes.astype(mx.uint32), [(0, 0), (0, 32 - cols % 32)]).reshape(rows, -1, 32)
-    else:
-        c = codes.astype(mx.uint32).reshape(rows, blocks, 32)
+    c = codes.astype(mx.uint32)
+    if cols % 32:  # zero codes up to whole blocks of 32; the words they alone fill are cut below
+        c = mx.pad(c, [(0, 0), (0, -cols % 32)])
+    c = c.reshape(rows, -1, 32)
     words = [mx.zeros(c.shape[:2], mx.uint32) for _ in range(bits)]
     for j in range(32):
         bit = j * bits
