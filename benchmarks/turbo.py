@@ -13,19 +13,26 @@ Decode speed (meant for the GPU; random weights, since speed does not depend on 
     python benchmarks/turbo.py speed --contexts 1024 8192 --steps 64
   A llama model of the given shape in fp16; each cache is prefilled to the
   context, then `--steps` greedy decode steps are timed. Ratios are against the
-  fp16 KVCache and against affine at the same bits, all from this one run.
+  fp16 KVCache and against affine at the same bits, all from this one run. The
+  "attention" column says which TurboQuant attention ran: on CUDA every turbo scheme
+  is timed with the fused kernel (kv/cuda_turbo.py, the default there) and again with
+  the MLX reference graph (MLX_LM_OPTIQ_TURBO_ATTENTION=reference), side by side;
+  `--turbo-paths` picks (elsewhere only the reference exists).
 
 Decode-step attention microbenchmark (one layer, any backend; CPU-friendly):
     python benchmarks/turbo.py attention --contexts 4096 8192 16384 --bits 2 3 4
   A cache holding `context` random K/V vectors; each timed decode step appends one token
   (TurboQuant: quantizes it) and attends over the cache: best and median wall-clock and
   best process CPU time of `--repeats` steps, for a float KVCache + MLX's SDPA and for
-  TurboQuant caches. Public API only, so the same script times an older checkout
-  (before/after comparisons in docs/turbo.md).
+  TurboQuant caches (per attention path, as for speed). "turbo{b} append only" times the
+  append alone (rotate, nearest code, pack, write): the quantize share of a step. Public API
+  only, so the same script times an older checkout (before/after comparisons in docs/turbo.md).
 """
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mlx_lm_optiq.hooks.turbo import patch_attention
-from mlx_lm_optiq.kv import turbo
+from mlx_lm_optiq.kv import cuda_turbo, turbo
 
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "smollm2-135m-instruct-q4-exact"
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "text" / "persuasion.txt"
@@ -210,23 +217,52 @@ def decode_speed(model, caches, context, steps, chunk):
     return steps / (time.perf_counter() - t0)
 
 
+@contextlib.contextmanager
+def turbo_path(path):
+    """TurboQuant attention through `path` ("cuda": the fused kernel where it covers the call,
+    "reference": the MLX graph) for the block, via MLX_LM_OPTIQ_TURBO_ATTENTION."""
+    saved = os.environ.get(cuda_turbo.ENV_VAR)
+    os.environ[cuda_turbo.ENV_VAR] = path
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[cuda_turbo.ENV_VAR]
+        else:
+            os.environ[cuda_turbo.ENV_VAR] = saved
+
+
+def turbo_paths(args):
+    """The TurboQuant attention paths to time: the requested ones this backend can run."""
+    runnable = ["cuda", "reference"] if cuda_turbo.selected_path() == "cuda" else ["reference"]
+    return [p for p in (args.turbo_paths or runnable) if p in runnable]
+
+
 def speed(args):
     model, cfg = random_llama(args)
     hd = cfg["head_dim"]
     rows = []
+    paths = turbo_paths(args)
     for context in args.contexts:
         for name in ["float"] + scheme_names(args.bits, args.prod, args.turbo_bits):
-            caches = make_caches(name, cfg["num_hidden_layers"], args.group_size, args.seed)
-            row = {"context": context, "scheme": name, "bits_per_channel": bits_per_channel(name, hd, args.group_size)}
-            try:
-                row["tok_s"] = decode_speed(model, caches, context, args.steps, args.chunk)
-                row["cache_bytes"] = sum(c.nbytes for c in caches)
-            except Exception as e:  # reported in the table, e.g. a kernel missing on this backend
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            del caches
-            mx.clear_cache()
+            for path in paths if name.startswith("turbo") else ["-"]:
+                caches = make_caches(name, cfg["num_hidden_layers"], args.group_size, args.seed)
+                row = {
+                    "context": context,
+                    "scheme": name,
+                    "attention": path,
+                    "bits_per_channel": bits_per_channel(name, hd, args.group_size),
+                }
+                try:
+                    with turbo_path(path) if path != "-" else contextlib.nullcontext():
+                        row["tok_s"] = decode_speed(model, caches, context, args.steps, args.chunk)
+                    row["cache_bytes"] = sum(c.nbytes for c in caches)
+                except Exception as e:  # reported in the table, e.g. a kernel missing on this backend
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                del caches
+                mx.clear_cache()
     info = {
         "model": {
             k: cfg[k]
@@ -237,20 +273,27 @@ def speed(args):
         "device": str(mx.default_device()),
     }
     print(f"# decode speed: {info}")
-    print("| context | scheme | bits/channel | decode tok/s | × float KV | × affine same bits | cache MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| context | scheme | attention | bits/channel | decode tok/s | × float KV | × affine same bits "
+        "| × turbo reference | cache MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        same_ctx = {x["scheme"]: x for x in rows if x["context"] == r["context"]}
+        same_ctx = {
+            x["scheme"]: x for x in rows if x["context"] == r["context"] and x["attention"] in ("-", "reference")
+        }
         base = same_ctx["float"].get("tok_s")
         b = r["scheme"].split("-")[0].lstrip("afinetrubo")
         aff = same_ctx.get(f"affine{b}", {}).get("tok_s")
+        ref = same_ctx.get(r["scheme"], {}).get("tok_s") if r["attention"] == "cuda" else None
+        head = f"| {r['context']} | {r['scheme']} | {r['attention']} | {r['bits_per_channel']:.3f} |"
         if "error" in r:
-            print(f"| {r['context']} | {r['scheme']} | {r['bits_per_channel']:.3f} | {r['error']} | | | |")
+            print(f"{head} {r['error']} | | | | |")
             continue
         fmt = lambda x: f"{x:.2f}" if x else "n/a"  # noqa: E731
         print(
-            f"| {r['context']} | {r['scheme']} | {r['bits_per_channel']:.3f} | {r['tok_s']:.1f} | "
-            f"{fmt(base and r['tok_s'] / base)} | {fmt(aff and r['tok_s'] / aff)} | {r['cache_bytes'] / 2**20:.1f} |"
+            f"{head} {r['tok_s']:.1f} | {fmt(base and r['tok_s'] / base)} | {fmt(aff and r['tok_s'] / aff)} | "
+            f"{fmt(ref and r['tok_s'] / ref)} | {r['cache_bytes'] / 2**20:.1f} |"
         )
     return {"speed": {"info": info, "rows": rows}}
 
@@ -270,18 +313,25 @@ def attention(args):
         mx.eval(k, v, q)
         # Each cache holds `context` tokens; every timed step appends one token (as decoding
         # does: the context grows, the buffers grow every 256 tokens) and attends over all.
-        for b in [None, *args.bits]:
+        runs = [(None, "-")] + [(b, p) for b in args.bits for p in [*turbo_paths(args), "append only"]]
+        for b, path in runs:
             cache = KVCache() if b is None else turbo.TurboQuantKVCache(head_dim=d, bits=b, seed=0)
             cache.update_and_fetch(k[:, :, :context], v[:, :, :context])
             mx.eval(cache.state)
 
-            def step(cache=cache, b=b):
+            def step(cache=cache, b=b, path=path):
                 keys, values = cache.update_and_fetch(k[:, :, context:], v[:, :, context:])
                 if b is None:
                     return mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale)
-                return turbo.turbo_scaled_dot_product_attention(q, keys, scale, None)
+                if path == "append only":
+                    return keys.full_keys, keys.full_values
+                with turbo_path(path):
+                    return turbo.turbo_scaled_dot_product_attention(q, keys, scale, None)
 
-            scheme = f"float {args.dtype} (KVCache + SDPA)" if b is None else f"turbo{b}"
+            if b is None:
+                scheme = f"float {args.dtype} (KVCache + SDPA)"
+            else:
+                scheme = f"turbo{b} append only" if path == "append only" else f"turbo{b} [{path}]"
             rows.append({"context": context, "scheme": scheme, **_timed(step, args.repeats)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             del cache
@@ -337,6 +387,13 @@ def main(argv=None):
             help="extra TurboQuant-only widths, e.g. 2.5 3.5 (fractional: channels split between widths)",
         )
         s.add_argument("--json", help="write the rows here as JSON")
+        s.add_argument(
+            "--turbo-paths",
+            nargs="+",
+            choices=["cuda", "reference"],
+            help="TurboQuant attention paths to time (default: every one this backend runs: cuda and "
+            "reference on CUDA, reference elsewhere)",
+        )
     q = sub.choices["quality"]
     q.add_argument("--model", default=str(DEFAULT_MODEL))
     q.add_argument("--text", default=str(DEFAULT_TEXT))

@@ -4,6 +4,8 @@ The reference is dequantize + mx.fast SDPA. The quantized_matmul path (Metal's d
 runs here on the CPU's quantized_matmul and must compute the same function; the fused
 CUDA kernel has its parity test in test_kv_attention_device.py (GPU only)."""
 
+import itertools
+
 import mlx.core as mx
 import pytest
 from mlx_lm import load
@@ -74,6 +76,30 @@ def test_which_decode_calls_the_tensor_core_kernel_takes(monkeypatch):
     assert "16 query rows" in why_not_mma(q, k, v)
     q, k, v = packed_case(1, 4, 2, 1, 64, 64, 4, 2, 32, dtype=mx.float16)
     assert "head dim 64 with 2-bit values" in why_not_mma(q, k, v)
+
+
+def test_staged_tensor_core_tiles_fit_in_shared_memory_for_every_layout_it_takes():
+    """Two 32-row K+V tiles per warp: 4 warps a block for 4-bit rows at head dim 128, fewer as
+    rows widen, and one warp's tiles fit for the widest layout the kernel takes."""
+    from mlx_lm_optiq.kv.caches import Packing
+
+    def warps(D, kb, vb, g, dtype=mx.float16):
+        return cuda_attention._mma_warps_per_block(Packing(kb, g, D, dtype).width, Packing(vb, g, D, dtype).width)
+
+    assert warps(128, 4, 4, 64) == 4  # 72-byte rows: 4 x 2 x 32 x 144 = 36 KiB
+    assert warps(128, 8, 8, 32) == 2
+    assert warps(256, 8, 8, 32) == 1
+    for D, kb, vb, g, dt in itertools.product(
+        cuda_attention.HEAD_DIMS,
+        cuda_attention.MMA_BITS,
+        cuda_attention.MMA_BITS,
+        (32, 64, 128),
+        (mx.float16, mx.bfloat16, mx.float32),
+    ):
+        kw, vw = Packing(kb, g, D, dt).width, Packing(vb, g, D, dt).width
+        n = cuda_attention._mma_warps_per_block(kw, vw)
+        assert n * 2 * 32 * (kw + vw) <= cuda_attention.SHARED_BYTES
+    assert "mma-staged" in cuda_attention.KERNELS
 
 
 def test_model_decodes_through_packed_attention_only_after_the_hook_saw_its_cache(tiny_float_path, monkeypatch):

@@ -41,12 +41,13 @@ def _check(case, mask_kind, dtype, pad=5):
         mask = mask.astype(dtype)
     assert cuda_attention.why_unsupported(q, k, v, mask) is None
     ref = _reference(q, k, v, D**-0.5, mask)
-    # every split kernel that takes the call: float32 FMAs always, tensor cores where allowed
-    kernels = ["simt"] + (["mma"] if cuda_attention.why_not_mma(q, k, v) is None else [])
+    # every split kernel that takes the call: float32 FMAs always, tensor cores (rows read
+    # straight from the cache, and tiles staged through shared memory) where allowed
+    kernels = ["simt"] + (["mma", "mma-staged"] if cuda_attention.why_not_mma(q, k, v) is None else [])
     for kernel in kernels:
         out = cuda_attention.attention(q, k, v, D**-0.5, mask, kernel=kernel)
         err = mx.abs(out.astype(mx.float32) - ref).max().item()
-        print(f"{case} {mask_kind:8s} {str(dtype):14s} {kernel:4s} max|err| {err:.2e}")
+        print(f"{case} {mask_kind:8s} {str(dtype):14s} {kernel:10s} max|err| {err:.2e}")
         assert out.dtype == dtype and out.shape == (B, n_q, L, D)
         assert err < TOL[dtype], f"{case} {mask_kind} {dtype} {kernel}: {err}"
     return kernels
@@ -88,6 +89,17 @@ def test_tensor_core_kernel_bits_head_dims_dtypes(bits, D, dtype):
     if D * bits[1] < 256:
         pytest.skip("outside the tensor-core kernel (head dim x value bits < 256)")
     assert "mma" in _check((2, 8, 2, 1, 301, D, *bits, 32 if D == 64 else 64), "bool", dtype)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 32], ids=lambda p: f"pad{p}")
+@pytest.mark.parametrize("S", [32, 95, 4127])
+def test_staged_tiles_on_aligned_and_misaligned_cache_views(pad, S):
+    """The staged kernel copies a tile's rows as 16-byte runs only when the view's base is
+    16-byte aligned: with an odd allocated length (pad) every other KV head's rows start at
+    8 bytes past a 16-byte boundary and take the direct loads inside the same kernel; tile
+    ends (S not a multiple of 32) are zero-filled copies."""
+    assert "mma-staged" in _check((2, 16, 4, 1, S, 128, 4, 4, 64), "bool", mx.float16, pad=pad)
+    assert "mma-staged" in _check((1, 8, 2, 2, S, 256, 8, 8, 32), "causal", mx.bfloat16, pad=pad)
 
 
 def test_auto_picks_tensor_cores_where_they_apply():

@@ -146,6 +146,32 @@ __device__ __forceinline__ void split_job(const int S, const int HKV, const int 
   split = (blockIdx.x % groups_of_splits) * warps + (threadIdx.x >> 5);
 }
 
+// Asynchronous 16-byte global -> shared copy (sm_80+): `src_bytes` < 16 copies that many and
+// zero-fills the rest, so a tile's last row never reads past the cache. Committed in groups;
+// wait_group N returns once at most N of this thread's groups are still in flight.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+// N consecutive 32-bit words from `src`, as N/2 64-bit loads when V2 (src 8-byte aligned).
+template <int N, bool V2>
+__device__ __forceinline__ void load_words(unsigned int* dst, const unsigned int* src) {
+  if constexpr (V2 && N % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 2; i++) {
+      const uint2 x = reinterpret_cast<const uint2*>(src)[i];
+      dst[2 * i] = x.x;
+      dst[2 * i + 1] = x.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; i++) dst[i] = src[i];
+  }
+}
+
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
@@ -373,7 +399,16 @@ _MMA_SPLIT_SOURCE = """
   constexpr int KDL = D / 4;           // key dims per lane
   constexpr int KGL = KDL >= G ? KDL / G : 1;  // key groups per lane
   constexpr unsigned int FULL = 0xffffffffu;
+  constexpr int KROW = D * KB / 8 + 2 * NG * (int)sizeof(TS);  // bytes of one packed key row
+  constexpr int VROW = D * VB / 8 + 2 * NG * (int)sizeof(TS);
+  constexpr int TILE = STAGED ? 32 * (KROW + VROW) : 16;   // one 32-position tile of K and V
+  // 64-bit code loads from a staged tile when every row and this lane's words are 8-byte aligned
+  constexpr bool KV2 = KROW % 8 == 0 && KWPL % 2 == 0;
+  constexpr bool VV2 = VROW % 8 == 0 && VWPL % 2 == 0;
   const float NEG_INF = OPTIQ_NEG_INF;
+  // Per warp, two tiles (the one being computed, the next one arriving): warps only ever
+  // touch their own, so __syncwarp is the only barrier and a warp may leave alone.
+  __shared__ __align__(16) unsigned char tiles[WARPS * 2 * TILE];
 
   const int S = kp_shape[2];
   const int HKV = kp_shape[1];
@@ -383,7 +418,7 @@ _MMA_SPLIT_SOURCE = """
   const int lane = threadIdx.x & 31;
   const int grp = lane >> 2;   // mma "group": a query row, a key position of an n-tile
   const int t = lane & 3;
-  if (split >= NS) return;  // no shared memory, no barrier: a warp may leave alone
+  if (split >= NS) return;
   const float sm_scale = __int_as_float(SCALE_BITS);
 
   // this lane's query row (grp) at the dims its key codes hold, as A registers
@@ -410,13 +445,52 @@ _MMA_SPLIT_SOURCE = """
   const long long kstep = kp_strides[2];
   const long long vstep = vp_strides[2];
   const int vgroup = (grp * (D / 8)) / G;  // the one group of this lane's value dims
+  // Staged: each tile's K and V rows are one contiguous run of bytes in the cache, copied to
+  // shared memory with coalesced 16-byte asynchronous copies while the warp computes the
+  // previous tile, then decoded from there. Needs rows packed back to back and 16-byte aligned
+  // runs (a tile starts at a multiple of 32 rows; 32 * row bytes is a multiple of 16): checked
+  // here on the pointers themselves, and any view that fails it reads rows straight from the
+  // cache instead (the unstaged loop, the same arithmetic).
+  const bool staged = STAGED && kstep == KROW && vstep == VROW && kp_strides[3] == 1 && vp_strides[3] == 1 &&
+                      ((reinterpret_cast<unsigned long long>(kbase) | reinterpret_cast<unsigned long long>(vbase)) & 15) == 0;
+  unsigned char* const mine = tiles + (threadIdx.x >> 5) * 2 * TILE;
+  auto stage = [&](const int from, unsigned char* dst) {
+    const int rows = min(32, end - from);
+    const int kbytes = rows * KROW, vbytes = rows * VROW;
+    const unsigned char* ksrc = kbase + (long long)from * KROW;
+    const unsigned char* vsrc = vbase + (long long)from * VROW;
+    for (int c = 16 * lane; c < kbytes; c += 512) cp_async16(dst + c, ksrc + c, min(16, kbytes - c));
+    for (int c = 16 * lane; c < vbytes; c += 512) cp_async16(dst + 32 * KROW + c, vsrc + c, min(16, vbytes - c));
+  };
+  if constexpr (STAGED) {
+    if (staged) {
+      stage(start, mine);
+      cp_async_commit();
+    }
+  }
 
   float m_run = NEG_INF, l_run = 0.f;  // query row grp
   float o[NC][4];
 #pragma unroll
   for (int m = 0; m < NC; m++) o[m][0] = o[m][1] = o[m][2] = o[m][3] = 0.f;
 
-  for (int t0 = start; t0 < end; t0 += 32) {
+  for (int t0 = start, buf = 0; t0 < end; t0 += 32, buf ^= 1) {
+    // this tile's rows: in shared memory (staged) or in the cache
+    const unsigned char* ktile = kbase + t0 * kstep;
+    const unsigned char* vtile = vbase + t0 * vstep;
+    long long kst = kstep, vst = vstep;
+    if constexpr (STAGED) {
+      if (staged) {
+        if (t0 + 32 < end) stage(t0 + 32, mine + (buf ^ 1) * TILE);
+        cp_async_commit();  // possibly empty: wait_group 1 then always means "this tile is here"
+        cp_async_wait_one();
+        __syncwarp();
+        ktile = mine + buf * TILE;
+        vtile = ktile + 32 * KROW;
+        kst = KROW;
+        vst = VROW;
+      }
+    }
     // all of the step's loads first (independent, so their latencies overlap)
     unsigned int kw[4][KWPL];
     float ks[4][KGL], kz[4][KGL];
@@ -424,11 +498,16 @@ _MMA_SPLIT_SOURCE = """
     for (int j = 0; j < 4; j++) {
       const int p = t0 + 8 * j + grp;
       const bool ok = p < end;
-      const unsigned char* row = kbase + (ok ? p : start) * kstep;
+      const unsigned char* row = ktile + (ok ? p - t0 : 0) * kst;
       const unsigned int* words = (const unsigned int*)row;
       const TS* sc = (const TS*)(row + KW * 4);
+      if (STAGED && staged) {
+        load_words<KWPL, KV2>(kw[j], words + t * KWPL);
+      } else {
+        load_words<KWPL, false>(kw[j], words + t * KWPL);
+      }
 #pragma unroll
-      for (int i = 0; i < KWPL; i++) kw[j][i] = ok ? words[t * KWPL + i] : 0u;
+      for (int i = 0; i < KWPL; i++) kw[j][i] = ok ? kw[j][i] : 0u;
 #pragma unroll
       for (int h = 0; h < KGL; h++) {
         const int gi = (t * KDL) / G + h;
@@ -444,11 +523,16 @@ _MMA_SPLIT_SOURCE = """
       for (int e = 0; e < 4; e++) {
         const int p = t0 + 16 * c + 2 * t + (e & 1) + 8 * (e >> 1);
         const bool ok = p < end;
-        const unsigned char* row = vbase + (ok ? p : start) * vstep;
+        const unsigned char* row = vtile + (ok ? p - t0 : 0) * vst;
         const unsigned int* words = (const unsigned int*)row;
         const TS* sc = (const TS*)(row + D * VB / 8);
+        if (STAGED && staged) {
+          load_words<VWPL, VV2>(vw[c][e], words + grp * VWPL);
+        } else {
+          load_words<VWPL, false>(vw[c][e], words + grp * VWPL);
+        }
 #pragma unroll
-        for (int i = 0; i < VWPL; i++) vw[c][e][i] = ok ? words[grp * VWPL + i] : 0u;
+        for (int i = 0; i < VWPL; i++) vw[c][e][i] = ok ? vw[c][e][i] : 0u;
         vs[c][e] = ok ? (float)sc[vgroup] : 0.f;
         vz[c][e] = ok ? (float)sc[NG + vgroup] : 0.f;
       }
@@ -556,6 +640,9 @@ _MMA_SPLIT_SOURCE = """
       }
 #pragma unroll
       for (int m = 0; m < NC; m++) mma16816<BF>(o[m][0], o[m][1], o[m][2], o[m][3], a[m][0], a[m][1], a[m][2], a[m][3], pb[2 * c], pb[2 * c + 1]);
+    }
+    if constexpr (STAGED) {
+      if (staged) __syncwarp();  // every lane has read this tile before the next step refills it
     }
   }
 
@@ -678,7 +765,7 @@ def why_unsupported(queries: mx.array, keys: Any, values: Any, mask: Any) -> str
 
 MMA_BITS = (2, 4, 8)
 MMA_MAX_ROWS = 8
-KERNELS = ("auto", "mma", "simt")
+KERNELS = ("auto", "mma", "mma-staged", "simt")
 MMA_MIN_CAPABILITY = (8, 0)  # mma.sync.m16n8k16 with bf16 inputs: Ampere and later
 
 
@@ -755,22 +842,35 @@ def _warps_per_block(D: int, rows_padded: int, groups: int, value_row_bytes: int
     return 0
 
 
+def _mma_warps_per_block(key_row_bytes: int, value_row_bytes: int) -> int:
+    """The most warps (4, 2, 1) whose staged tiles fit in static shared memory: two 32-row tiles
+    of K and V per warp (1 for the widest rows, e.g. head dim 256 at 8 bits)."""
+    for warps in (4, 2, 1):
+        if warps * 2 * 32 * (key_row_bytes + value_row_bytes) <= SHARED_BYTES:
+            return warps
+    raise AssertionError("unreachable: one warp's tiles always fit (head dim <= 256, bits <= 8)")
+
+
 def attention(
     queries: mx.array, keys: Any, values: Any, scale: float, mask: Any = None, kernel: str = "auto"
 ) -> mx.array:
     """Fused attention of queries (B, Hq, L, D) over packed keys/values (B, Hkv, S, width).
 
-    `kernel`: "mma" (tensor cores), "simt" (float32 FMAs), or "auto" (mma where
-    `why_not_mma` allows, the default; a named kernel that cannot take the call is an error)."""
+    `kernel`: "mma" (tensor cores, each lane loading its rows from the cache), "mma-staged"
+    (the same with each tile's rows staged through shared memory by asynchronous copies: not
+    yet run on a GPU, so not the default until its parity test has passed there), "simt"
+    (float32 FMAs), or "auto" (mma where `why_not_mma` allows, the default; a named kernel
+    that cannot take the call is an error)."""
     reason = why_unsupported(queries, keys, values, mask)
     if reason is not None:
         raise ValueError(f"fused CUDA KV attention does not cover this call: {reason}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
     no_mma = why_not_mma(queries, keys, values)
-    if kernel == "mma" and no_mma is not None:
+    if kernel.startswith("mma") and no_mma is not None:
         raise ValueError(f"the tensor-core KV attention kernel does not cover this call: {no_mma}")
-    use_mma = kernel == "mma" or (kernel == "auto" and no_mma is None)
+    use_mma = kernel.startswith("mma") or (kernel == "auto" and no_mma is None)
+    staged = kernel == "mma-staged"
     B, n_q, L, D = queries.shape
     n_kv, S = keys.data.shape[1], keys.data.shape[2]
     rep = n_q // n_kv
@@ -779,7 +879,10 @@ def attention(
     chunk, n_splits = _split_plan(B * n_kv, S, target_warps, min_chunk)
     rows = B * n_q * L
     rows_padded = (rep * L + 3) // 4 * 4
-    warps = 4 if use_mma else _warps_per_block(D, rows_padded, D // kp.group_size, vp.width)
+    if use_mma:
+        warps = _mma_warps_per_block(kp.width, vp.width) if staged else 4
+    else:
+        warps = _warps_per_block(D, rows_padded, D // kp.group_size, vp.width)
 
     causal = isinstance(mask, str) and L > 1
     has_mask = mask is not None and not isinstance(mask, str)
@@ -797,7 +900,7 @@ def attention(
     o_part, m_part, l_part = (mma_split if use_mma else split)(
         inputs=[queries, keys.data, values.data, m],
         template=[
-            *([("BF", queries.dtype == mx.bfloat16)] if use_mma else []),
+            *([("BF", queries.dtype == mx.bfloat16), ("STAGED", staged)] if use_mma else []),
             ("TS", kp.dtype),
             ("D", D),
             ("KB", kp.bits),

@@ -17,7 +17,8 @@ so the query is rotated once, scores and the value sum are computed against
 unit-norm centroid vectors, and the output is rotated back once. The centroid
 vectors are read straight from the packed code bytes through small lookup tables
 (one gather reads several codes' centroids; no unpacking pass). Pure MLX ops, so it
-runs on every MLX backend.
+runs on every MLX backend; on CUDA fused kernels (kv/cuda_turbo.py) compute the same
+functions for decode: attention in two launches per call, the pack in one per tensor.
 
 The caches store one packed uint8 row per vector and subclass mlx-lm's KVCache /
 BatchKVCache, so they batch like stock caches (merge / filter / extend / extract,
@@ -41,7 +42,7 @@ import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlx_lm_optiq.core.jsonio import OptiqFileError, read_json, write_json
-from mlx_lm_optiq.kv import attention
+from mlx_lm_optiq.kv import attention, cuda_turbo
 
 SUPPORTED_BITS = tuple(range(1, 7))  # 1..6; above that affine 8-bit is already near lossless
 KEY_MODES = ("mse", "prod")
@@ -407,7 +408,12 @@ class TurboQuantizer:
         return out
 
     def pack(self, x: mx.array) -> mx.array:
-        """x (..., dim) -> its packed rows (..., width) uint8 (the fields of quantize(), concatenated)."""
+        """x (..., dim) -> its packed rows (..., width) uint8 (the fields of quantize(), concatenated).
+
+        On CUDA one fused kernel does it for "mse" quantizers (kv/cuda_turbo.py: the MLX graph
+        is a dozen launches per decode step, the larger share of a turbo step there)."""
+        if cuda_turbo.use_fused_pack(self, x):
+            return cuda_turbo.pack(self, x)
         return _compiled_quantize(self.segments, self.mode == "prod", True)(x, *self._tables())
 
     def unpack(self, packed: mx.array) -> dict:
@@ -799,14 +805,30 @@ def turbo_scaled_dot_product_attention(
 ) -> mx.array:
     """Attention of `queries` (B, n_heads, L, D) against a TurboKV, in rotated space.
 
-    On GPUs the graph is compiled and runs on the cache's full-capacity buffers with the
-    unfilled tail masked out, so input shapes change only every `step` tokens and the
-    compiled graph is reused across decode steps; on CPU (not compiled) it reads only
-    the filled prefix. Masks: None, "causal", or arrays (L, S) / (B|1, heads|1, L, S),
-    boolean or additive (a batch's left padding comes as such a mask).
+    Masks: None, "causal", or arrays (L, S) / (B|1, heads|1, L, S), boolean or additive (a
+    batch's left padding comes as such a mask). On MLX's CUDA backend the fused kernel of
+    kv/cuda_turbo.py computes the calls it covers (decode, short chunks; `why_unsupported`
+    names the rest) and `reference_attention` the others; elsewhere, or with
+    MLX_LM_OPTIQ_TURBO_ATTENTION=reference, `reference_attention` computes every call.
     """
     if sinks is not None:
         raise ValueError("TurboQuantKVCache does not support attention sinks; keep such layers unquantized")
+    if cuda_turbo.selected_path() == "cuda":
+        reason = cuda_turbo.why_unsupported(queries, kv, mask)
+        if reason is None:
+            return cuda_turbo.attention(queries, kv, scale, mask)
+        cuda_turbo.note_reference(reason)
+    return reference_attention(queries, kv, scale, mask)
+
+
+def reference_attention(queries: mx.array, kv: TurboKV, scale: float, mask: Any) -> mx.array:
+    """The pure-MLX rotated-space attention: every backend, every call shape; the reference the
+    fused CUDA kernel (kv/cuda_turbo.py) is checked against.
+
+    On GPUs the graph is compiled and runs on the cache's full-capacity buffers with the
+    unfilled tail masked out, so input shapes change only every `step` tokens and the
+    compiled graph is reused across decode steps; on CPU (not compiled) it reads only
+    the filled prefix."""
     kq, vq = kv.key_quantizer, kv.value_quantizer
     keys, values, n = kv.full_keys, kv.full_values, kv.length
     compiled = _compiling()
