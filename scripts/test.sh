@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . scripts/env.sh
-python -m pytest -q "$@"
+python -m pytest -q --durations=25 "$@"
