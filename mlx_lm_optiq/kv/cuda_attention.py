@@ -181,6 +181,113 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+
+// Score x of query row (hq, l) at cache position p after the call's mask: causal (offset S - L,
+// as mlx-lm's "causal") and/or an array broadcastable to (B, Hq, L, S) read through its strides,
+// boolean (false: -inf) or additive.
+template <bool CAUSAL, bool HAS_MASK, bool MASK_BOOL, typename MaskPtr, typename Strides>
+__device__ __forceinline__ float apply_mask(float x, const MaskPtr& mask, const Strides& mask_strides, const int b,
+                                            const int hq, const int l, const int p, const int S, const int L) {
+  if constexpr (CAUSAL) {
+    if (p > S - L + l) x = OPTIQ_NEG_INF;
+  }
+  if constexpr (HAS_MASK) {
+    const auto mv = mask[b * mask_strides[0] + hq * mask_strides[1] + l * mask_strides[2] + p * mask_strides[3]];
+    if constexpr (MASK_BOOL) {
+      if (!mv) x = OPTIQ_NEG_INF;
+    } else {
+      x += (float)mv;
+    }
+  }
+  return x;
+}
+
+// One tile's online-softmax step in the float32 split kernels (lane j holds position t0 + j):
+// each row's running max m and sum lsum take the lane's score s (-inf where masked or past the
+// end), its accumulators are rescaled, and p * weight goes to the lane's slot `ps` of the warp's
+// shared tile for the value pass.
+template <int R, int DPL>
+__device__ __forceinline__ void softmax_tile(const float* s, float* m, float* lsum, float (*acc)[DPL], float* ps,
+                                             const float weight) {
+  const float NEG_INF = OPTIQ_NEG_INF;
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const float mnew = fmaxf(m[r], warp_max(s[r]));
+    const float corr = (mnew == NEG_INF) ? 1.f : __expf(m[r] - mnew);
+    const float pr = (s[r] == NEG_INF) ? 0.f : __expf(s[r] - mnew);
+    lsum[r] = lsum[r] * corr + pr;
+    ps[r] = pr * weight;
+#pragma unroll
+    for (int i = 0; i < DPL; i++) acc[r][i] *= corr;
+    m[r] = mnew;
+  }
+}
+
+// A split's partial results in the float32 split kernels: per query row its running max, its
+// sum over the warp's lanes, and this lane's DPL accumulated dims from dim0; rows are
+// (b, head, l) in the output's order, NS splits each.
+template <int R, int DPL, int D, int NREP, int L>
+__device__ __forceinline__ void write_partials(const float* m, const float* lsum, const float (*acc)[DPL],
+                                               float* o_part, float* m_part, float* l_part, const int b,
+                                               const int kvh, const int HQ, const int NS, const int split,
+                                               const int lane, const int dim0) {
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const float total = warp_sum(lsum[r]);
+    const int hq = kvh * NREP + r / L, l = r % L;
+    const long long rowid = ((long long)(b * HQ + hq) * L + l) * NS + split;
+#pragma unroll
+    for (int i = 0; i < DPL; i++) o_part[rowid * D + dim0 + i] = acc[r][i];
+    if (lane == 0) {
+      m_part[rowid] = m[r];
+      l_part[rowid] = total;
+    }
+  }
+}
+
+// The merge kernels' fold of one query row's NS split results for dim d (blockDim = SP * D
+// threads; thread (sp, d) folds splits sp, sp + SP, ... with a running max, then the SP partial
+// results are combined through shared memory `sm` (3 * SP * D floats)). Every thread of the
+// block must call it (it has a barrier); threads with sp == 0 get the merged value, the others 0.
+template <int D, int SP>
+__device__ __forceinline__ float merge_splits(const float* o_part, const float* m_part, const float* l_part,
+                                              const long long row, const int NS, float* sm) {
+  float* sm_m = sm;
+  float* sm_l = sm + SP * D;
+  float* sm_o = sm + 2 * SP * D;
+  const int d = threadIdx.x % D;
+  const int sp = threadIdx.x / D;
+  const float NEG_INF = OPTIQ_NEG_INF;
+  float m = NEG_INF, l = 0.f, o = 0.f;
+  for (int s = sp; s < NS; s += SP) {
+    const float ms = m_part[row * NS + s];
+    if (ms == NEG_INF) continue;
+    const float mn = fmaxf(m, ms);
+    const float a = (m == NEG_INF) ? 0.f : __expf(m - mn);
+    const float w = __expf(ms - mn);
+    o = o * a + w * o_part[(row * NS + s) * D + d];
+    l = l * a + w * l_part[row * NS + s];
+    m = mn;
+  }
+  sm_m[threadIdx.x] = m;
+  sm_l[threadIdx.x] = l;
+  sm_o[threadIdx.x] = o;
+  __syncthreads();
+  if (sp != 0) return 0.f;
+  float M = NEG_INF;
+  for (int k = 0; k < SP; k++) M = fmaxf(M, sm_m[k * D + d]);
+  float num = 0.f, den = 0.f;
+  if (M != NEG_INF) {
+    for (int k = 0; k < SP; k++) {
+      const float mk = sm_m[k * D + d];
+      if (mk == NEG_INF) continue;
+      const float w = __expf(mk - M);
+      num += w * sm_o[k * D + d];
+      den += w * sm_l[k * D + d];
+    }
+  }
+  return den > 0.f ? num / den : 0.f;
+}
 """
 
 # Template constants: TS (scale dtype), D, KB, VB, G, NREP, L, R (= NREP*L), RP (R rounded
@@ -298,34 +405,13 @@ _SPLIT_SOURCE = """
 #pragma unroll
       for (int r = 0; r < R; r++) {
         const int hq = kvh * NREP + r / L, l = r % L;
-        if constexpr (CAUSAL) {
-          if (p > S - L + l) s[r] = NEG_INF;
-        }
-        if constexpr (HAS_MASK) {
-          const auto mv = mask[b * mask_strides[0] + hq * mask_strides[1] + l * mask_strides[2] + p * mask_strides[3]];
-          if constexpr (MASK_BOOL) {
-            if (!mv) s[r] = NEG_INF;
-          } else {
-            s[r] += (float)mv;
-          }
-        }
+        s[r] = apply_mask<CAUSAL, HAS_MASK, MASK_BOOL>(s[r], mask, mask_strides, b, hq, l, p, S, L);
       }
     } else {
 #pragma unroll
       for (int r = 0; r < R; r++) s[r] = NEG_INF;
     }
-
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-      const float mnew = fmaxf(m[r], warp_max(s[r]));
-      const float corr = (mnew == NEG_INF) ? 1.f : __expf(m[r] - mnew);
-      const float pr = (s[r] == NEG_INF) ? 0.f : __expf(s[r] - mnew);
-      lsum[r] = lsum[r] * corr + pr;
-      my_ps[lane * RP + r] = pr;
-#pragma unroll
-      for (int i = 0; i < DPL; i++) acc[r][i] *= corr;
-      m[r] = mnew;
-    }
+    softmax_tile<R, DPL>(s, m, lsum, acc, my_ps + lane * RP, 1.f);
     __syncwarp();
 
     const int bitoff = lane * DPL * VB;
@@ -358,18 +444,7 @@ _SPLIT_SOURCE = """
     __syncwarp();
   }
 
-#pragma unroll
-  for (int r = 0; r < R; r++) {
-    const float total = warp_sum(lsum[r]);
-    const int hq = kvh * NREP + r / L, l = r % L;
-    const long long rowid = ((long long)(b * HQ + hq) * L + l) * NS + split;
-#pragma unroll
-    for (int i = 0; i < DPL; i++) o_part[rowid * D + lane * DPL + i] = acc[r][i];
-    if (lane == 0) {
-      m_part[rowid] = m[r];
-      l_part[rowid] = total;
-    }
-  }
+  write_partials<R, DPL, D, NREP, L>(m, lsum, acc, o_part, m_part, l_part, b, kvh, HQ, NS, split, lane, lane * DPL);
 """
 
 # The tensor-core variant of the split kernel (fp16/bf16 queries, 2/4/8-bit K and V, at most
@@ -576,17 +651,7 @@ _MMA_SPLIT_SOURCE = """
           x = NEG_INF;
         } else {
           const int hq = kvh * NREP + grp / L, l = grp % L;
-          if constexpr (CAUSAL) {
-            if (p > S - L + l) x = NEG_INF;
-          }
-          if constexpr (HAS_MASK) {
-            const auto mv = mask[b * mask_strides[0] + hq * mask_strides[1] + l * mask_strides[2] + p * mask_strides[3]];
-            if constexpr (MASK_BOOL) {
-              if (!mv) x = NEG_INF;
-            } else {
-              x += (float)mv;
-            }
-          }
+          x = apply_mask<CAUSAL, HAS_MASK, MASK_BOOL>(x, mask, mask_strides, b, hq, l, p, S, L);
         }
         s[j][e] = x;
         tmax = fmaxf(tmax, x);
@@ -670,44 +735,13 @@ _MMA_SPLIT_SOURCE = """
   }
 """
 
-# One block per query row: thread (sp, d) folds splits sp, sp+SP, ... of dim d with a
+# One block per query row (`merge_splits`): thread (sp, d) folds splits sp, sp+SP, ... of dim d with a
 # running max, then the SP partial results are combined through shared memory.
 _MERGE_SOURCE = """
-  __shared__ float sm_m[SP * D], sm_l[SP * D], sm_o[SP * D];
+  __shared__ float sm[3 * SP * D];
   const long long row = blockIdx.x;
-  const int NS = m_part_shape[1];
-  const int d = threadIdx.x % D;
-  const int sp = threadIdx.x / D;
-  const float NEG_INF = OPTIQ_NEG_INF;
-  float m = NEG_INF, l = 0.f, o = 0.f;
-  for (int s = sp; s < NS; s += SP) {
-    const float ms = m_part[row * NS + s];
-    if (ms == NEG_INF) continue;
-    const float mn = fmaxf(m, ms);
-    const float a = (m == NEG_INF) ? 0.f : __expf(m - mn);
-    const float w = __expf(ms - mn);
-    o = o * a + w * o_part[(row * NS + s) * D + d];
-    l = l * a + w * l_part[row * NS + s];
-    m = mn;
-  }
-  sm_m[threadIdx.x] = m;
-  sm_l[threadIdx.x] = l;
-  sm_o[threadIdx.x] = o;
-  __syncthreads();
-  if (sp != 0) return;
-  float M = NEG_INF;
-  for (int k = 0; k < SP; k++) M = fmaxf(M, sm_m[k * D + d]);
-  float num = 0.f, den = 0.f;
-  if (M != NEG_INF) {
-    for (int k = 0; k < SP; k++) {
-      const float mk = sm_m[k * D + d];
-      if (mk == NEG_INF) continue;
-      const float w = __expf(mk - M);
-      num += w * sm_o[k * D + d];
-      den += w * sm_l[k * D + d];
-    }
-  }
-  out[row * D + d] = (T)(den > 0.f ? num / den : 0.f);
+  const float x = merge_splits<D, SP>(o_part, m_part, l_part, row, m_part_shape[1], sm);
+  if (threadIdx.x < D) out[row * D + threadIdx.x] = (T)x;  // the sp == 0 threads
 """
 
 

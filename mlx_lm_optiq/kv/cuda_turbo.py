@@ -282,36 +282,14 @@ _SPLIT_SOURCE = """
       vn = turbo_half_at(my_v + lane * VROW, VNORM);
 #pragma unroll
       for (int r = 0; r < R; r++) {
-        s[r] = kn * part[r];
         const int hq = kvh * NREP + r / L, l = r % L;
-        if constexpr (CAUSAL) {
-          if (p > S - L + l) s[r] = NEG_INF;
-        }
-        if constexpr (HAS_MASK) {
-          const auto mv = mask[b * mask_strides[0] + hq * mask_strides[1] + l * mask_strides[2] + p * mask_strides[3]];
-          if constexpr (MASK_BOOL) {
-            if (!mv) s[r] = NEG_INF;
-          } else {
-            s[r] += (float)mv;
-          }
-        }
+        s[r] = apply_mask<CAUSAL, HAS_MASK, MASK_BOOL>(kn * part[r], mask, mask_strides, b, hq, l, p, S, L);
       }
     } else {
 #pragma unroll
       for (int r = 0; r < R; r++) s[r] = NEG_INF;
     }
-
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-      const float mnew = fmaxf(m[r], warp_max(s[r]));
-      const float corr = (mnew == NEG_INF) ? 1.f : __expf(m[r] - mnew);
-      const float pr = (s[r] == NEG_INF) ? 0.f : __expf(s[r] - mnew);
-      lsum[r] = lsum[r] * corr + pr;
-      my_ps[lane * RP + r] = pr * vn;
-#pragma unroll
-      for (int i = 0; i < DPL; i++) acc[r][i] *= corr;
-      m[r] = mnew;
-    }
+    softmax_tile<R, DPL>(s, m, lsum, acc, my_ps + lane * RP, vn);  // the value pass weighs p by |v|
     __syncwarp();
 
     for (int t = 0; t < tn; t++) {
@@ -345,66 +323,24 @@ _SPLIT_SOURCE = """
     __syncwarp();
   }
 
-#pragma unroll
-  for (int r = 0; r < R; r++) {
-    const float total = warp_sum(lsum[r]);
-    const int hq = kvh * NREP + r / L, l = r % L;
-    const long long rowid = ((long long)(b * HQ + hq) * L + l) * NS + split;
-#pragma unroll
-    for (int i = 0; i < DPL; i++) o_part[rowid * D + dim0 + i] = acc[r][i];
-    if (lane == 0) {
-      m_part[rowid] = m[r];
-      l_part[rowid] = total;
-    }
-  }
+  write_partials<R, DPL, D, NREP, L>(m, lsum, acc, o_part, m_part, l_part, b, kvh, HQ, NS, split, lane, dim0);
 """
 
-# One block per query row: thread (sp, d) folds splits sp, sp+SP, ... of rotated dim d with a
+# One block per query row (`merge_splits`, as the affine merge): thread (sp, d) folds splits sp, sp+SP, ... of rotated dim d with a
 # running max, the SP partial results are combined through shared memory, and the merged
 # rotated output is rotated back (out = o' R_v, R_v row-major: coalesced over d).
 _MERGE_SOURCE = """
-  __shared__ float sm_m[SP * D], sm_l[SP * D], sm_o[SP * D];
+  __shared__ float sm[3 * SP * D];
   __shared__ float orot[D];
   const long long row = blockIdx.x;
-  const int NS = m_part_shape[1];
   const int d = threadIdx.x % D;
-  const int sp = threadIdx.x / D;
-  const float NEG_INF = OPTIQ_NEG_INF;
-  float m = NEG_INF, l = 0.f, o = 0.f;
-  for (int s = sp; s < NS; s += SP) {
-    const float ms = m_part[row * NS + s];
-    if (ms == NEG_INF) continue;
-    const float mn = fmaxf(m, ms);
-    const float a = (m == NEG_INF) ? 0.f : __expf(m - mn);
-    const float w = __expf(ms - mn);
-    o = o * a + w * o_part[(row * NS + s) * D + d];
-    l = l * a + w * l_part[row * NS + s];
-    m = mn;
-  }
-  sm_m[threadIdx.x] = m;
-  sm_l[threadIdx.x] = l;
-  sm_o[threadIdx.x] = o;
+  const float x = merge_splits<D, SP>(o_part, m_part, l_part, row, m_part_shape[1], sm);
+  if (threadIdx.x < D) orot[d] = x;  // the sp == 0 threads
   __syncthreads();
-  if (sp == 0) {
-    float M = NEG_INF;
-    for (int k = 0; k < SP; k++) M = fmaxf(M, sm_m[k * D + d]);
-    float num = 0.f, den = 0.f;
-    if (M != NEG_INF) {
-      for (int k = 0; k < SP; k++) {
-        const float mk = sm_m[k * D + d];
-        if (mk == NEG_INF) continue;
-        const float w = __expf(mk - M);
-        num += w * sm_o[k * D + d];
-        den += w * sm_l[k * D + d];
-      }
-    }
-    orot[d] = den > 0.f ? num / den : 0.f;
-  }
-  __syncthreads();
-  if (sp != 0) return;
-  float x = 0.f;
-  for (int e = 0; e < D; e++) x += orot[e] * rot[e * D + d];
-  out[row * D + d] = (T)x;
+  if (threadIdx.x >= D) return;
+  float y = 0.f;
+  for (int e = 0; e < D; e++) y += orot[e] * rot[e * D + d];
+  out[row * D + d] = (T)y;
 """
 
 
