@@ -11,13 +11,16 @@ checked only by `tests/test_kv_attention_device.py` on the device.
 
     pip download --no-deps -d /tmp/nvrtc nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12
     python scripts/check_cuda_kernels.py --wheels /tmp/nvrtc [--kernels affine turbo]
+    python scripts/check_cuda_kernels.py --compare HEAD~1   # a refactor: which variants' PTX changed
 """
 
 import argparse
 import ctypes
 import itertools
+import re
 import sys
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -159,8 +162,8 @@ def turbo_variants():
         )
 
 
-def compile_source(lib, include: Path, src: str, arch: str) -> str | None:
-    """None when NVRTC compiles `src`, else its log."""
+def compile_source(lib, include: Path, src: str, arch: str, want_ptx: bool = False) -> tuple[str | None, str]:
+    """(None when NVRTC compiles `src`, else its log; the PTX when asked for and compiled, else "")."""
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"kernel.cu", 0, None, None):
         raise SystemExit("nvrtcCreateProgram failed")
@@ -170,8 +173,55 @@ def compile_source(lib, include: Path, src: str, arch: str) -> str | None:
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     lib.nvrtcGetProgramLog(prog, log)
+    ptx = ""
+    if want_ptx and not status:
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, buf)
+        ptx = buf.value.decode()
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return log.value.decode(errors="replace") if status else None
+    return (log.value.decode(errors="replace") if status else None), ptx
+
+
+def instructions(ptx: str) -> Counter:
+    """The PTX's lines as a multiset, register numbers and block labels erased: two sources whose
+    kernels differ only in instruction order and register allocation compare equal."""
+    lines = (line.strip() for line in ptx.splitlines())
+    return Counter(
+        re.sub(r"%(r|rd|f|fd|p|rs|h|hh)\d+", r"%\1", re.sub(r"\$L__BB\d+_\d+", "L", line))
+        for line in lines
+        if line and not line.startswith("//")
+    )
+
+
+def sources_at(rev: str, kernels: list[str]) -> dict[str, str]:
+    """{label: source} of every variant as the kernel modules stood at git revision `rev` (their
+    text read with git show and executed as stand-ins, so a refactor can be compared with the
+    code before it: same labels, same constants)."""
+    import subprocess
+    import types
+
+    def load(name: str, path: str) -> types.ModuleType:
+        text = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
+        module = types.ModuleType(name)
+        module.__file__ = path
+        exec(compile(text, f"{rev}:{path}", "exec"), module.__dict__)
+        return module
+
+    global cuda_attention, cuda_turbo
+    now = cuda_attention, cuda_turbo, sys.modules["mlx_lm_optiq.kv.cuda_attention"]
+    try:
+        cuda_attention = load("mlx_lm_optiq.kv.cuda_attention", "mlx_lm_optiq/kv/cuda_attention.py")
+        sys.modules["mlx_lm_optiq.kv.cuda_attention"] = cuda_attention  # what cuda_turbo imports
+        cuda_turbo = load("mlx_lm_optiq.kv.cuda_turbo", "mlx_lm_optiq/kv/cuda_turbo.py")
+        return dict(chosen_variants(kernels))
+    finally:
+        cuda_attention, cuda_turbo, sys.modules["mlx_lm_optiq.kv.cuda_attention"] = now
+
+
+def chosen_variants(kernels: list[str]):
+    yield from variants() if "affine" in kernels else ()
+    yield from turbo_variants() if "turbo" in kernels else ()
 
 
 def main():
@@ -181,18 +231,36 @@ def main():
     p.add_argument(
         "--kernels", nargs="+", choices=["affine", "turbo"], default=["affine", "turbo"], help="which kernels"
     )
+    p.add_argument(
+        "--compare",
+        metavar="REV",
+        help="also compile every variant as the kernel sources stood at git revision REV and say which "
+        "compile to a different PTX instruction multiset (a refactor's check without a GPU)",
+    )
     args = p.parse_args()
     libpath, include = unpack(args.wheels)
     lib = ctypes.CDLL(str(libpath))
-    failed = 0
-    chosen = [*(variants() if "affine" in args.kernels else []), *(turbo_variants() if "turbo" in args.kernels else [])]
-    for label, src in chosen:
-        log = compile_source(lib, include, src, args.arch)
-        print(f"{'ok  ' if log is None else 'FAIL'} {label}")
+    before = sources_at(args.compare, args.kernels) if args.compare else {}
+    failed, changed = 0, []
+    for label, src in chosen_variants(args.kernels):
+        log, ptx = compile_source(lib, include, src, args.arch, want_ptx=label in before)
+        note = ""
+        if log is None and label in before:
+            old_log, old_ptx = compile_source(lib, include, before[label], args.arch, want_ptx=True)
+            if old_log is None and instructions(old_ptx) != instructions(ptx):
+                changed.append(label)
+                note = f"  (PTX differs from {args.compare})"
+        print(f"{'ok  ' if log is None else 'FAIL'} {label}{note}")
         if log is not None:
             failed += 1
             print(log)
     print(f"{failed} of the variants failed to compile" if failed else "every variant compiles")
+    if args.compare:
+        same = sum(1 for label, _ in chosen_variants(args.kernels) if label in before) - len(changed)
+        print(
+            f"{same} compile to the same PTX instructions as at {args.compare} (order and registers aside), "
+            f"{len(changed)} differ" + (f": {', '.join(changed)}" if changed else "")
+        )
     sys.exit(1 if failed else 0)
 
 
