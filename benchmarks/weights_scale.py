@@ -2,7 +2,7 @@
 (sweep + planning + writing + stock reload check) on a random-weight model of a real LLM's shape.
 
     python benchmarks/weights_scale.py --shape 8b                                  # bf16 source, defaults
-    python benchmarks/weights_scale.py --shape 70b --source q4 --convert '{"optiq_reference": "low-bit"}'
+    python benchmarks/weights_scale.py --shape 70b --source q4 --output-dir /dev/shm/optiq-scale  # defaults
     python benchmarks/weights_scale.py --shape tiny                                # CPU smoke run, seconds
 
 Speed and memory do not depend on the weight values, so a random-weight model of the 8B/70B
@@ -14,6 +14,20 @@ bundled SmolLM2 tokenizer (token ids < 49152 of the 128k embedding). The convert
 own process with the optiq hooks on and only the flags `--convert` adds (the backend defaults
 otherwise); its [INFO] lines, the wall time, and the process's peak device memory are printed,
 and written to --out as JSON. A built source is reused from --workdir.
+
+The 70B from a 4-bit source with the defaults: its dequantization (141 GB in bf16) does not fit
+in memory, so the Fisher sweep holds the model quantized (~40 GB) and makes one chunk of modules
+float at a time (weights/sweep.py, "Held quantized"; samples x chunks backward passes), and the
+writer is rtn (gptq would load the whole float model). An rtn write from a quantized source
+re-quantizes it module by module from the source itself (weights/pipeline.py `write_model`):
+no dequantized copy on disk or in memory. Disk: the source (~40 GB, 4-bit g64 with bf16 scales)
+in --workdir, and under --output-dir the converted model (~40 GB at 4.5 BPW; written to a
+staging directory there and renamed). Both on one disk need ~80 GB: more than the 1-GPU
+device's 64 GiB, so give the output another filesystem (`--output-dir /dev/shm/...`: ~40 GB of
+its 128 GiB of memory, beside the process). Only a gptq write from a quantized source (a source
+whose float model fits: the default writer there) still stages the dequantized copy (2 bytes a
+parameter) beside the output. The space under --output-dir is checked before the convert starts
+(`check_space`); nothing of this was measured on the device yet.
 """
 
 import argparse
@@ -47,6 +61,48 @@ SHAPES = {
     "70b": dict(LLAMA, hidden_size=8192, num_hidden_layers=80, intermediate_size=28672, num_attention_heads=64,
                 num_key_value_heads=8, head_dim=128),
 }  # fmt: skip
+
+
+def parameter_count(shape: str) -> int:
+    """Parameters of the llama `shape` (embedding, head, attention and MLP projections; norms left out)."""
+    c = SHAPES[shape]
+    h, heads, kv, hd = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    attention = 2 * h * heads * hd + 2 * h * kv * hd
+    mlp = 3 * h * c["intermediate_size"]
+    heads_and_embedding = (1 if c["tie_word_embeddings"] else 2) * c["vocab_size"] * h
+    return c["num_hidden_layers"] * (attention + mlp) + heads_and_embedding
+
+
+def stages_float_copy(shape: str, source: str, extra: dict) -> bool:
+    """Whether the convert will stage the dequantized float copy beside its output: only a quantized
+    source written with gptq (asked for, or the default where its float model fits in memory and the
+    reference is not the low-bit one); rtn re-quantizes the source module by module without one."""
+    if source != "q4":
+        return False
+    if extra.get("optiq_writer") is not None:
+        return extra["optiq_writer"] == "gptq"
+    if extra.get("optiq_reference") == "low-bit":
+        return False
+    from mlx_lm_optiq.weights import pipeline
+
+    return pipeline._float_fits(parameter_count(shape))  # else held quantized: rtn
+
+
+def check_space(shape: str, source: str, out_dir: Path, bpw: float, staged: bool = False) -> None:
+    """Refuse to start a convert whose output (and, when `staged` (`stages_float_copy`), the
+    dequantized bf16 copy in its staging directory) would not fit the free space under `out_dir`:
+    a 70B convert would otherwise fail after the sweep, with a full disk. The source is not
+    counted: it is already on its disk (--workdir)."""
+    n = parameter_count(shape)
+    need = n * bpw / 8 * 1.05 + (2 * n if staged else 0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        copy = f" + the dequantized float copy ({2 * n / 1e9:.0f} GB)" if staged else ""
+        raise SystemExit(
+            f"[scale] --output-dir {out_dir}: {free / 1e9:.0f} GB free, the convert needs ~{need / 1e9:.0f} GB "
+            f"(the {bpw:g}-BPW output{copy}): choose a larger --output-dir"
+        )
 
 
 def build_source(shape: str, source: str, dst: Path, tokenizer_from: Path) -> Path:
@@ -139,6 +195,12 @@ def main(argv=None):
     )
     p.add_argument("--tokenizer", default=str(SHARED / "models" / "smollm2-135m-instruct-q4-exact"))
     p.add_argument("--workdir", default="/tmp/optiq-weights-scale")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="Where the converted model and the convert's staging directory go, e.g. /dev/shm/... when the "
+        "disk cannot hold the source and the output (the 70B q4 on a 64 GiB disk; default: --workdir).",
+    )
     p.add_argument("--out", default=None, help="Write the result as JSON here.")
     p.add_argument("--build-only", action="store_true", help="Build the source in --workdir and stop.")
     p.add_argument(
@@ -160,8 +222,10 @@ def main(argv=None):
     src = build_source(args.shape, args.source, work / f"src-{args.shape}-{args.source}", Path(args.tokenizer))
     if args.build_only:
         return None
-    out = work / f"out-{args.shape}-{args.source}-{args.bpw:g}"
+    out_dir = Path(args.output_dir) if args.output_dir else work
+    out = out_dir / f"out-{args.shape}-{args.source}-{args.bpw:g}"
     shutil.rmtree(out, ignore_errors=True)
+    check_space(args.shape, args.source, out_dir, args.bpw, stages_float_copy(args.shape, args.source, extra))
     cmd = [sys.executable, "-u", "-c", CONVERT, str(src), str(out), str(args.bpw), json.dumps(extra)]
     log_path = Path(args.log) if args.log else out.with_name(out.name + ".log")
     t0 = time.perf_counter()

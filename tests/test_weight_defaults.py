@@ -287,3 +287,44 @@ def test_distillation_is_a_gpu_default_fitted_to_the_model(monkeypatch):
     c = WeightsConfig(target_bpw=3.5)
     pipeline.fit_distill_to_model(c, big, 512)
     assert c.distill_steps is None and "does not fit in memory" in c.distill_note
+
+
+def test_a_quantized_source_that_does_not_fit_measures_with_fisher_held_quantized(monkeypatch):
+    """Issue 13 item 5: a quantized source whose dequantization does not fit keeps fisher (CPU) or
+    gets it instead of exact (GPU: exact would need the low-bit reference, hours at 70B), with the
+    float reference held quantized; the line says so and that the writer is rtn; a table that was
+    held quantized is written with rtn, and gptq asked for is an error naming the writer. A
+    checkpoint or the low-bit reference keep exact; a float source keeps the earlier rules."""
+    from mlx_lm_optiq.weights import sweep
+
+    monkeypatch.setattr(sweep, "_memory_budget", lambda: 2**30)
+    big = 70_553_706_496  # the 70B llama shape
+    for name, note in (("cpu", None), ("cuda", "fisher: the dequantized model does not fit in memory")):
+        monkeypatch.setattr(backend, "compute_backend", lambda name=name: name)
+        c = WeightsConfig(target_bpw=4.5)
+        pipeline.fit_method_to_model(c, big, SIXTEEN, quantized=True)
+        assert c.sensitivity_method == "fisher"
+        assert (c.method_note or None) == note or c.method_note.startswith(note)
+        assert pipeline.holds_quantized(c, big, True) and not pipeline.holds_quantized(c, big, False)
+        line = pipeline.measurement_line(c, SIXTEEN, big, _flag, held_chunks=7)
+        assert "writer rtn" in line and "float reference held quantized" in line
+        assert "~7 chunks of modules, one backward per sample and chunk (~112 backward passes" in line
+        assert "rtn because gptq loads the whole float model" in line
+        float_source = WeightsConfig(target_bpw=4.5)
+        pipeline.fit_method_to_model(float_source, big, SIXTEEN)
+        assert float_source.sensitivity_method == "exact"  # the low-bit reference, as before
+    kept = [
+        WeightsConfig(target_bpw=4.5, checkpoint="sweep.json"),
+        WeightsConfig(target_bpw=4.5, reference="low-bit", writer="rtn"),
+    ]
+    for c in kept:
+        pipeline.fit_method_to_model(c, big, SIXTEEN, quantized=True)
+        assert c.sensitivity_method == "exact" and not pipeline.holds_quantized(c, big, True)
+    monkeypatch.setattr(sweep, "_memory_budget", lambda: 2**50)  # fits: resident, as before
+    assert not pipeline.holds_quantized(WeightsConfig(target_bpw=4.5), big, True)
+    held = {"reference": "float", "held_quantized": {"chunks": 7, "chunk_bytes": 2**36, "backward_passes": 112}}
+    assert pipeline.resolve_writer(WeightsConfig(target_bpw=4.5), held) == "rtn"
+    assert "does not fit in memory" in pipeline.writer_reason(WeightsConfig(target_bpw=4.5), held)
+    assert pipeline.resolve_writer(WeightsConfig(target_bpw=4.5), {"reference": "float"}) == "gptq"
+    with pytest.raises(ConfigError, match="writer: gptq loads the whole float model"):
+        pipeline.resolve_writer(WeightsConfig(target_bpw=4.5, writer="gptq"), held)

@@ -238,3 +238,87 @@ def write_float_source(model_path: str | Path, dst: Path) -> Path:
     model = dequantize_model(model)
     save(dst, model_path, model, tokenizer, config)
     return dst
+
+
+def float_leaf(module: Any) -> Any:
+    """The float module of a quantized leaf, exactly as mlx_lm's `dequantize_model` makes it (its
+    own function, run on a holder of this one module: the same classes, dequantized in the scales'
+    dtype), or None when `dequantize_model` leaves the module as it is. Lazy weights stay lazy."""
+    import mlx.nn as nn
+    from mlx_lm import utils
+
+    holder = nn.Module()
+    holder.m = module
+    utils.dequantize_model(holder)
+    out = holder.m
+    return None if out is module else out
+
+
+def requantize_leaves(
+    model: Any,
+    config: dict,
+    quantization: tuple[int, int, str],
+    quant_predicate: Any,
+    dtype: Any = None,
+    progress: bool = True,
+) -> dict:
+    """Stock convert's `-q` of the dequantized `model`, one leaf module at a time; returns the config
+    stock `quantize_model` would write (`config`: the source's, without its quantization entries).
+
+    What `write_float_source` + stock convert do to the whole model, done per leaf and evaluated
+    before the next: a quantized leaf is dequantized (`float_leaf`), its floats cast to `dtype` as
+    stock convert casts them (`model.cast_predicate`), `quant_predicate` is asked under stock
+    `quantize_model`'s rules (a leaf with `to_quantized` whose input dim the top-level group size
+    divides; a dict result is the module's config entry), stock `nn.quantize` makes the quantized
+    module, which replaces the leaf. The source leaf is dropped once replaced, so memory holds the
+    written modules, the source still to read (a lazily loaded source: not yet read) and one float
+    module. quantization: the top-level (group_size, bits, mode)."""
+    import copy
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map_with_path
+    from tqdm import tqdm
+
+    if "quantization" in config or "quantization_config" in config:
+        raise ModelError("requantize_leaves: pass the config without its quantization entries")
+    group_size, bits, mode = quantization
+    cast_predicate = getattr(model, "cast_predicate", lambda _: True)
+
+    def cast(prefix: str, params: Any) -> Any:
+        def one(k, v):
+            if dtype is not None and cast_predicate(prefix + k) and mx.issubdtype(v.dtype, mx.floating):
+                return v if v.dtype == dtype else v.astype(dtype)
+            return v
+
+        return tree_map_with_path(one, params)
+
+    quantized_config = copy.deepcopy(config)
+    quantized_config["quantization"] = {"group_size": group_size, "bits": bits, "mode": mode}
+    # Paths only: a list of the modules themselves would keep every source leaf (and its read
+    # arrays) alive to the end.
+    paths = [p for p, _ in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)]
+    for path in tqdm(paths, desc="optiq: re-quantizing module by module", disable=not progress):
+        source = get_module(model, path)
+        module = float_leaf(source) if "scales" in source else None
+        module = source if module is None else module
+        module.update(cast(path + ".", module.parameters()))
+        params = False
+        if hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0:
+            params = quant_predicate(path, module)
+        if isinstance(params, dict):
+            quantized_config["quantization"][path] = params
+        if params:
+            holder = nn.Module()
+            holder.m = module
+            nn.quantize(holder, group_size, bits, mode=mode, class_predicate=lambda _, m, params=params: params)
+            module = holder.m
+            del holder
+        mx.eval(module.parameters())
+        if module is not source:
+            set_module(model, path, module)
+        del source, module
+        mx.clear_cache()
+    model.update(cast("", model.parameters()))  # parameters outside the leaves, as stock casts them
+    quantized_config["quantization_config"] = quantized_config["quantization"]
+    return quantized_config

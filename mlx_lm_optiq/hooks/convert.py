@@ -6,6 +6,9 @@ Extensions (modules listed in EXTENSIONS) each provide:
   before_convert(call, options) -> state or None
                                        may change stock convert's arguments `call` (e.g.
                                        quant_predicate); what it returns is this call's state
+  write_model(out_dir, call, options, state) -> bool      (optional)
+                                       write the model into out_dir itself instead of stock
+                                       convert (True), or leave it to stock convert (False)
   after_convert(out_dir, call, options, state)
                                        write sidecars into the staging directory; `state`
                                        is what before_convert returned for this call
@@ -66,6 +69,16 @@ def _check_source(call: dict) -> None:
     model_tree.read_model_config(model_tree.resolve_model_path(call["hf_path"], call.get("revision")))
 
 
+def _written_by_extension(exts, states, out: Path, call: dict, options: dict) -> bool:
+    """Whether an extension wrote the model into `out` itself (its `write_model`): the first that
+    does replaces stock convert's writing."""
+    for ext, state in zip(exts, states):
+        write = getattr(ext, "write_model", None)
+        if write is not None and write(out, call, options, state):
+            return True
+    return False
+
+
 def _convert(wrapped, instance, args, kwargs):
     kwargs = dict(kwargs)
     options = pop_options(kwargs)  # stock convert() rejects unknown keywords
@@ -86,8 +99,9 @@ def _convert(wrapped, instance, args, kwargs):
         # stock convert refuses an existing directory: hand it a fresh child path
         call["mlx_path"] = str(staging / "model")
         states = [ext.before_convert(call, options) for ext in exts]
-        wrapped(**call)
         out = staging / "model"
+        if not _written_by_extension(exts, states, out, call, options):
+            wrapped(**call)
         for ext, state in zip(exts, states):
             ext.after_convert(out, call, options, state)
         for p in out.iterdir():

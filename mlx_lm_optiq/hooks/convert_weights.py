@@ -1,8 +1,9 @@
 """Convert extension: sensitivity-aware mixed-precision weights (`--optiq-target-bpw`).
 
 Translates flags into a `weights.config.WeightsConfig`, runs `weights.pipeline`, and
-puts its result into the stock convert call; after stock convert wrote the model,
-`pipeline.finish_weights` verifies it and writes optiq_metadata.json. Errors below
+puts its result into the stock convert call, or, for a quantized source written with rtn,
+writes the model itself (`pipeline.write_model`: module by module, no dequantized copy);
+then `pipeline.finish_weights` verifies it and writes optiq_metadata.json. Errors below
 name config fields; here they are spelled as the flags the user typed.
 """
 
@@ -94,6 +95,21 @@ def before_convert(call: dict[str, Any], options: dict[str, Any]) -> WeightsCall
     call["q_group_size"], call["q_bits"], call["q_mode"] = result.quantization
     call["quant_predicate"] = result.quant_predicate
     return WeightsCall(config, result)
+
+
+def write_model(out_dir: Path, call: dict[str, Any], options: dict[str, Any], state: WeightsCall) -> bool:
+    """Write the planned model instead of stock convert where the plan says so (`result.direct`:
+    rtn from a quantized source); False leaves the writing to stock convert."""
+    if state.result is None or not state.result.direct:
+        return False
+    with _as_flags():
+        pipeline.write_model(
+            state.result,
+            out_dir,
+            dtype=call.get("dtype"),
+            trust_remote_code=bool(call.get("trust_remote_code", False)),
+        )
+    return True
 
 
 def after_convert(out_dir: Path, call: dict[str, Any], options: dict[str, Any], state: WeightsCall) -> None:

@@ -10,7 +10,12 @@ from mlx_lm_optiq.core import backend as _backend
 from mlx_lm_optiq.core.calibration import load_calibration
 from mlx_lm_optiq.core.errors import user_errors
 from mlx_lm_optiq.core.formats import check_with_mlx, parse_candidates
-from mlx_lm_optiq.core.model_tree import load_float_model, read_model_config, resolve_model_path
+from mlx_lm_optiq.core.model_tree import (
+    is_quantized_checkpoint,
+    load_float_model,
+    read_model_config,
+    resolve_model_path,
+)
 from mlx_lm_optiq.weights import clipping
 from mlx_lm_optiq.weights.config import measurement_defaults, per_backend_help
 from mlx_lm_optiq.weights.pipeline import method_for_model, parameter_count
@@ -102,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         candidates = check_with_mlx(parse_candidates(args.candidates))
         model_path = resolve_model_path(args.model)
-        read_model_config(model_path)
+        model_config = read_model_config(model_path)
         if method_defaulted:  # fitted to the model's size, as the convert does (shapes only: lazy)
             params = parameter_count(load_float_model(model_path)[0])
             fitted, why = method_for_model(
@@ -113,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 candidates=candidates,
                 checkpoint=args.checkpoint,
                 reference=args.reference,
+                # a quantized source that does not fit: fisher held quantized, not exact on low bits
+                quantized=is_quantized_checkpoint(model_config),
             )
             if why:
                 log_line(f"method {why.replace('`sensitivity_method`', '--method')}")

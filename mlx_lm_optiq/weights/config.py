@@ -141,6 +141,11 @@ GPTQ_NEEDS_FLOAT = (
     "low-bit `reference` is there to avoid: use `writer` rtn, or the float reference"
 )
 
+GPTQ_NEEDS_RESIDENT = (
+    "gptq loads the whole float model, and this quantized source's dequantization does not fit in memory "
+    "(the Fisher sweep holds it quantized): use `writer` rtn"
+)
+
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
@@ -237,7 +242,8 @@ class WeightsConfig:
             "How the planned affine modules are rounded: gptq (error-compensated: each rounding error is "
             "spread onto the input channels not yet rounded, from the calibration inputs' Hessian; same "
             "formats and scales) or rtn (round to nearest, stock). Default "
-            f"{gptq.DEFAULT_WRITER} with a float-reference sensitivity table, rtn with a low-bit one."
+            f"{gptq.DEFAULT_WRITER} with a float-reference sensitivity table, rtn with a low-bit one or where "
+            "a quantized source's dequantization does not fit in memory (the sweep then holds it quantized)."
         ),
     )
     distill_steps: int | None = field(

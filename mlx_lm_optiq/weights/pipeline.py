@@ -1,12 +1,18 @@
 """The weights feature end to end: `WeightsConfig` in, a plan for stock convert out.
 
     result = plan_weights(config, "org/model", staging_dir=tmp)   # before stock convert
-    mlx_lm.convert(..., quant_predicate=result.quant_predicate, ...)
+    if result.direct:                                              # rtn from a quantized source
+        write_model(result, out_dir)
+    else:
+        mlx_lm.convert(..., quant_predicate=result.quant_predicate, ...)
     finish_weights(result, out_dir, config)                        # after it
 
-`plan_weights` resolves the model, dequantizes a quantized source (stock `-q` cannot
-re-quantize it), loads or measures the per-module sensitivity table, checks it against
-the model and plans bits per module exactly under the budget. `finish_weights` reloads
+`plan_weights` resolves the model, loads or measures the per-module sensitivity table, checks
+it against the model and plans bits per module exactly under the budget. A quantized source
+written with rtn is written by `write_model` instead of stock convert (stock `-q` cannot
+re-quantize quantized layers): module by module from the quantized source, never the whole
+dequantized model; with gptq it is dequantized to a float copy that stock convert re-quantizes
+(`model_tree.write_float_source`). `finish_weights` reloads
 the written model with stock mlx-lm to check every layer and the BPW, rewrites a
 multi-modal checkpoint as text only when asked, and writes optiq_metadata.json.
 Data flows one way: this module calls the weights modules and core, never back.
@@ -31,6 +37,7 @@ from mlx_lm_optiq.weights.config import (
     DISTILL_DEFAULT_MAX_S,
     EXACT_DEFAULT_MAX_S,
     GPTQ_NEEDS_FLOAT,
+    GPTQ_NEEDS_RESIDENT,
     LOW_BIT_BELOW_BPW,
     WeightsConfig,
     added_low_bit_candidates,
@@ -50,7 +57,9 @@ class WeightsPlanResult:
     """What stock convert needs to write the planned model, and what the sidecar records.
 
     float_source: the dequantized copy stock convert must read instead of the quantized
-    source (None when the source is float). quantization: the top-level
+    source (None when the source is float, or when `direct`). direct: the model is written by
+    `write_model` from the quantized source, one module at a time, instead of by stock convert
+    (rtn from a quantized source). quantization: the top-level
     (group_size, bits, mode) of the converted config (`core.formats.top_level_quantization`).
     writer: "rtn" (stock convert's rounding is final) or "gptq" (`finish_weights` rewrites the
     planned affine modules with error-compensated codes from `tokens`, the calibration tokens,
@@ -68,6 +77,7 @@ class WeightsPlanResult:
     tokens: Any = None
     model_path: Path | None = None
     clipper: clipping.Clipper | None = None
+    direct: bool = False
 
 
 def plan_weights(
@@ -114,16 +124,15 @@ def plan_weights(
         plan.check_feasible(float_model, model_config, candidates, config.target_bpw, dtype, config.protect)
     else:
         plan.check_table_matches(table, float_model, source)
-    float_source = None
-    if quantized:
-        _info("dequantizing the quantized source to plan and re-quantize it")
-        float_source = model_tree.write_float_source(model_path, Path(staging_dir) / FLOAT_SOURCE_DIR)
     params = parameter_count(float_model)
     distill_length = distill_calibration(config, table or {}, source)[1] if config.distill_steps else 0
     fit_distill_to_model(config, params, distill_length)
     if table is None:
-        fit_method_to_model(config, params, candidates)
-        _info(measurement_line(config, candidates, params, spell))
+        fit_method_to_model(config, params, candidates, quantized=quantized)
+        held = held_chunks_estimate(model_path, params) if holds_quantized(config, params, quantized) else 0
+        if held and config.writer == "gptq":
+            raise ConfigError("writer", GPTQ_NEEDS_RESIDENT)
+        _info(measurement_line(config, candidates, params, spell, held_chunks=held))
         table = measure(model_path, config, tokens)
         plan.check_table_matches(table, float_model, source)
         writer = resolve_writer(config, table)
@@ -147,6 +156,12 @@ def plan_weights(
     if line:
         _info(line)
     clipper = clipping.from_table(table)  # one Clipper: the alphas stock's writing finds, gptq reuses
+    # A quantized source: rtn re-quantizes it module by module (`write_model`); gptq rewrites what
+    # stock convert wrote from the dequantized float copy.
+    direct, float_source = quantized and writer == "rtn", None
+    if quantized and not direct:
+        _info("dequantizing the quantized source to re-quantize it (the gptq writer reads the float copy)")
+        float_source = model_tree.write_float_source(model_path, Path(staging_dir) / FLOAT_SOURCE_DIR)
     return WeightsPlanResult(
         table=table,
         plan=result,
@@ -159,7 +174,49 @@ def plan_weights(
         tokens=tokens if writer == "gptq" else None,
         model_path=model_path,
         clipper=clipper,
+        direct=direct,
     )
+
+
+def write_model(
+    result: WeightsPlanResult,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write the planned model of a quantized source (`result.direct`) into `out_dir` as stock
+    convert would write it from the dequantized copy, without that copy: the source loaded lazily
+    with stock `load`, each module dequantized and re-quantized at its planned format (clipped as
+    the table records) and evaluated before the next (`model_tree.requantize_leaves`), then saved
+    with stock `save` (weights, config, tokenizer, the source's *.py and generation_config.json).
+    Memory: the written model, the source modules not yet read, one float module. dtype,
+    trust_remote_code: stock convert's arguments of those names."""
+    from mlx_lm.utils import compute_bits_per_weight, load, save
+
+    out_dir = Path(out_dir)
+    _info("re-quantizing the quantized source module by module (no dequantized copy)")
+    model, tokenizer, config = load(
+        str(result.model_path),
+        tokenizer_config={"trust_remote_code": trust_remote_code},
+        lazy=True,
+        return_config=True,
+        trust_remote_code=trust_remote_code,
+    )
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    config = model_tree.requantize_leaves(
+        model,
+        config,
+        result.quantization,
+        result.quant_predicate,
+        dtype=model_tree.conversion_dtype(config, dtype),
+        progress=progress,
+    )
+    _info(f"re-quantized: {compute_bits_per_weight(model):.3f} bits per weight")
+    save(out_dir, result.model_path, model, tokenizer, config)
+    return out_dir
 
 
 # Measured times of the 134.5M-parameter bundled model (docs/weights.md), from which
@@ -193,18 +250,26 @@ def typical_seconds(backend: str, method: str, params: int, tokens: int, candida
 
 
 def measurement_line(
-    config: WeightsConfig, candidates: list[Candidate], params: int, spell: Callable[[str], str] = str
+    config: WeightsConfig,
+    candidates: list[Candidate],
+    params: int,
+    spell: Callable[[str], str] = str,
+    *,
+    held_chunks: int = 0,
 ) -> str:
     """The one line that says what a measuring convert runs, on which backend, for about how long.
 
     Backend, method, candidates, calibration size, writer and a rough time (`typical_seconds`);
     which settings came from the backend's defaults, and on a CPU what a GPU would run instead
-    and what that would cost here (the user can ask for it explicitly)."""
+    and what that would cost here (the user can ask for it explicitly). held_chunks: when the sweep
+    will hold the float reference quantized (`holds_quantized`), about how many chunks
+    (`held_chunks_estimate`; 0: not held): said, with the backward passes that makes (the rough
+    time counts the resident sweep's, so it errs short), and the writer is rtn."""
     c = config
     backend = c.backend or "cpu"
     samples, length = c.num_samples, c.sequence_length
     tokens = samples * length
-    writer = c.writer or ("rtn" if c.reference == "low-bit" else gptq.DEFAULT_WRITER)
+    writer = c.writer or ("rtn" if c.reference == "low-bit" or held_chunks else gptq.DEFAULT_WRITER)
     keys = ",".join(candidate_key(**x) for x in candidates)
     where = "2 CPU cores" if backend == "cpu" else "an H200"
     line = (
@@ -213,6 +278,12 @@ def measurement_line(
         f"{writer}: ~{format_duration(typical_seconds(backend, c.sensitivity_method, params, tokens, candidates))} "
         f"(rough: measured times on {where}, scaled to {params / 1e6:.0f}M parameters)"
     )
+    if held_chunks:
+        line += (
+            f"; float reference held quantized (its dequantization does not fit in memory): ~{held_chunks} "
+            f"chunks of modules, one backward per sample and chunk (~{held_chunks * samples} backward passes, "
+            f"the time above counts {samples}; rtn because gptq loads the whole float model)"
+        )
     if c.method_note:
         line += "; method " + spell_fields(c.method_note, spell)
     if c.defaulted:
@@ -246,9 +317,12 @@ def _float_fits(params: int) -> bool:
     return params * size <= sweep._FLOAT_SHARE * sweep._memory_budget()
 
 
-def fit_method_to_model(config: WeightsConfig, params: int, candidates: list[Candidate]) -> None:
-    """Adjust a defaulted `sensitivity_method` to the model's size (`method_for_model`), saying
-    why in `method_note`. A method the user gave, or one already adjusted, is left alone."""
+def fit_method_to_model(
+    config: WeightsConfig, params: int, candidates: list[Candidate], *, quantized: bool = False
+) -> None:
+    """Adjust a defaulted `sensitivity_method` to the model's size (`method_for_model`; quantized:
+    the source is a quantized checkpoint), saying why in `method_note`. A method the user gave, or
+    one already adjusted, is left alone."""
     if "sensitivity_method" not in config.defaulted or config.method_note is not None:
         return
     config.sensitivity_method, config.method_note = method_for_model(
@@ -259,6 +333,35 @@ def fit_method_to_model(config: WeightsConfig, params: int, candidates: list[Can
         candidates=candidates,
         checkpoint=config.checkpoint,
         reference=config.reference,
+        quantized=quantized,
+    )
+
+
+def held_chunks_estimate(model_path: str | Path, params: int) -> int:
+    """About how many chunks a held-quantized Fisher sweep of the quantized checkpoint at
+    `model_path` (`params` float parameters) takes: the sweep's rule (weights/sweep.py) with the
+    quantized model's size read from its safetensors files instead of loading it."""
+    import math
+
+    import mlx.core as mx
+
+    size = 4 if mx.default_device() == mx.cpu else 2  # the sweep's compute dtype, as `_float_fits`
+    stored = sum(f.stat().st_size for f in Path(model_path).glob("model*.safetensors"))
+    room = sweep._FLOAT_SHARE * sweep._memory_budget() - stored
+    need = params * (2 * size + sweep._ACCUMULATOR_BYTES)
+    return max(1, math.ceil(need / room)) if room > 0 else 1
+
+
+def holds_quantized(config: WeightsConfig, params: int, quantized: bool) -> bool:
+    """Whether the sweep will hold the float reference quantized (weights/sweep.py, "Held
+    quantized"): fisher on a quantized source whose dequantized model does not fit in memory,
+    with the float reference (given or auto). The sweep decides from the same rule; the table it
+    writes records what it did (`held_quantized`), which is what the writer follows."""
+    return (
+        quantized
+        and config.sensitivity_method == "fisher"
+        and config.reference in (None, "auto", "float")
+        and not _float_fits(params)
     )
 
 
@@ -271,22 +374,39 @@ def method_for_model(
     candidates: list[Candidate],
     checkpoint: str | None,
     reference: str | None,
+    quantized: bool = False,
 ) -> tuple[str, str | None]:
     """The backend's default `method` fitted to a model of `params` parameters: (method, why it
-    changed or None). The convert (`fit_method_to_model`) and the table command ask this.
+    changed or None). The convert (`fit_method_to_model`) and the table command ask this;
+    quantized: the source is a quantized checkpoint (both read it from its config.json).
 
     A fisher default needs the float reference: when `reference` auto will pick the low-bit one
-    (the float model does not fit), exact instead. An exact default (a GPU) costs one forward of
-    the blocks after each module per module and candidate: when its rough time
-    (`typical_seconds`) is over EXACT_DEFAULT_MAX_S and fisher can run (the float model fits, no
-    checkpoint to resume, not the low-bit reference), fisher, which planned within 3% KL of
-    exact on the GPU benchmark and took 19 s where exact x 2 candidates took 135 s (8B shape)."""
+    (the float model does not fit), exact instead — unless the source is quantized: then fisher
+    holds it quantized and dequantizes a chunk of modules at a time (weights/sweep.py). An exact
+    default (a GPU) costs one forward of the blocks after each module per module and candidate:
+    when its rough time (`typical_seconds`) is over EXACT_DEFAULT_MAX_S and fisher can run (the
+    float model fits, no checkpoint to resume, not the low-bit reference), fisher, which planned
+    within 3% KL of exact on the GPU benchmark and took 19 s where exact x 2 candidates took
+    135 s (8B shape). Where the float model does not fit, exact needs the low-bit reference (a
+    70B: 80 blocks x 16 candidates, hours); a quantized source then measures with fisher held
+    quantized instead."""
+    fits = _float_fits(params)
+    can_hold = quantized and checkpoint is None and reference in (None, "auto", "float")
     if method == "fisher":
-        if reference in (None, "auto") and not _float_fits(params):
+        if reference in (None, "auto") and not fits and not can_hold:
             return "exact", "exact: the float model does not fit in memory, and fisher needs it"
         return method, None
-    if checkpoint is not None or reference == "low-bit" or not _float_fits(params):
+    if checkpoint is not None or reference == "low-bit":
         return method, None
+    if not fits:
+        if not can_hold:
+            return method, None
+        exact = typical_seconds(backend, "exact", params, tokens, candidates)
+        return "fisher", (
+            f"fisher: the dequantized model does not fit in memory, so exact would run on the low-bit "
+            f"reference (~{format_duration(exact)} or more); fisher holds the model quantized and makes "
+            "a chunk of modules float at a time (give `sensitivity_method` exact to run exact)"
+        )
     exact = typical_seconds(backend, "exact", params, tokens, candidates)
     if exact <= EXACT_DEFAULT_MAX_S:
         return method, None
@@ -298,11 +418,16 @@ def method_for_model(
 
 def resolve_writer(config: WeightsConfig, table: dict[str, Any]) -> str:
     """The writer of this conversion: `config.writer`, else gptq.DEFAULT_WRITER; rtn for a table
-    measured with the low-bit reference (gptq needs the float model's inputs: ConfigError on
-    `writer` when it was asked for explicitly)."""
+    measured with the low-bit reference (gptq needs the float model's inputs) or with the float
+    reference held quantized (gptq loads the whole float model, which did not fit): a ConfigError
+    on `writer` when gptq was asked for explicitly."""
     if table.get("reference") == "low-bit":
         if config.writer == "gptq":
             raise ConfigError("writer", GPTQ_NEEDS_FLOAT)
+        return "rtn"
+    if table.get("held_quantized"):
+        if config.writer == "gptq":
+            raise ConfigError("writer", GPTQ_NEEDS_RESIDENT)
         return "rtn"
     return config.writer or gptq.DEFAULT_WRITER
 
@@ -313,6 +438,12 @@ def writer_reason(config: WeightsConfig, table: dict[str, Any]) -> str:
         return "as asked"
     if table.get("reference") == "low-bit":
         return "round to nearest: the table was measured with the low-bit reference and gptq needs the float model"
+    if table.get("held_quantized"):
+        return (
+            "round to nearest: the dequantized model does not fit in memory (the sweep held it quantized), "
+            "and gptq loads it whole and factorises every layer's input Hessian on the CPU (a 70B's "
+            "28672-wide ones: over an hour)"
+        )
     return "the default: error-compensated rounding on the calibration inputs, same formats and size as planned"
 
 

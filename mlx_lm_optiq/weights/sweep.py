@@ -22,7 +22,8 @@ Reference modes (what "ref" and "probe" are; the probes live in probes.py):
            in the low-bit context, comparable across modules and candidates, which
            is what the knapsack needs; they exclude the (unmeasured) damage of the
            top candidate itself.
-  auto     float when the float model fits comfortably in memory, else low-bit.
+  auto     float when the float model fits comfortably in memory, else low-bit; with
+           method fisher and a quantized input, float held quantized instead (below).
 
 Methods:
   exact    one forward per (module, candidate, batch). The reference logits and
@@ -33,6 +34,19 @@ Methods:
            Fisher F = sum over samples of (d log p(y)/dW)^2 with y sampled from the
            model, and kl[m][c] ~= 0.5 * sum(F * (W - Q_c(W))^2) / num_tokens — the
            second-order estimate of the same KL, in the same units.
+
+Held quantized (fisher, quantized input whose dequantization does not fit): the float
+reference of a quantized input is its dequantization, but it need not be resident all
+at once. The model stays as stored (QuantizedLinear/QuantizedEmbedding); the measured
+modules are split into chunks that fit the memory budget (float weight + gradient at
+the compute dtype + fp32 accumulator per parameter), and for each chunk its modules are
+swapped for float ones holding their dequantized weights, every calibration sample's
+backward runs with gradients for that chunk only, the chunk's predicted KL sums are
+taken exactly as above, and the quantized modules go back. Same table as the float
+reference (to float rounding: the modules outside the chunk compute with the quantized
+kernels, whose dequantization is not rounded to the checkpoint's dtype), for samples x
+chunks backward passes instead of samples; the labels are sampled once per sample, with
+the same keys, from the held model. The table records it in `held_quantized`.
 
 Group ranges (clipping="activation", the default): every probe quantizes with each
 affine group's range clipped by activation-weighted error (clipping.py), from input
@@ -57,7 +71,13 @@ import numpy as np
 
 from mlx_lm_optiq.core.backend import warn_if_slow_blas
 from mlx_lm_optiq.core.formats import applicable, candidate_key, check_with_mlx, parse_candidates
-from mlx_lm_optiq.core.model_tree import dequantize, float_dtype_of, quantizable_modules, resolve_model_path
+from mlx_lm_optiq.core.model_tree import (
+    dequantize,
+    float_dtype_of,
+    quantizable_modules,
+    resolve_model_path,
+    set_module,
+)
 from mlx_lm_optiq.weights import clipping
 from mlx_lm_optiq.weights.checkpoint import SweepCheckpoint
 from mlx_lm_optiq.weights.probes import (
@@ -99,9 +119,17 @@ class SweepSettings:
       Same numbers either way (to float rounding).
     dtype: compute dtype, an mx.Dtype or its name (default float32 on CPU, the
       checkpoint's float dtype elsewhere).
-    memory_budget: bytes `reference="auto"` compares the float model against; on a
-      GPU, stacked probe passes may use 10% of it (at least 1 GiB) for logits.
+    memory_budget: bytes `reference="auto"` (and the held-quantized Fisher rule and its
+      chunks) compare the float model against; on a GPU, stacked probe passes may use 10% of
+      it (at least 1 GiB) for logits.
     seed: seed of the Fisher method's sampled labels.
+    hold_quantized: fisher with a quantized input: keep the model quantized and make one
+      chunk of modules float at a time (module docstring). None (default): when the
+      dequantized model would not fit (`_FLOAT_SHARE` of the memory budget); True: always;
+      False: never (the whole dequantized model is resident).
+    chunk_bytes: bytes a held-quantized chunk may take (float weight + gradient at the
+      compute dtype + fp32 accumulator, per parameter); None (default): `_FLOAT_SHARE` of
+      the memory budget less what the quantized model takes. Small values force many chunks.
     checkpoint_path: resume file of an exact sweep (weights/checkpoint.py); a sharded
       sweep writes one per rank (PATH.rankR-of-N).
     """
@@ -117,6 +145,8 @@ class SweepSettings:
     memory_budget: int | None = None
     seed: int = 0
     checkpoint_path: str | Path | None = None
+    hold_quantized: bool | None = None
+    chunk_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -125,6 +155,13 @@ class SweepSettings:
             raise SensitivityError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.clipping not in clipping.METHODS:
             raise SensitivityError(f"clipping must be one of {clipping.METHODS}, got {self.clipping!r}")
+        if self.hold_quantized and (self.method != "fisher" or self.reference == "low-bit"):
+            raise SensitivityError(
+                "hold_quantized holds the float reference of a Fisher sweep quantized: it needs method "
+                f"'fisher' and the float reference, got method {self.method!r}, reference {self.reference!r}"
+            )
+        if self.chunk_bytes is not None and not self.chunk_bytes >= 1:
+            raise SensitivityError(f"chunk_bytes must be a positive number of bytes, got {self.chunk_bytes!r}")
         if self.method == "fisher" and self.checkpoint_path is not None:
             raise SensitivityError(
                 "a checkpoint resumes an exact sweep; method 'fisher' is one quick pass with nothing "
@@ -187,8 +224,11 @@ def measure_sensitivity(
     elif isinstance(dtype, str):
         dtype = getattr(mx, dtype)
     reference = settings.reference
+    budget = settings.memory_budget or _memory_budget()
+    float_fits = _float_fits(model, dtype, budget)
+    hold = _hold_quantized(settings, quantized_input, reference, float_fits, model_path)
     if reference == "auto":
-        reference = _auto_reference(model, dtype, settings.memory_budget, rank)
+        reference = _auto_reference(model, dtype, budget, rank, hold)
     if settings.method == "fisher" and reference != "float":
         raise SensitivityError(
             "method='fisher' needs gradients of the float model, so it needs reference='float' "
@@ -226,13 +266,55 @@ def measure_sensitivity(
         return clipping.Clipper(moments)
 
     clipper = None
-    if reference == "float":  # both methods; fisher needs it (checked above)
+    if hold:
+        # The model as stored (the originals back in place of their lazy dequantizations);
+        # its float parameters (norms, scales, biases) at the compute dtype. The chunks
+        # dequantize from scales cast back to the stored dtype: exact (fp16/bf16 -> fp32 -> back).
+        stored = {p: m.scales.dtype for p, m in originals.items()}
+        for p, m in originals.items():
+            set_module(model, p, m)
+        model.set_dtype(dtype)
+        mx.eval(model.parameters())
+        table["reference_model_bytes"] = model_bytes(model)
+        if settings.clipping != "none":
+            clipper = measure_moments()
+        chunk_limit = settings.chunk_bytes or int(_FLOAT_SHARE * budget) - table["reference_model_bytes"]
+        if chunk_limit <= 0:
+            raise SensitivityError(
+                f"{model_path}: the quantized model alone takes {table['reference_model_bytes'] / 2**30:.2f} GiB, "
+                f"over {_FLOAT_SHARE:.0%} of the {budget / 2**30:.1f} GiB memory budget: no room for float chunks"
+            )
+        sums, chunks = _held_fisher_sweep(
+            model,
+            {p: originals.get(p, m) for p, m in measured.items()},
+            stored,
+            fits,
+            tokens,
+            dtype,
+            quant_dtype,
+            chunk_limit,
+            rank,
+            size,
+            group,
+            progress,
+            settings.seed,
+            clipper,
+        )
+        table["float_reference"] = "dequantized from the quantized input, held quantized"
+        table["held_quantized"] = {
+            "chunks": len(chunks),
+            "chunk_bytes": int(chunk_limit),
+            "backward_passes": calib["num_samples"] * len(chunks),
+        }
+    elif reference == "float":  # both methods; fisher needs it (checked above)
         originals = {}  # the dequantized weights are all we need
         model.set_dtype(dtype)
         mx.eval(model.parameters())
         if settings.clipping != "none":
             clipper = measure_moments()
-    if settings.method == "fisher":
+    if hold:
+        pass  # measured above
+    elif settings.method == "fisher":
         sums = _fisher_sweep(
             model, measured, fits, tokens, quant_dtype, rank, size, group, progress, settings.seed, clipper
         )
@@ -287,8 +369,9 @@ def measure_sensitivity(
         if size > 1:
             sums = _all_sum_table(sums, list(measured), keys, fits, group)
 
+    held = f", held quantized in {len(chunks)} chunks" if hold else ""
     log_line(
-        f"{settings.method} sweep ({reference} reference, {len(measured)} modules, {len(cands)} candidates, "
+        f"{settings.method} sweep ({reference} reference{held}, {len(measured)} modules, {len(cands)} candidates, "
         f"{calib['tokens']} tokens): {time.perf_counter() - started[0]:.1f}s wall, "
         f"{time.process_time() - started[1]:.1f}s CPU",
         rank,
@@ -353,15 +436,44 @@ def _memory_budget():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _auto_reference(model, dtype, memory_budget, rank):
-    """ "float" when the float model at `dtype` takes at most _FLOAT_SHARE of memory, else "low-bit"."""
+def _float_bytes(model, dtype):
+    """Bytes of the (lazily dequantized) float model at `dtype`."""
     from mlx.utils import tree_flatten
 
-    float_bytes = sum(v.size for _, v in tree_flatten(model.parameters())) * dtype.size
-    budget = memory_budget or _memory_budget()
-    reference = "float" if float_bytes <= _FLOAT_SHARE * budget else "low-bit"
+    return sum(v.size for _, v in tree_flatten(model.parameters())) * dtype.size
+
+
+def _float_fits(model, dtype, budget):
+    """Whether the float model at `dtype` takes at most _FLOAT_SHARE of `budget` bytes."""
+    return _float_bytes(model, dtype) <= _FLOAT_SHARE * budget
+
+
+def _hold_quantized(settings, quantized_input, reference, float_fits, model_path):
+    """Whether a Fisher sweep holds its float reference quantized (module docstring): asked for,
+    or by default a quantized input whose dequantized model does not fit, with the float
+    reference (given or auto). The table is the same either way; only the memory differs."""
+    if settings.method != "fisher" or reference == "low-bit" or settings.hold_quantized is False:
+        return False
+    if settings.hold_quantized:
+        if quantized_input is None:
+            raise SensitivityError(
+                f"hold_quantized keeps a quantized input quantized, and {model_path} is a float checkpoint "
+                "(its config.json has no 'quantization'): drop hold_quantized"
+            )
+        return True
+    return quantized_input is not None and not float_fits
+
+
+def _auto_reference(model, dtype, budget, rank, hold=False):
+    """ "float" when the float model at `dtype` takes at most _FLOAT_SHARE of memory, or when a
+    Fisher sweep holds it quantized (`hold`); else "low-bit"."""
+    float_bytes = _float_bytes(model, dtype)
+    fits = float_bytes <= _FLOAT_SHARE * budget
+    reference = "float" if fits or hold else "low-bit"
+    how = " (fisher: held quantized, dequantized a chunk of modules at a time)" if hold and not fits else ""
     log_line(
-        f"reference=auto: float model needs {float_bytes / 2**30:.2f} GiB of {budget / 2**30:.1f} GiB -> {reference}",
+        f"reference=auto: float model needs {float_bytes / 2**30:.2f} GiB of {budget / 2**30:.1f} GiB -> "
+        f"{reference}{how}",
         rank,
     )
     return reference
@@ -498,7 +610,72 @@ def _all_sum_table(sums, paths, keys, fits, group):
 # ---------------------------------------------------------------- fisher
 
 
-_FISHER_CHUNK_BYTES = 1 << 30  # accumulator bytes updated per eval (see _fisher_sweep)
+_FISHER_CHUNK_BYTES = 1 << 30  # accumulator bytes updated per eval (`_accumulate`)
+# Held quantized: what a chunk holds per parameter besides the compute-dtype float weight and
+# its gradient (2 x dtype size): the float32 Fisher accumulator.
+_ACCUMULATOR_BYTES = 4
+
+
+def _fisher_loss(model, x, key):
+    """Summed cross-entropy of labels sampled from the model's own logits (key: the sample's)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    logits = model(x).astype(mx.float32)
+    # Labels sampled from the model make E[g g^T] the true Fisher (not the empirical one).
+    y = mx.random.categorical(mx.stop_gradient(logits), key=key)
+    return nn.losses.cross_entropy(logits, y, reduction="sum")
+
+
+def _labelled_loss(model, x, y):
+    """Summed cross-entropy of given labels (held quantized: sampled once per sample, `_sample_labels`)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    return nn.losses.cross_entropy(model(x).astype(mx.float32), y, reduction="sum")
+
+
+def _sample_key(seed, i):
+    """The key of sample i's labels (the same in the resident and the held-quantized sweep)."""
+    import mlx.core as mx
+
+    return mx.random.key(seed * 1_000_003 + i)
+
+
+def _accumulate(fisher, grads, paths):
+    """fisher[p] += grad(p.weight)^2 in float32 for `paths`, a few modules per eval.
+
+    One update of every module at once holds an fp32 copy and a square of every gradient
+    beside both accumulators (an 8B model: ~150 GB, out of memory on an H200); in chunks of
+    _FISHER_CHUNK_BYTES the peak is the gradients, the accumulators and one chunk's temporaries."""
+    import mlx.core as mx
+
+    chunk, chunk_bytes = [], 0
+    for p in paths:
+        fisher[p] = fisher[p] + grads.pop(f"{p}.weight").astype(mx.float32) ** 2
+        chunk.append(fisher[p])
+        chunk_bytes += fisher[p].nbytes
+        if chunk_bytes >= _FISHER_CHUNK_BYTES:
+            mx.eval(chunk)
+            chunk, chunk_bytes = [], 0
+    mx.eval(chunk)
+
+
+def _predicted_sums(fisher, weights, fits, quant_dtype, clipper, bar=None):
+    """{path: {key: 0.5 * sum(F * (W - Q_c(W))^2)}} for `weights` {path: float weight at the compute dtype}:
+    each weight as the writer quantizes it (in the checkpoint's dtype, clipped by `clipper`)."""
+    import mlx.core as mx
+
+    sums = {}
+    for p, weight in weights.items():
+        w = weight.astype(quant_dtype)
+        sums[p] = {}
+        for c in fits[p]:
+            err = (w - qdq(clipper(p, w, c) if clipper is not None else w, c)).astype(mx.float32)
+            sums[p][candidate_key(**c)] = 0.5 * (fisher[p] * err * err).sum().item()
+        if bar is not None:
+            bar.update(1)
+    return sums
 
 
 def _fisher_sweep(model, modules, fits, tokens, quant_dtype, rank, size, group, progress, seed, clipper=None):
@@ -512,44 +689,167 @@ def _fisher_sweep(model, modules, fits, tokens, quant_dtype, rank, size, group, 
     model.freeze()
     for m in modules.values():
         m.unfreeze(keys=["weight"], recurse=False)
-
-    def loss_fn(model, x, key):
-        logits = model(x).astype(mx.float32)
-        # Labels sampled from the model make E[g g^T] the true Fisher (not the empirical one).
-        y = mx.random.categorical(mx.stop_gradient(logits), key=key)
-        return nn.losses.cross_entropy(logits, y, reduction="sum")
-
-    grad_fn = nn.value_and_grad(model, loss_fn)
+    grad_fn = nn.value_and_grad(model, _fisher_loss)
     fisher = {p: mx.zeros(m.weight.shape, dtype=mx.float32) for p, m in modules.items()}
     mine = [i for i in range(tokens.shape[0]) if i % size == rank]
     for i in tqdm(mine, desc="Sensitivity (fisher)", unit="sample", disable=not progress or rank != 0):
-        _, grads = grad_fn(model, tokens[i : i + 1], mx.random.key(seed * 1_000_003 + i))
+        _, grads = grad_fn(model, tokens[i : i + 1], _sample_key(seed, i))
         grads = dict(tree_flatten(grads))
         mx.eval(grads)
-        # Accumulate a few modules at a time: one update of every module at once holds an fp32
-        # copy and a square of every gradient beside both accumulators (an 8B model: ~150 GB,
-        # out of memory on an H200); in chunks the peak is the model, its gradients, the
-        # accumulators and one chunk's temporaries.
-        chunk, chunk_bytes = [], 0
-        for p in modules:
-            fisher[p] = fisher[p] + grads.pop(f"{p}.weight").astype(mx.float32) ** 2
-            chunk.append(fisher[p])
-            chunk_bytes += fisher[p].nbytes
-            if chunk_bytes >= _FISHER_CHUNK_BYTES:
-                mx.eval(chunk)
-                chunk, chunk_bytes = [], 0
-        mx.eval(chunk)
+        _accumulate(fisher, grads, modules)
         del grads
     model.unfreeze()
     if size > 1:
         for p in modules:
             fisher[p] = mx.distributed.all_sum(fisher[p], group=group, stream=mx.cpu)
-    sums = {}
     desc = "Fisher: clipped quantization errors" if clipper is not None else "Fisher: quantization errors"
-    for p, m in tqdm(modules.items(), desc=desc, unit="module", disable=not progress or rank != 0):
-        w = m.weight.astype(quant_dtype)
-        sums[p] = {}
-        for c in fits[p]:
-            err = (w - qdq(clipper(p, w, c) if clipper is not None else w, c)).astype(mx.float32)
-            sums[p][candidate_key(**c)] = 0.5 * (fisher[p] * err * err).sum().item()
-    return sums
+    with tqdm(total=len(modules), desc=desc, unit="module", disable=not progress or rank != 0) as bar:
+        return _predicted_sums(fisher, {p: m.weight for p, m in modules.items()}, fits, quant_dtype, clipper, bar)
+
+
+# ---------------------------------------------------------------- fisher, held quantized
+
+
+def held_chunks(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Paths in order, split greedily into chunks of at most `limit` (sizes: {path: bytes}); a
+    module over the limit alone is a chunk of its own (the limit is a share of memory, not all of it)."""
+    chunks, current, used = [], [], 0
+    for p, n in sizes.items():
+        if current and used + n > limit:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(p)
+        used += n
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _float_module(module, stored_dtype, dtype):
+    """The float module of a quantized one, exactly as mlx_lm's `dequantize_model` makes it (the
+    dequantization in the checkpoint's scales dtype `stored_dtype`), cast to `dtype`."""
+    import mlx.nn as nn
+    from mlx_lm.utils import dequantize_model
+
+    holder = nn.Module()
+    holder.m = module
+    scales = {k: module[k] for k in ("scales", "biases") if module.get(k) is not None}
+    module.update({k: v.astype(stored_dtype) for k, v in scales.items()})
+    try:
+        dequantize_model(holder)
+    finally:
+        module.update(scales)
+    out = holder.m
+    out.set_dtype(dtype)
+    return out
+
+
+def _sample_labels(model, tokens, mine, seed):
+    """{i: labels of sample i sampled from the held model's logits with `_sample_key`} (one forward each)."""
+    import mlx.core as mx
+
+    labels = {}
+    for i in mine:
+        logits = model(tokens[i : i + 1]).astype(mx.float32)
+        labels[i] = mx.random.categorical(logits, key=_sample_key(seed, i))
+        mx.eval(labels[i])
+        del logits
+    return labels
+
+
+def _held_fisher_sweep(
+    model,
+    modules,
+    stored,
+    fits,
+    tokens,
+    dtype,
+    quant_dtype,
+    chunk_limit,
+    rank,
+    size,
+    group,
+    progress,
+    seed,
+    clipper=None,
+):
+    """The Fisher sweep with the model held quantized: ({path: {key: predicted KL sum}}, chunks).
+
+    modules: {path: the module at that path now (quantized, or float where the input left it
+    float)}; stored: {path: scales dtype} of the quantized ones. The measured modules with a
+    candidate are split into chunks of at most `chunk_limit` bytes (float weight + gradient at
+    `dtype` + the fp32 accumulator per parameter, `held_chunks`); per chunk: its quantized
+    modules become float (their dequantization), one backward per sample with gradients for
+    the chunk only, the chunk's predicted KL sums, the quantized modules back. Cost: samples x
+    chunks backward passes (plus one forward per sample for the labels), against one backward
+    per sample with the whole float model resident."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from tqdm import tqdm
+
+    per_param = 2 * dtype.size + _ACCUMULATOR_BYTES
+    sizes = {
+        p: int(np.prod(_float_shape(m) if p in stored else m.weight.shape)) * per_param
+        for p, m in modules.items()
+        if fits[p]
+    }
+    chunks = held_chunks(sizes, chunk_limit)
+    mine = [i for i in range(tokens.shape[0]) if i % size == rank]
+    log_line(
+        f"fisher, held quantized: {len(sizes)} modules in {len(chunks)} chunks of at most "
+        f"{chunk_limit / 2**30:.2f} GiB (float weight, gradient, fp32 accumulator): "
+        f"{len(mine)} samples x {len(chunks)} chunks = {len(mine) * len(chunks)} backward passes",
+        rank,
+    )
+    for p in sizes:
+        if sizes[p] > chunk_limit:
+            log_line(f"{p}: {sizes[p] / 2**30:.2f} GiB alone, over the chunk limit: a chunk of its own", rank)
+    model.freeze()
+    labels = _sample_labels(model, tokens, mine, seed)
+    grad_fn = nn.value_and_grad(model, lambda m, x, y: _labelled_loss(m, x, y))
+    sums = {p: {} for p in modules}
+    desc = "Sensitivity (fisher, held quantized)"
+    bar = tqdm(total=len(chunks) * len(mine), desc=desc, unit="backward", disable=not progress or rank != 0)
+    desc = "Fisher: clipped quantization errors" if clipper is not None else "Fisher: quantization errors"
+    errors = tqdm(total=len(sizes), desc=desc, unit="module", position=1, disable=not progress or rank != 0)
+    try:
+        for n, chunk in enumerate(chunks):
+            floats = {p: _float_module(modules[p], stored[p], dtype) if p in stored else modules[p] for p in chunk}
+            try:
+                for p, m in floats.items():
+                    m.freeze()
+                    m.unfreeze(keys=["weight"], recurse=False)
+                    set_module(model, p, m)
+                mx.eval([m.weight for m in floats.values()])
+                fisher = {p: mx.zeros(m.weight.shape, dtype=mx.float32) for p, m in floats.items()}
+                for i in mine:
+                    bar.set_postfix_str(f"chunk {n + 1}/{len(chunks)}", refresh=False)
+                    _, grads = grad_fn(model, tokens[i : i + 1], labels[i])
+                    grads = dict(tree_flatten(grads))
+                    mx.eval(grads)
+                    _accumulate(fisher, grads, chunk)
+                    del grads
+                    bar.update(1)
+                if size > 1:
+                    for p in chunk:
+                        fisher[p] = mx.distributed.all_sum(fisher[p], group=group, stream=mx.cpu)
+                weights = {p: m.weight for p, m in floats.items()}
+                sums.update(_predicted_sums(fisher, weights, fits, quant_dtype, clipper, errors))
+            finally:
+                for p in chunk:
+                    set_module(model, p, modules[p])
+            del floats, fisher, weights
+            mx.clear_cache()
+    finally:
+        bar.close()
+        errors.close()
+        model.unfreeze()
+    return sums, chunks
+
+
+def _float_shape(module):
+    """(out, in) of a quantized module's float weight (packed weights hold 32 // bits values per word)."""
+    shape = list(module.weight.shape)
+    shape[-1] = shape[-1] * 32 // module.bits
+    return shape

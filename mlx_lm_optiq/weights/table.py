@@ -12,6 +12,9 @@ and both are validated here with the same rules. Layout:
      "candidates": [{"bits": int, "group_size": int, "mode": str}, ...],
      "modules": {path: {"num_params": int, "shape": [int, ...], "kl": {candidate key: float >= 0}}},
      "clipping": {...}   (optional, weights/clipping.py; absent in tables older than clipping)
+     "held_quantized": {"chunks", "chunk_bytes", "backward_passes": int >= 1}   (optional: a Fisher
+         sweep that held a quantized input quantized, weights/sweep.py; absent otherwise, and in
+         older tables. Same values as the resident float reference; the writer reads it: rtn)
      ... informational fields (float_reference, probes_per_pass, reference_model_bytes, ...)}
 """
 
@@ -43,7 +46,9 @@ TABLE_FIELDS = (
     "probes_per_pass",
     "stacked_probe_kl_floor",
     "clipping",
+    "held_quantized",
 )
+HELD_QUANTIZED_FIELDS = ("chunks", "chunk_bytes", "backward_passes")
 CALIBRATION_FIELDS = ("num_samples", "sequence_length", "tokens", "sha256", "source")
 MODULE_FIELDS = ("num_params", "shape", "kl")
 CANDIDATE_FIELDS = ("bits", "group_size", "mode")
@@ -144,4 +149,14 @@ def validate_table(table: Any, where: str | Path, field: str = "") -> dict[str, 
                 bad(f"{at}.kl.{key}", f"must be a finite number >= 0, got {brief(v)}")
     if "clipping" in table:
         clipping.validate_table_entry(table["clipping"], mods, where, f"{field}clipping")
+    if "held_quantized" in table:
+        held = table["held_quantized"]
+        if not isinstance(held, dict):
+            bad(
+                "held_quantized", f"must be an object {{'chunks', 'chunk_bytes', 'backward_passes'}}, got {brief(held)}"
+            )
+        check_keys(held, HELD_QUANTIZED_FIELDS, where, f"{field}held_quantized")
+        for name in HELD_QUANTIZED_FIELDS:
+            if not positive_int(held.get(name)):
+                bad(f"held_quantized.{name}", f"must be a positive integer, got {brief(held.get(name))}")
     return table
