@@ -74,6 +74,7 @@ from mlx_lm_optiq.core.formats import applicable, candidate_key, check_with_mlx,
 from mlx_lm_optiq.core.model_tree import (
     dequantize,
     float_dtype_of,
+    float_leaf,
     quantizable_modules,
     resolve_model_path,
     set_module,
@@ -225,10 +226,11 @@ def measure_sensitivity(
         dtype = getattr(mx, dtype)
     reference = settings.reference
     budget = settings.memory_budget or _memory_budget()
-    float_fits = _float_fits(model, dtype, budget)
+    float_bytes = _float_bytes(model, dtype)
+    float_fits = float_bytes <= _FLOAT_SHARE * budget
     hold = _hold_quantized(settings, quantized_input, reference, float_fits, model_path)
     if reference == "auto":
-        reference = _auto_reference(model, dtype, budget, rank, hold)
+        reference = _auto_reference(float_bytes, float_fits, budget, rank, hold)
     if settings.method == "fisher" and reference != "float":
         raise SensitivityError(
             "method='fisher' needs gradients of the float model, so it needs reference='float' "
@@ -443,11 +445,6 @@ def _float_bytes(model, dtype):
     return sum(v.size for _, v in tree_flatten(model.parameters())) * dtype.size
 
 
-def _float_fits(model, dtype, budget):
-    """Whether the float model at `dtype` takes at most _FLOAT_SHARE of `budget` bytes."""
-    return _float_bytes(model, dtype) <= _FLOAT_SHARE * budget
-
-
 def _hold_quantized(settings, quantized_input, reference, float_fits, model_path):
     """Whether a Fisher sweep holds its float reference quantized (module docstring): asked for,
     or by default a quantized input whose dequantized model does not fit, with the float
@@ -464,11 +461,10 @@ def _hold_quantized(settings, quantized_input, reference, float_fits, model_path
     return quantized_input is not None and not float_fits
 
 
-def _auto_reference(model, dtype, budget, rank, hold=False):
-    """ "float" when the float model at `dtype` takes at most _FLOAT_SHARE of memory, or when a
-    Fisher sweep holds it quantized (`hold`); else "low-bit"."""
-    float_bytes = _float_bytes(model, dtype)
-    fits = float_bytes <= _FLOAT_SHARE * budget
+def _auto_reference(float_bytes, fits, budget, rank, hold=False):
+    """ "float" when the float model (`float_bytes` at the compute dtype) `fits` (at most
+    _FLOAT_SHARE of the `budget`), or when a Fisher sweep holds it quantized (`hold`); else
+    "low-bit"."""
     reference = "float" if fits or hold else "low-bit"
     how = " (fisher: held quantized, dequantized a chunk of modules at a time)" if hold and not fits else ""
     log_line(
@@ -726,20 +722,15 @@ def held_chunks(sizes: dict[str, int], limit: int) -> list[list[str]]:
 
 
 def _float_module(module, stored_dtype, dtype):
-    """The float module of a quantized one, exactly as mlx_lm's `dequantize_model` makes it (the
-    dequantization in the checkpoint's scales dtype `stored_dtype`), cast to `dtype`."""
-    import mlx.nn as nn
-    from mlx_lm.utils import dequantize_model
-
-    holder = nn.Module()
-    holder.m = module
+    """The float module of a quantized one, exactly as mlx_lm's `dequantize_model` makes it
+    (`model_tree.float_leaf`, with the scales back in the checkpoint's dtype `stored_dtype`: the
+    held model's were cast to the compute dtype), cast to `dtype`."""
     scales = {k: module[k] for k in ("scales", "biases") if module.get(k) is not None}
     module.update({k: v.astype(stored_dtype) for k, v in scales.items()})
     try:
-        dequantize_model(holder)
+        out = float_leaf(module)
     finally:
         module.update(scales)
-    out = holder.m
     out.set_dtype(dtype)
     return out
 
