@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_lm_optiq.core import backend
 from mlx_lm_optiq.kv import cuda_attention, cuda_turbo, turbo
 
 # ---------------------------------------------------------------- the emulation
@@ -315,7 +316,7 @@ def test_path_selection_and_clear_errors(monkeypatch):
         kv.key_quantizer.pack(mx.zeros((1, 1, 1, 64)))
     monkeypatch.setenv(cuda_turbo.ENV_VAR, "reference")
     assert cuda_turbo.selected_path() == "reference"
-    monkeypatch.setattr(cuda_turbo, "compute_backend", lambda: "cuda")
+    monkeypatch.setattr(backend, "compute_backend", lambda: "cuda")
     assert cuda_turbo.selected_path() == "reference"
     monkeypatch.setenv(cuda_turbo.ENV_VAR, "cuda")
     assert cuda_turbo.selected_path() == "cuda"
@@ -337,7 +338,7 @@ def test_which_calls_take_the_kernel(monkeypatch):
         kv.full_values[:, :, :50],
         50,
     )
-    monkeypatch.setattr(cuda_turbo, "compute_backend", lambda: "cuda")
+    monkeypatch.setattr(backend, "compute_backend", lambda: "cuda")
     calls = []
     monkeypatch.setattr(cuda_turbo, "attention", lambda q, kv, scale, mask: calls.append(q.shape) or "kernel")
     assert turbo.turbo_scaled_dot_product_attention(q, kv, 0.125, left_padded_mask(2, 1, 50)) == "kernel"
@@ -356,7 +357,7 @@ def test_which_packs_take_the_kernel(monkeypatch):
     """On CUDA (faked) TurboQuantizer.pack of (B, H, L, dim) input in a float dtype takes the
     fused pack kernel; "prod" quantizers, other head dims and the reference setting the MLX graph."""
     monkeypatch.delenv(cuda_turbo.ENV_VAR, raising=False)
-    monkeypatch.setattr(cuda_turbo, "compute_backend", lambda: "cuda")
+    monkeypatch.setattr(backend, "compute_backend", lambda: "cuda")
     calls = []
     real_pack = cuda_turbo.pack
     monkeypatch.setattr(cuda_turbo, "pack", lambda q, x: calls.append(x.shape) or "kernel")

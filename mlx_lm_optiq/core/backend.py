@@ -103,6 +103,22 @@ def compute_backend() -> str:
     return "gpu"
 
 
+def path_from_env(env_var: str, paths: tuple[str, ...], auto: dict[str, str], fallback: str, kernel: str) -> str:
+    """The computation path `env_var` selects among `paths` ("auto" or unset: `auto` per backend,
+    `fallback` for another backend). Raises ValueError for an unknown value and RuntimeError
+    for "cuda" on another backend: a path that cannot run is said (naming `kernel`), never
+    silently swapped. One rule for every variable of this kind (the KV attention paths)."""
+    requested = os.environ.get(env_var, "auto").strip().lower() or "auto"
+    backend = compute_backend()
+    if requested == "auto":
+        return auto.get(backend, fallback)
+    if requested not in paths:
+        raise ValueError(f"{env_var}={requested!r}: expected one of auto, {', '.join(paths)}")
+    if requested == "cuda" and backend != "cuda":
+        raise RuntimeError(f"{env_var}=cuda: {kernel} needs MLX's CUDA backend (running on {backend})")
+    return requested
+
+
 def slow_blas_warning(library: str) -> str:
     """The one-line warning for a reference BLAS at `library`."""
     return (

@@ -34,13 +34,12 @@ arrays as before, so every other use of the caches keeps working.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 
-from mlx_lm_optiq.core.backend import compute_backend
+from mlx_lm_optiq.core.backend import path_from_env
 
 ENV_VAR = "MLX_LM_OPTIQ_KV_ATTENTION"
 PATHS = ("dequantize", "quantized_matmul", "cuda")
@@ -96,16 +95,8 @@ def selected_path() -> str:
     """The attention path for packed caches on this backend (env override applied).
 
     Raises ValueError for an unknown value and RuntimeError when the backend cannot
-    run the requested path."""
-    requested = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    backend = compute_backend()
-    if requested == "auto":
-        return _DEFAULTS.get(backend, "dequantize")
-    if requested not in PATHS:
-        raise ValueError(f"{ENV_VAR}={requested!r}: expected one of auto, {', '.join(PATHS)}")
-    if requested == "cuda" and backend != "cuda":
-        raise RuntimeError(f"{ENV_VAR}=cuda: the fused CUDA kernel needs MLX's CUDA backend (running on {backend})")
-    return requested
+    run the requested path (`core.backend.path_from_env`)."""
+    return path_from_env(ENV_VAR, PATHS, _DEFAULTS, "dequantize", "the fused CUDA kernel")
 
 
 def note_attention_call(cache: Any) -> None:

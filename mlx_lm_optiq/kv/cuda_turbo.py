@@ -45,7 +45,6 @@ checks the kernel's indexing with a numpy emulation on any machine.
 from __future__ import annotations
 
 import logging
-import os
 import struct
 from functools import cache, lru_cache
 from typing import Any
@@ -53,7 +52,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_lm_optiq.core.backend import compute_backend
+from mlx_lm_optiq.core.backend import path_from_env
 from mlx_lm_optiq.kv.cuda_attention import _HEADER, _split_plan
 
 ENV_VAR = "MLX_LM_OPTIQ_TURBO_ATTENTION"
@@ -512,18 +511,8 @@ def selected_path() -> str:
 
     `MLX_LM_OPTIQ_TURBO_ATTENTION=auto|reference|cuda` (auto: "cuda" on MLX's CUDA backend,
     else "reference"). Raises ValueError for an unknown value and RuntimeError for "cuda"
-    on another backend: a path that cannot run is said, not silently swapped."""
-    requested = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    backend = compute_backend()
-    if requested == "auto":
-        return "cuda" if backend == "cuda" else "reference"
-    if requested not in PATHS:
-        raise ValueError(f"{ENV_VAR}={requested!r}: expected one of auto, {', '.join(PATHS)}")
-    if requested == "cuda" and backend != "cuda":
-        raise RuntimeError(
-            f"{ENV_VAR}=cuda: the fused TurboQuant kernel needs MLX's CUDA backend (running on {backend})"
-        )
-    return requested
+    on another backend (`core.backend.path_from_env`, the affine path's rule too)."""
+    return path_from_env(ENV_VAR, PATHS, {"cuda": "cuda"}, "reference", "the fused TurboQuant kernel")
 
 
 # ---------------------------------------------------------------- layout and coverage
